@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian 12 machine for snapctl: QEMU >= 9 (from bookworm-backports when the
+# installed one is older), the guest toolchain (gcc with 32-bit support), then `npm ci` and the build.
+# Idempotent: every step checks first. Run as root (or with sudo available).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+
+qemu_major() {
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || { echo 0; return; }
+  qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -1
+}
+
+need_pkgs=()
+[ "$(qemu_major)" -ge 9 ] || need_qemu=1
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+[ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ -e /usr/lib32/crt1.o ] || need_pkgs+=(gcc-multilib)
+
+if [ "${need_qemu:-0}" = 1 ] || [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "setup: installing system packages" >&2
+  if [ "${need_qemu:-0}" = 1 ] && . /etc/os-release && [ "${VERSION_CODENAME:-}" = bookworm ]; then
+    if ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      mirror=$(grep -rhs '^URIs:' /etc/apt/sources.list.d/debian.sources | head -1 | awk '{print $2}')
+      [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list | head -1 | awk '{print $2}')
+      [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+      echo "deb $mirror bookworm-backports main" | $SUDO tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+    fi
+  fi
+  $SUDO apt-get update -qq
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "${need_qemu:-0}" = 1 ]; then
+    if grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+      $SUDO apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+    else
+      $SUDO apt-get install -y -qq qemu-system-x86 qemu-utils >/dev/null
+    fi
+  fi
+  [ ${#need_pkgs[@]} -eq 0 ] || $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+[ "$(qemu_major)" -ge 9 ] || { echo "setup: QEMU >= 9 is required, found $(qemu-system-x86_64 --version 2>/dev/null | head -1)" >&2; exit 1; }
+echo "setup: $(qemu-system-x86_64 --version | head -1)" >&2
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund >&2
+fi
+npm run --silent build >&2
+echo "setup: done" >&2
