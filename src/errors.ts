@@ -54,13 +54,14 @@ export interface SnapErrorDetails {
 
 export class SnapError extends Error {
   readonly code: ErrorCode
-  readonly details: SnapErrorDetails
+  /** where and what (named `context`, not `details`: uvu prints `details` of a failed assertion as a diff) */
+  readonly context: SnapErrorDetails
 
   constructor(code: ErrorCode, message: string, details: SnapErrorDetails = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause })
     this.name = 'SnapError'
     this.code = code
-    this.details = details
+    this.context = details
   }
 
   get exitCode(): number {
@@ -68,7 +69,7 @@ export class SnapError extends Error {
   }
 
   toJSON(): Record<string, unknown> {
-    const { cause, ...rest } = this.details
+    const { cause, ...rest } = this.context
     return { code: this.code, message: this.message, ...rest }
   }
 }

@@ -2,7 +2,7 @@
 //   node dist/test/run.js              every suite (unit, then integration against real QEMU)
 //   node dist/test/run.js --unit       unit suites only
 //   node dist/test/run.js PATTERN ...  suites whose file name contains a PATTERN
-import { readdirSync } from 'node:fs'
+import { existsSync, readdirSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -21,6 +21,7 @@ const patterns = args.filter((a) => !a.startsWith('--'))
 
 const files: string[] = []
 for (const dir of unitOnly ? ['unit'] : ['unit', 'integration']) {
+  if (!existsSync(join(here, dir))) continue
   for (const f of readdirSync(join(here, dir)).sort()) {
     if (!f.endsWith('.test.js')) continue
     if (patterns.length && !patterns.some((p) => f.includes(p))) continue

@@ -1,0 +1,41 @@
+import { Args, Command, Flags } from '@oclif/core'
+import { mib, printJson, runCommand } from '../src/cli/run-command.js'
+import { imageInfo } from '../src/info.js'
+
+export default class Info extends Command {
+  static override description = 'Show what an image holds: RAM blocks, pages, compression, dead bytes, device state'
+  static override examples = ['<%= config.bin %> info /var/lib/snaps/vm1.snap', '<%= config.bin %> info vm1.snap --json']
+  static override args = { image: Args.string({ required: true, description: 'the image file' }) }
+  static override flags = { json: Flags.boolean({ description: 'print the information as JSON' }) }
+
+  async run(): Promise<void> {
+    await runCommand(this.argv, async () => {
+      const { args, flags } = await this.parse(Info)
+      const info = await imageInfo(args.image)
+      if (flags.json) return printJson(info)
+      if (!info.complete) {
+        process.stdout.write(`${info.path}: incomplete snapctl image (${info.reason}), ${mib(info.fileBytes)}\n`)
+        return
+      }
+      const rows: Array<[string, string]> = [
+        ['image', info.path],
+        ['uuid', info.uuid],
+        ['format', `snapctl v${info.version}, generation ${info.generation}, created ${info.createdAt}`],
+        ['machine', `${info.machine} (from ${info.source}${info.creator ? `, written by ${info.creator}` : ''})`],
+        ['clusters', `${info.clusters} of up to ${mib(info.clusterSize)}, ${info.codecs.lz4} lz4, ${info.codecs.none} raw`],
+        ['file', `${mib(info.fileBytes)}: ${mib(info.storedBytes)} stored pages, ${mib(info.deadBytes)} dead`],
+        ['device state', `${info.deviceStateBytes} bytes`],
+        ['page index', info.indexPresent ? 'present' : 'missing (rebuilt when needed)'],
+      ]
+      const w = Math.max(...rows.map((r) => r[0].length))
+      let out = rows.map(([k, v]) => `${k.padEnd(w)}  ${v}\n`).join('')
+      const nw = Math.max(5, ...info.ramBlocks.map((b) => b.name.length))
+      out += `\n${'block'.padEnd(nw)}  ${'size'.padStart(12)}  ${'pages'.padStart(9)}  ${'stored'.padStart(9)}  ${'zero'.padStart(9)}  ${'never sent'.padStart(10)}\n`
+      for (const b of info.ramBlocks) {
+        const never = b.pages - b.storedPages - b.zeroPages
+        out += `${b.name.padEnd(nw)}  ${mib(b.size).padStart(12)}  ${String(b.pages).padStart(9)}  ${String(b.storedPages).padStart(9)}  ${String(b.zeroPages).padStart(9)}  ${String(never).padStart(10)}\n`
+      }
+      process.stdout.write(out)
+    })
+  }
+}

@@ -1,0 +1,210 @@
+// The file side of the writer: appends data clusters (format-spec/container.md, "Data
+// clusters") to a partial image in sequence order, with several in flight. Compression runs
+// on the libuv pool; offsets are assigned in order once a cluster's stored size is known, and
+// writes overlap. Recently written clusters' raw pages stay in an LRU so that XBZRLE deltas
+// against them need no read.
+import { closeSync, constants, fsyncSync, openSync, readSync } from 'node:fs'
+import { open, type FileHandle } from 'node:fs/promises'
+import { crc32 } from 'node:zlib'
+import { roundUp } from '../bytes.js'
+import { SnapError, fromSystemError } from '../errors.js'
+import { clusterExtent, decodePayloadSync, encodeClusterHeader, splitCluster, type ClusterHeader, type ClusterLimits } from './cluster.js'
+import { ALIGN, HEADER_SIZE } from './header.js'
+
+export interface Stored {
+  codec: number
+  stored: Buffer
+}
+
+const ZEROS = Buffer.alloc(ALIGN)
+export const LRU_BYTES = 32 * 1024 * 1024
+
+export async function writeFully(fh: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
+  const total = bufs.reduce((n, b) => n + b.length, 0)
+  const { bytesWritten } = await fh.writev(bufs, pos)
+  // A regular file only writes short when the disk fills up: finish it the slow way to get the error.
+  if (bytesWritten < total) {
+    const rest = Buffer.concat(bufs).subarray(bytesWritten)
+    for (let done = 0; done < rest.length; ) {
+      const r = await fh.write(rest, done, rest.length - done, pos + bytesWritten + done)
+      if (r.bytesWritten === 0) throw Object.assign(new Error('short write'), { code: 'ENOSPC' })
+      done += r.bytesWritten
+    }
+  }
+}
+
+export class ClusterFile {
+  readonly offsets: number[] = []
+  readonly storedLengths: number[] = []
+  readonly pageCounts: number[] = []
+  readonly codecs: number[] = []
+  dataEnd = HEADER_SIZE
+  inflight = 0
+  failure: SnapError | null = null
+  private chain: Promise<void> = Promise.resolve()
+  private writes = new Set<Promise<void>>()
+  private pinned = new Map<number, Buffer>()
+  private lru = new Map<number, Buffer>()
+  private lruBytes = 0
+  private waiters: Array<() => void> = []
+  private closed = false
+
+  private constructor(readonly path: string, readonly fh: FileHandle, readonly lim: ClusterLimits, private readonly lruLimit: number) {}
+
+  /** Create the partial file (O_EXCL, 0600) and write the zero header block. */
+  static async create(path: string, lim: ClusterLimits, lruLimit = LRU_BYTES): Promise<ClusterFile> {
+    let fh: FileHandle
+    try {
+      fh = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600)
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
+        throw new SnapError('SNAP_LOCKED', `${path} exists: another create of this image is running`, { cause: e })
+      }
+      throw fromSystemError(e, `creating ${path}`)
+    }
+    const f = new ClusterFile(path, fh, lim, lruLimit)
+    try {
+      await writeFully(fh, [Buffer.alloc(HEADER_SIZE)], 0)
+    } catch (e) {
+      await fh.close().catch(() => {})
+      throw fromSystemError(e, `writing ${path}`)
+    }
+    return f
+  }
+
+  /**
+   * Queue cluster `seq` (the next sequence number). `raw` (the decoded pages, when the caller
+   * has them) is pinned until written, then cached.
+   */
+  enqueue(seq: number, pages: Uint32Array, pageCount: number, raw: Buffer | null, stored: Promise<Stored>): void {
+    this.inflight++
+    this.pageCounts[seq] = pageCount
+    if (raw) this.pinned.set(seq, raw)
+    stored.catch(() => {})
+    this.chain = this.chain
+      .then(async () => {
+        if (this.failure) return
+        const s = await stored
+        const header = encodeClusterHeader({
+          sequence: seq, codec: s.codec, flags: 0, pageCount, rawLength: pageCount * this.lim.pageSize,
+          storedLength: s.stored.length, dataCrc: crc32(s.stored), pages,
+        })
+        const offset = this.dataEnd
+        const pad = roundUp(s.stored.length, ALIGN) - s.stored.length
+        this.dataEnd += header.length + s.stored.length + pad
+        this.offsets[seq] = offset
+        this.storedLengths[seq] = s.stored.length
+        this.codecs[seq] = s.codec
+        const w = writeFully(this.fh, pad ? [header, s.stored, ZEROS.subarray(0, pad)] : [header, s.stored], offset).then(
+          () => this.written(seq),
+          (e) => this.fail(e),
+        )
+        this.writes.add(w)
+        void w.then(() => this.writes.delete(w))
+      })
+      .catch((e) => this.fail(e))
+  }
+
+  private written(seq: number): void {
+    this.inflight--
+    const raw = this.pinned.get(seq)
+    if (raw) {
+      this.pinned.delete(seq)
+      this.cache(seq, raw)
+    }
+    this.wake()
+  }
+
+  private cache(seq: number, raw: Buffer): void {
+    this.lru.set(seq, raw)
+    this.lruBytes += raw.length
+    for (const [k, v] of this.lru) {
+      if (this.lruBytes <= this.lruLimit) break
+      this.lru.delete(k)
+      this.lruBytes -= v.length
+    }
+  }
+
+  private fail(e: unknown): void {
+    this.failure ??= fromSystemError(e, `writing ${this.path}`)
+    this.wake()
+  }
+
+  private wake(): void {
+    const w = this.waiters
+    this.waiters = []
+    for (const f of w) f()
+  }
+
+  /** Wait until at most `limit` clusters are in flight; throw an earlier write's error. */
+  async waitBelow(limit: number): Promise<void> {
+    while (!this.failure && this.inflight > limit) await new Promise<void>((r) => this.waiters.push(r))
+    if (this.failure) throw this.failure
+  }
+
+  async flush(): Promise<void> {
+    await this.chain
+    await Promise.all([...this.writes])
+    if (this.failure) throw this.failure
+  }
+
+  /** The decoded pages of a sealed cluster, synchronously: from memory, else read and checked. */
+  rawSync(seq: number): Buffer {
+    const pinned = this.pinned.get(seq)
+    if (pinned) return pinned
+    const cached = this.lru.get(seq)
+    if (cached) {
+      this.lru.delete(seq)
+      this.lru.set(seq, cached)
+      return cached
+    }
+    const { header, stored } = this.readSync(seq)
+    const raw = decodePayloadSync(header, stored, { cluster: seq, offset: this.offsets[seq] })
+    this.cache(seq, raw)
+    return raw
+  }
+
+  /** Read a written cluster back and check its header (not its payload). */
+  readSync(seq: number): { header: ClusterHeader; stored: Buffer } {
+    const offset = this.offsets[seq]
+    const buf = Buffer.allocUnsafe(clusterExtent(this.pageCounts[seq], this.storedLengths[seq]))
+    let got = 0
+    while (got < buf.length) {
+      const n = readSync(this.fh.fd, buf, got, buf.length - got, offset + got)
+      if (n === 0) break
+      got += n
+    }
+    return splitCluster(buf.subarray(0, got), { cluster: seq, offset }, this.lim)
+  }
+
+  cached(seq: number): Buffer | undefined {
+    return this.pinned.get(seq) ?? this.lru.get(seq)
+  }
+
+  /** Wait for everything queued, ignoring errors (for abort). */
+  async settle(): Promise<void> {
+    await this.chain.catch(() => {})
+    await Promise.allSettled([...this.writes])
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return
+    this.closed = true
+    this.lru.clear()
+    this.pinned.clear()
+    await this.fh.close()
+  }
+}
+
+/** fsync a directory so that a rename in it survives a crash. */
+export function fsyncDir(dir: string): void {
+  let fd = -1
+  try {
+    fd = openSync(dir, 'r')
+    fsyncSync(fd)
+  } catch {
+    // Some filesystems refuse fsync on a directory; the rename itself has been done.
+  } finally {
+    if (fd >= 0) closeSync(fd)
+  }
+}

@@ -1,0 +1,403 @@
+// Opens and reads an image: format-spec/container.md, "Reading an image". open() does steps
+// 1-4 in the spec's order; every cluster passes step 5 before any of its pages is handed out.
+import { open, type FileHandle } from 'node:fs/promises'
+import { crc32 } from 'node:zlib'
+import { SnapError, fromSystemError } from '../errors.js'
+import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock } from '../types.js'
+import {
+  CODEC_LZ4, clusterExtent, clusterHeaderBlock, decodeClusterHeader, decodePayload, decodePayloadSync, splitCluster, type ClusterLimits,
+} from './cluster.js'
+import { FOOTER_SIZE, decodeFooter, type ImageFooter } from './footer.js'
+import { ALIGN, HEADER_SIZE, decodeHeader, type ImageHeader } from './header.js'
+import * as T from './trailer.js'
+
+/** Trailers are read whole; one this large is not something snapctl wrote. */
+const MAX_TRAILER = 1024 * 1024 * 1024
+const CHUNK_BYTES = 8 * 1024 * 1024
+
+export interface DecodedCluster {
+  seq: number
+  offset: number
+  codec: number
+  storedLength: number
+  /** page_count (block_id, page_index) pairs, in slot order */
+  pages: Uint32Array
+  /** the decoded payload: page_count × page_size bytes */
+  raw: Buffer
+}
+
+export interface ClusterInfo {
+  seq: number
+  offset: number
+  codec: number
+  storedLength: number
+  pageCount: number
+}
+
+/** One cluster of a sequential scan: decoded, or the error that stopped it. */
+export interface ClusterResult {
+  seq: number
+  offset: number
+  cluster?: DecodedCluster
+  error?: SnapError
+}
+
+export interface PageLocation {
+  state: PageState
+  cluster?: number
+  slot?: number
+}
+
+async function readAt(fh: FileHandle, pos: number, len: number): Promise<Buffer> {
+  const buf = Buffer.allocUnsafe(len)
+  let got = 0
+  try {
+    while (got < len) {
+      const { bytesRead } = await fh.read(buf, got, len - got, pos + got)
+      if (bytesRead === 0) break
+      got += bytesRead
+    }
+  } catch (e) {
+    throw fromSystemError(e, 'reading the image')
+  }
+  if (got < len) throw new SnapError('SNAP_TRUNCATED', `the image ends at ${pos + got}, before ${pos + len}`, { offset: pos + got })
+  return buf
+}
+
+const corrupt = (msg: string, details: Record<string, unknown> = {}): never => {
+  throw new SnapError('SNAP_CORRUPT', msg, details)
+}
+
+export class ImageReader {
+  readonly lim: ClusterLimits
+  private byCluster: Map<number, number[]> | null = null
+  private infos: ClusterInfo[] | null = null
+
+  private constructor(
+    readonly path: string,
+    private readonly fh: FileHandle,
+    readonly fileLength: number,
+    readonly header: ImageHeader,
+    readonly footer: ImageFooter,
+    readonly records: Map<number, Buffer>,
+    readonly streamInfo: T.StreamInfo,
+    readonly blocks: RamBlock[],
+    readonly clusterOffsets: number[],
+    readonly runs: T.PageRun[],
+    readonly device: DeviceState,
+  ) {
+    this.lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
+  }
+
+  static async open(path: string): Promise<ImageReader> {
+    let fh: FileHandle
+    try {
+      fh = await open(path, 'r')
+    } catch (e) {
+      throw fromSystemError(e, `opening ${path}`)
+    }
+    try {
+      return await ImageReader.check(path, fh)
+    } catch (e) {
+      await fh.close().catch(() => {})
+      throw fromSystemError(e, `reading ${path}`)
+    }
+  }
+
+  private static async check(path: string, fh: FileHandle): Promise<ImageReader> {
+    const st = await fh.stat()
+    if (!st.isFile()) throw new SnapError('SNAP_BAD_MAGIC', `${path} is not a regular file`)
+    const size = st.size
+    const header = decodeHeader(await readAt(fh, 0, Math.min(size, HEADER_SIZE)), size)
+    const footerAt = size - FOOTER_SIZE
+    const footer = decodeFooter(await readAt(fh, footerAt, FOOTER_SIZE), footerAt)
+    if (!footer.uuid.equals(header.uuid) || footer.trailerOffset !== header.trailerOffset ||
+        footer.trailerLength !== header.trailerLength || footer.generation !== header.generation) {
+      throw new SnapError('SNAP_INCOMPLETE', 'the footer does not belong to the header: the image was never finished', { offset: footerAt })
+    }
+    const { trailerOffset, trailerLength } = header
+    if (trailerOffset < HEADER_SIZE || trailerOffset % ALIGN !== 0 || trailerOffset + trailerLength > footerAt) {
+      corrupt(`the trailer (${trailerOffset}, ${trailerLength} bytes) is not between the header and the footer`, { offset: trailerOffset })
+    }
+    if (trailerLength > MAX_TRAILER) throw new SnapError('SNAP_TOO_LARGE', `a trailer of ${trailerLength} bytes`, { offset: trailerOffset })
+    const trailer = await readAt(fh, trailerOffset, trailerLength)
+    if (crc32(trailer) !== footer.trailerCrc) throw new SnapError('SNAP_CHECKSUM', 'the trailer checksum does not match', { offset: trailerOffset })
+
+    const records = T.decodeTrailer(trailer, trailerOffset)
+    const streamInfo = T.decodeStreamInfo(records.get(T.REC_STREAM_INFO)!)
+    const blocks = T.decodeBlockTable(records.get(T.REC_BLOCK_TABLE)!, header.pageSize)
+    const lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
+    const dir = records.get(T.REC_CLUSTER_DIRECTORY)
+    const offsets = dir ? T.decodeClusterDirectory(dir) : await scanClusters(fh, trailerOffset, lim)
+    if (offsets.length !== footer.clusterCount) corrupt(`the cluster directory has ${offsets.length} clusters, the footer says ${footer.clusterCount}`)
+    const maxExtent = clusterExtent(lim.maxPages, header.clusterSize)
+    for (let i = 0; i < offsets.length; i++) {
+      const start = offsets[i]
+      const end = i + 1 < offsets.length ? offsets[i + 1] : trailerOffset
+      if ((i === 0 && start !== HEADER_SIZE) || start % ALIGN !== 0 || end - start < 2 * ALIGN || end - start > maxExtent) {
+        corrupt(`cluster ${i} has a bad offset ${start} in the cluster directory`, { cluster: i, offset: start })
+      }
+    }
+    if (offsets.length === 0 && trailerOffset !== HEADER_SIZE) corrupt('no clusters, yet the trailer does not follow the header')
+    const runs = T.decodePageMap(records.get(T.REC_PAGE_MAP)!, blocks, offsets.length, lim.maxPages)
+    const config = records.get(T.REC_CONFIG)!
+    const device: DeviceState = {
+      machine: typeof streamInfo.machine === 'string' ? streamInfo.machine : (machineFromConfig(config) ?? header.machine),
+      config,
+      ramSectionId: streamInfo.ramSectionId,
+      ramInstanceId: streamInfo.ramInstanceId,
+      ramVersion: streamInfo.ramVersion,
+      switchoverStart: streamInfo.switchoverStart,
+      ramEnd: streamInfo.ramEnd,
+      deviceSections: records.get(T.REC_DEVICE_SECTIONS)!,
+      streamEnd: records.get(T.REC_STREAM_END)!,
+    }
+    return new ImageReader(path, fh, size, header, footer, records, streamInfo, blocks, offsets, runs, device)
+  }
+
+  blockId(nameOrId: string | number): number {
+    if (typeof nameOrId === 'number') {
+      if (Number.isInteger(nameOrId) && nameOrId >= 0 && nameOrId < this.blocks.length) return nameOrId
+    } else {
+      const b = this.blocks.find((x) => x.name === nameOrId)
+      if (b) return b.id
+    }
+    throw new SnapError('SNAP_NO_PAGE', `the image has no RAM block ${JSON.stringify(nameOrId)}`)
+  }
+
+  /** Where a page is, per the page map (the spec's lookup, by binary search). */
+  locate(block: number, page: number): PageLocation {
+    const runs = this.runs
+    let lo = 0
+    let hi = runs.length - 1
+    let found = -1
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1
+      const r = runs[mid]
+      if (r.blockId < block || (r.blockId === block && r.firstPage <= page)) {
+        found = mid
+        lo = mid + 1
+      } else hi = mid - 1
+    }
+    const r = runs[found]
+    if (!r || r.blockId !== block || page >= r.firstPage + r.pageCount) return { state: PAGE_NEVER_SENT }
+    if (r.cluster === T.ZERO_CLUSTER) return { state: PAGE_ZERO }
+    return { state: PAGE_DATA, cluster: r.cluster, slot: r.firstSlot + page - r.firstPage }
+  }
+
+  private extent(seq: number): [number, number] {
+    const next = seq + 1 < this.clusterOffsets.length ? this.clusterOffsets[seq + 1] : this.header.trailerOffset
+    return [this.clusterOffsets[seq], next]
+  }
+
+  private async decode(buf: Buffer, seq: number, offset: number, sync: boolean): Promise<DecodedCluster> {
+    const where = { cluster: seq, offset }
+    const { header, stored } = splitCluster(buf, where, this.lim)
+    const raw = sync ? decodePayloadSync(header, stored, where) : await decodePayload(header, stored, where)
+    return { seq, offset, codec: header.codec, storedLength: header.storedLength, pages: header.pages, raw }
+  }
+
+  async readCluster(seq: number): Promise<DecodedCluster> {
+    if (!(Number.isInteger(seq) && seq >= 0 && seq < this.clusterOffsets.length)) {
+      throw new SnapError('SNAP_CORRUPT', `there is no cluster ${seq}`, { cluster: seq })
+    }
+    const [start, end] = this.extent(seq)
+    return this.decode(await readAt(this.fh, start, end - start), seq, start, false)
+  }
+
+  /**
+   * Every cluster in file order, read in large chunks (two ahead) and decoded `readAhead` at a
+   * time; a cluster that fails a check comes back with its error and the scan goes on.
+   * LZ4 decodes on the calling thread unless `asyncDecode`: lz4-napi's async call costs more
+   * than the decode itself (measured on 2 cores: 238 ms async vs 83 ms sync for 218 MiB), and the
+   * chunk reads still overlap it. readCluster (random access, lazy restore) decodes async.
+   */
+  async *clusterResults(opts: { readAhead?: number; asyncDecode?: boolean; onRead?: (bytes: number) => void } = {}): AsyncGenerator<ClusterResult> {
+    const readAhead = Math.max(1, opts.readAhead ?? 8)
+    const n = this.clusterOffsets.length
+    const chunks: Array<{ first: number; last: number; start: number; end: number }> = []
+    for (let i = 0; i < n; ) {
+      const start = this.clusterOffsets[i]
+      let j = i
+      while (j + 1 < n && this.extent(j + 1)[1] - start <= CHUNK_BYTES) j++
+      chunks.push({ first: i, last: j, start, end: this.extent(j)[1] })
+      i = j + 1
+    }
+    const reads: Array<Promise<Buffer>> = []
+    let next = 0
+    const issue = () => {
+      while (reads.length < 2 && next < chunks.length) {
+        const c = chunks[next++]
+        const p = readAt(this.fh, c.start, c.end - c.start)
+        p.catch(() => {})
+        reads.push(p)
+      }
+    }
+    issue()
+    const pending: Array<Promise<ClusterResult>> = []
+    for (const c of chunks) {
+      let buf: Buffer | null = null
+      let readError: SnapError | undefined
+      try {
+        buf = await reads.shift()!
+        opts.onRead?.(buf.length)
+      } catch (e) {
+        readError = fromSystemError(e, 'reading the image')
+      }
+      issue()
+      for (let s = c.first; s <= c.last; s++) {
+        const [a, b] = this.extent(s)
+        const p: Promise<ClusterResult> = buf
+          ? this.decode(buf.subarray(a - c.start, b - c.start), s, a, !opts.asyncDecode).then(
+              (cluster) => ({ seq: s, offset: a, cluster }),
+              (e) => ({ seq: s, offset: a, error: fromSystemError(e, `cluster ${s}`) }),
+            )
+          : Promise.resolve({ seq: s, offset: a, error: readError })
+        pending.push(p)
+        while (pending.length >= readAhead) yield await pending.shift()!
+      }
+    }
+    while (pending.length > 0) yield await pending.shift()!
+  }
+
+  /** Every cluster in file order; throws the first cluster's error. */
+  async *clusters(opts: { readAhead?: number; asyncDecode?: boolean } = {}): AsyncGenerator<DecodedCluster> {
+    for await (const r of this.clusterResults(opts)) {
+      if (r.error) throw r.error
+      yield r.cluster!
+    }
+  }
+
+  /** Headers of every cluster (checked, payloads not read), cached. */
+  async clusterInfos(): Promise<ClusterInfo[]> {
+    if (this.infos) return this.infos
+    const out: ClusterInfo[] = new Array(this.clusterOffsets.length)
+    const one = async (seq: number) => {
+      const [start, end] = this.extent(seq)
+      let buf = await readAt(this.fh, start, Math.min(ALIGN, end - start))
+      const pageCount = buf.readUInt32BE(16)
+      const need = pageCount <= this.lim.maxPages ? clusterHeaderBlock(pageCount) : ALIGN
+      if (need > buf.length && need <= end - start) buf = await readAt(this.fh, start, need)
+      const h = decodeClusterHeader(buf, 0, { cluster: seq, offset: start }, this.lim)
+      if (clusterExtent(h.pageCount, h.storedLength) !== end - start) {
+        corrupt(`cluster ${seq} at offset ${start}: its extent does not match the directory`, { cluster: seq, offset: start })
+      }
+      out[seq] = { seq, offset: start, codec: h.codec, storedLength: h.storedLength, pageCount: h.pageCount }
+    }
+    for (let i = 0; i < out.length; i += 64) {
+      const batch: Array<Promise<void>> = []
+      for (let s = i; s < Math.min(out.length, i + 64); s++) batch.push(one(s))
+      await Promise.all(batch)
+    }
+    this.infos = out
+    return out
+  }
+
+  /** 1 for each slot of cluster `seq` the page map points at. */
+  liveMask(seq: number, pageCount?: number): Uint8Array {
+    if (!this.byCluster) {
+      this.byCluster = new Map()
+      this.runs.forEach((r, i) => {
+        if (r.cluster === T.ZERO_CLUSTER) return
+        const list = this.byCluster!.get(r.cluster)
+        if (list) list.push(i)
+        else this.byCluster!.set(r.cluster, [i])
+      })
+    }
+    const list = this.byCluster.get(seq) ?? []
+    const len = pageCount ?? list.reduce((m, i) => Math.max(m, this.runs[i].firstSlot + this.runs[i].pageCount), 0)
+    const mask = new Uint8Array(len)
+    for (const i of list) {
+      const r = this.runs[i]
+      mask.fill(1, r.firstSlot, Math.min(len, r.firstSlot + r.pageCount))
+    }
+    return mask
+  }
+
+  /** Live (mapped) pages per cluster. */
+  liveCounts(): Uint32Array {
+    const live = new Uint32Array(this.clusterOffsets.length)
+    for (const r of this.runs) if (r.cluster !== T.ZERO_CLUSTER) live[r.cluster] += r.pageCount
+    return live
+  }
+
+  async summary(): Promise<ImageSummaryInfo> {
+    const infos = await this.clusterInfos()
+    const live = this.liveCounts()
+    let storedBytes = 0
+    let deadBytes = 0
+    let lz4 = 0
+    for (const c of infos) {
+      storedBytes += c.storedLength
+      deadBytes += Math.floor((c.storedLength * (c.pageCount - Math.min(live[c.seq], c.pageCount))) / c.pageCount)
+      if (c.codec === CODEC_LZ4) lz4++
+    }
+    const ramBlocks = this.blocks.map((b) => ({ id: b.id, name: b.name, size: b.size, pageSize: b.pageSize, pages: b.size / b.pageSize, zeroPages: 0, storedPages: 0 }))
+    for (const r of this.runs) {
+      if (r.cluster === T.ZERO_CLUSTER) ramBlocks[r.blockId].zeroPages += r.pageCount
+      else ramBlocks[r.blockId].storedPages += r.pageCount
+    }
+    const h = this.header
+    return {
+      version: h.version, uuid: h.uuid.toString('hex'), machine: this.device.machine, clusterSize: h.clusterSize, pageSize: h.pageSize,
+      compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 }, ramBlocks, clusters: infos.length,
+      fileBytes: this.fileLength, storedBytes, deadBytes,
+      deviceStateBytes: this.device.config.length + this.device.deviceSections.length + this.device.streamEnd.length,
+      createdAt: new Date(h.creationTime).toISOString(), generation: h.generation, source: this.streamInfo.source,
+      creator: typeof this.streamInfo.creator === 'string' ? this.streamInfo.creator : undefined,
+      features: { incompatible: Number(h.incompatibleFeatures), compatible: Number(h.compatibleFeatures), autoclear: Number(h.autoclearFeatures) },
+      counters: this.streamInfo.counters,
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close().catch(() => {})
+  }
+}
+
+export interface ImageSummaryInfo {
+  version: number
+  uuid: string
+  machine: string
+  clusterSize: number
+  pageSize: number
+  compression: 'lz4' | 'none'
+  codecs: { none: number; lz4: number }
+  ramBlocks: Array<{ id: number; name: string; size: number; pageSize: number; pages: number; zeroPages: number; storedPages: number }>
+  clusters: number
+  fileBytes: number
+  storedBytes: number
+  deadBytes: number
+  deviceStateBytes: number
+  createdAt: string
+  generation: number
+  source: string
+  creator?: string
+  features: { incompatible: number; compatible: number; autoclear: number }
+  counters: unknown
+}
+
+/** QEMU_VM_CONFIGURATION: 0x07, be32 length, the machine type name. */
+function machineFromConfig(config: Buffer): string | undefined {
+  if (config.length < 5 || config[0] !== 0x07) return undefined
+  const n = config.readUInt32BE(1)
+  return n <= config.length - 5 ? config.subarray(5, 5 + n).toString('latin1') : undefined
+}
+
+/** Without a cluster directory (record 7 is optional), walk the cluster headers. */
+async function scanClusters(fh: FileHandle, trailerOffset: number, lim: ClusterLimits): Promise<number[]> {
+  const offsets: number[] = []
+  for (let pos = HEADER_SIZE; pos < trailerOffset; ) {
+    const where = { cluster: offsets.length, offset: pos }
+    let buf = await readAt(fh, pos, Math.min(ALIGN, trailerOffset - pos))
+    if (buf.length >= 20 && buf.readUInt32BE(16) <= lim.maxPages) {
+      const need = clusterHeaderBlock(buf.readUInt32BE(16))
+      if (need > buf.length && pos + need <= trailerOffset) buf = await readAt(fh, pos, need)
+    }
+    const h = decodeClusterHeader(buf, 0, where, lim)
+    offsets.push(pos)
+    pos += clusterExtent(h.pageCount, h.storedLength)
+    if (pos > trailerOffset) corrupt(`cluster ${where.cluster} runs past the trailer`, where)
+  }
+  return offsets
+}

@@ -1,0 +1,403 @@
+// Writes an image: format-spec/container.md, "Writing an image". Pages are copied once into
+// the open cluster's buffer; a sealed cluster is compressed and written by ClusterFile while
+// the stream goes on. The page map keeps only the newest copy of each page.
+import { randomBytes } from 'node:crypto'
+import { lstat, readdir, link, rename, unlink } from 'node:fs/promises'
+import { basename, dirname, join, resolve } from 'node:path'
+import { crc32 } from 'node:zlib'
+import lz4 from 'lz4-napi'
+import { roundUp } from '../bytes.js'
+import { SnapError, fromSystemError } from '../errors.js'
+import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
+import { CODEC_LZ4, CODEC_NONE, decodePayload } from './cluster.js'
+import { ClusterFile, fsyncDir, writeFully, type Stored } from './cluster-file.js'
+import { FOOTER_SIZE, encodeFooter } from './footer.js'
+import {
+  ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
+  encodeHeader, isPowerOfTwo,
+} from './header.js'
+import { PageMap, ZERO_LOC } from './pagemap.js'
+import * as T from './trailer.js'
+
+/** Clusters being compressed or written before needsDrain() says stop. */
+const MAX_INFLIGHT = 8
+/** Rewrite the image before finishing when dead bytes pass this share of it (spec: keep ≤ 2%). */
+const COMPACT_AT = 0.01
+export const CREATOR = 'snapctl/0.1.0'
+
+export interface WriterOptions {
+  clusterSize?: number
+  compress?: 'lz4' | 'none'
+  force?: boolean
+  /** bytes of recently sealed clusters kept decoded for readPage (default 32 MiB) */
+  cacheBytes?: number
+}
+
+export interface FinishInfo {
+  source: 'qemu' | 'libvirt'
+  counters: StreamCounters
+  libvirtHeader?: Buffer
+  compatibleFeatures?: number
+}
+
+export interface ImageSummary {
+  path: string
+  uuid: string
+  clusters: number
+  fileBytes: number
+  /** payload bytes as stored (after compression) */
+  storedBytes: number
+  /** bytes of page data the stored pages hold, decoded */
+  rawBytes: number
+  deadBytes: number
+  pages: number
+  zeroPages: number
+  storedPages: number
+  /** the image was rewritten to drop dead copies of re-sent pages */
+  compacted: boolean
+  indexPath: string
+  /** the image is complete but its index could not be built (commands rebuild it) */
+  indexError?: string
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0)
+    return true
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM'
+  }
+}
+
+export class ImageWriter {
+  private map: PageMap | null = null
+  private blocks: RamBlock[] = []
+  private buf: Buffer
+  private pages: Uint32Array
+  private count = 0
+  /** sequence number the open cluster will get */
+  private seq = 0
+  private readonly ppc: number
+  private readonly uuid = randomBytes(16)
+  private readonly createdAt = Date.now()
+  /** the partial file being compacted away, until compaction is done */
+  private old: ClusterFile | null = null
+  private state: 'open' | 'finishing' | 'done' | 'aborted' = 'open'
+
+  private constructor(
+    readonly path: string,
+    private partialPath: string,
+    private file: ClusterFile,
+    private readonly clusterSize: number,
+    private readonly lz4: boolean,
+    private readonly force: boolean,
+  ) {
+    this.ppc = clusterSize / PAGE_SIZE
+    this.buf = Buffer.allocUnsafe(clusterSize)
+    this.pages = new Uint32Array(2 * this.ppc)
+  }
+
+  static async create(path: string, opts: WriterOptions = {}): Promise<ImageWriter> {
+    const clusterSize = opts.clusterSize ?? DEFAULT_CLUSTER_SIZE
+    if (!isPowerOfTwo(clusterSize) || clusterSize < MIN_CLUSTER_SIZE || clusterSize > MAX_CLUSTER_SIZE) {
+      throw new SnapError('SNAP_USAGE', `cluster size ${clusterSize} must be a power of two from 64 KiB to 64 MiB`)
+    }
+    path = resolve(path)
+    const dir = dirname(path)
+    const name = basename(path)
+    if (!opts.force && (await exists(path))) throw new SnapError('SNAP_EXISTS', `${path} exists (use --force to replace it)`)
+    const prefix = `.${name}.partial-`
+    try {
+      for (const f of await readdir(dir)) {
+        if (!f.startsWith(prefix)) continue
+        const pid = Number.parseInt(f.slice(prefix.length), 10)
+        if (pid > 0 && pid !== process.pid && !pidAlive(pid)) await unlink(join(dir, f)).catch(() => {})
+      }
+    } catch (e) {
+      throw fromSystemError(e, `listing ${dir}`)
+    }
+    const partial = join(dir, `${prefix}${process.pid}`)
+    const file = await ClusterFile.create(partial, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, opts.cacheBytes)
+    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false)
+  }
+
+  setBlocks(blocks: RamBlockDecl[]): void {
+    if (this.map) throw new SnapError('SNAP_INTERNAL', 'setBlocks called twice')
+    if (blocks.length < 1 || blocks.length > T.MAX_BLOCKS) throw new SnapError('SNAP_STREAM_CORRUPT', `${blocks.length} RAM blocks (1 to ${T.MAX_BLOCKS} allowed)`)
+    const names = new Set<string>()
+    for (const b of blocks) {
+      const n = Buffer.byteLength(b.name, 'latin1')
+      if (n < 1 || n > 255 || names.has(b.name)) throw new SnapError('SNAP_STREAM_CORRUPT', `bad or repeated RAM block name "${b.name.slice(0, 60)}"`)
+      if (!Number.isSafeInteger(b.size) || b.size < 0 || b.size % PAGE_SIZE !== 0 || b.size / PAGE_SIZE > 0xffffffff) {
+        throw new SnapError('SNAP_STREAM_CORRUPT', `RAM block ${b.name} has a bad size ${b.size}`)
+      }
+      names.add(b.name)
+    }
+    this.blocks = blocks.map((b, id) => ({ id, name: b.name, size: b.size, pageSize: PAGE_SIZE }))
+    this.map = new PageMap(blocks.map((b) => b.size / PAGE_SIZE))
+  }
+
+  private check(block: number, page: number): PageMap {
+    const map = this.map
+    if (!map || (this.state !== 'open' && !this.old)) throw new SnapError('SNAP_INTERNAL', 'no blocks declared, or the writer is closed')
+    if (this.file.failure) throw this.file.failure
+    const loc = map.loc[block]
+    if (loc === undefined || !(page >= 0 && page < loc.length)) {
+      throw new SnapError('SNAP_STREAM_CORRUPT', `page ${page} of block ${block} is outside the RAM blocks`)
+    }
+    return map
+  }
+
+  putPage(block: number, page: number, data: Uint8Array): void {
+    const map = this.check(block, page)
+    if (data.length !== PAGE_SIZE) throw new SnapError('SNAP_INTERNAL', `a page of ${data.length} bytes`)
+    if (map.loc[block][page] === this.seq + 1) {
+      // Re-sent while its cluster is still open: replace it in place, no dead copy.
+      this.buf.set(data, map.slot[block][page] * PAGE_SIZE)
+      return
+    }
+    const s = this.count++
+    this.buf.set(data, s * PAGE_SIZE)
+    this.pages[2 * s] = block
+    this.pages[2 * s + 1] = page
+    map.setData(block, page, this.seq, s)
+    if (this.count === this.ppc) this.seal()
+  }
+
+  putZero(block: number, page: number): void {
+    const map = this.check(block, page)
+    if (map.loc[block][page] === this.seq + 1) {
+      // Fill the hole with the open cluster's last page so that no dead slot is written.
+      const hole = map.slot[block][page]
+      const last = --this.count
+      if (hole !== last) {
+        this.buf.copy(this.buf, hole * PAGE_SIZE, last * PAGE_SIZE, (last + 1) * PAGE_SIZE)
+        const b = this.pages[2 * last]
+        const p = this.pages[2 * last + 1]
+        this.pages[2 * hole] = b
+        this.pages[2 * hole + 1] = p
+        map.moveSlot(b, p, hole)
+      }
+    }
+    map.setZero(block, page)
+  }
+
+  readPage(block: number, page: number, into: Buffer): PageState {
+    const map = this.check(block, page)
+    const loc = map.loc[block][page]
+    if (loc === 0 || loc === ZERO_LOC) {
+      into.fill(0, 0, PAGE_SIZE)
+      return loc === 0 ? PAGE_NEVER_SENT : PAGE_ZERO
+    }
+    const slot = map.slot[block][page]
+    const raw = loc === this.seq + 1 ? this.buf : this.file.rawSync(loc - 1)
+    raw.copy(into, 0, slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE)
+    return PAGE_DATA
+  }
+
+  needsDrain(): boolean {
+    return this.file.inflight > MAX_INFLIGHT || this.file.failure !== null
+  }
+
+  async drain(): Promise<void> {
+    await this.file.waitBelow(MAX_INFLIGHT)
+  }
+
+  private seal(): void {
+    const n = this.count
+    if (n === 0) return
+    const raw = this.buf.subarray(0, n * PAGE_SIZE)
+    const pages = this.pages.slice(0, 2 * n)
+    const stored: Promise<Stored> = this.lz4
+      ? lz4.compress(raw).then((c) => (c.length <= raw.length - raw.length / 8 ? { codec: CODEC_LZ4, stored: c } : { codec: CODEC_NONE, stored: raw }))
+      : Promise.resolve({ codec: CODEC_NONE, stored: raw })
+    this.file.enqueue(this.seq++, pages, n, raw, stored)
+    this.buf = Buffer.allocUnsafe(this.clusterSize)
+    this.count = 0
+  }
+
+  async finish(device: DeviceState, info: FinishInfo): Promise<ImageSummary> {
+    if (!this.map || this.state !== 'open') throw new SnapError('SNAP_INTERNAL', 'finish without blocks, or twice')
+    this.state = 'finishing'
+    try {
+      this.seal()
+      await this.file.flush()
+      const f = this.file
+      let compacted = false
+      if (this.map.deadBytes(f.pageCounts, f.storedLengths) > COMPACT_AT * f.dataEnd) {
+        await this.compact()
+        compacted = true
+      }
+      const summary = await this.writeEnd(device, info, compacted)
+      this.state = 'done'
+      return summary
+    } catch (e) {
+      const where = this.partialPath || this.path
+      await this.abort()
+      throw fromSystemError(e, `writing ${where}`)
+    }
+  }
+
+  /** Copy the live pages into a new partial file: fully live clusters verbatim, the rest re-clustered. */
+  private async compact(): Promise<void> {
+    const old = this.file
+    const oldMap = this.map!
+    const map = new PageMap(this.blocks.map((b) => b.size / PAGE_SIZE))
+    oldMap.loc.forEach((loc, b) => loc.forEach((l, p) => l === ZERO_LOC && map.setZero(b, p)))
+    this.old = old
+    this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim)
+    this.map = map
+    this.seq = 0
+    const n = old.pageCounts.length
+    const full: number[] = []
+    const partial: number[] = []
+    for (let c = 0; c < n; c++) {
+      const live = oldMap.liveCount(c)
+      if (live === old.pageCounts[c]) full.push(c)
+      else if (live > 0) partial.push(c)
+    }
+    for (const c of full) {
+      const { header, stored } = old.readSync(c)
+      if (crc32(stored) !== header.dataCrc) {
+        throw new SnapError('SNAP_CHECKSUM', `cluster ${c} changed on disk while the image was written`, { cluster: c, offset: old.offsets[c] })
+      }
+      const seq = this.seq++
+      for (let i = 0; i < header.pageCount; i++) map.setData(header.pages[2 * i], header.pages[2 * i + 1], seq, i)
+      this.file.enqueue(seq, header.pages, header.pageCount, null, Promise.resolve({ codec: header.codec, stored }))
+      await this.file.waitBelow(MAX_INFLIGHT)
+    }
+    for (const c of partial) {
+      const { header, stored } = old.readSync(c)
+      const raw = old.cached(c) ?? (await decodePayload(header, stored, { cluster: c, offset: old.offsets[c] }))
+      for (let i = 0; i < header.pageCount; i++) {
+        const b = header.pages[2 * i]
+        const p = header.pages[2 * i + 1]
+        if (oldMap.loc[b][p] === c + 1 && oldMap.slot[b][p] === i) this.putPage(b, p, raw.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE))
+      }
+      await this.file.waitBelow(MAX_INFLIGHT)
+    }
+    this.seal()
+    await this.file.flush()
+    this.old = null
+    await old.close()
+    await unlink(old.path)
+    this.partialPath = this.file.path
+  }
+
+  private async writeEnd(device: DeviceState, info: FinishInfo, compacted: boolean): Promise<ImageSummary> {
+    const f = this.file
+    const map = this.map!
+    const runs = map.toRuns()
+    const counters = info.counters
+    let compat = BigInt(info.compatibleFeatures ?? 0)
+    if (counters.xbzrlePages > 0) compat |= COMPAT_XBZRLE_SOURCE
+    const streamInfo: T.StreamInfo = {
+      v: 1, ramSectionId: device.ramSectionId, ramInstanceId: device.ramInstanceId, ramVersion: device.ramVersion,
+      switchoverStart: device.switchoverStart, ramEnd: device.ramEnd, source: info.source,
+      libvirtHeader: info.libvirtHeader, creator: CREATOR, counters: { ...counters }, machine: device.machine,
+    }
+    const trailer = T.encodeTrailer([
+      { type: T.REC_STREAM_INFO, body: T.encodeStreamInfo(streamInfo) },
+      { type: T.REC_BLOCK_TABLE, body: T.encodeBlockTable(this.blocks) },
+      { type: T.REC_PAGE_MAP, body: T.encodePageMap(runs) },
+      { type: T.REC_CONFIG, body: device.config },
+      { type: T.REC_DEVICE_SECTIONS, body: device.deviceSections },
+      { type: T.REC_STREAM_END, body: device.streamEnd },
+      { type: T.REC_CLUSTER_DIRECTORY, body: T.encodeClusterDirectory(f.offsets) },
+    ])
+    const trailerOffset = f.dataEnd
+    const fileLength = roundUp(trailerOffset + trailer.length + FOOTER_SIZE, ALIGN)
+    const footer = encodeFooter({
+      uuid: this.uuid, trailerOffset, trailerLength: trailer.length, trailerCrc: crc32(trailer),
+      clusterCount: f.offsets.length, generation: 1,
+    })
+    const header = encodeHeader({
+      version: 1, headerLength: HEADER_LENGTH_V1, incompatibleFeatures: 0n, compatibleFeatures: compat, autoclearFeatures: 0n,
+      clusterSize: this.clusterSize, pageSize: PAGE_SIZE, uuid: this.uuid, creationTime: this.createdAt, generation: 1,
+      trailerOffset, trailerLength: trailer.length, fileLength, machine: device.machine, baseImageOffset: 0, encryptionMethod: 0,
+    })
+    const pad = Buffer.alloc(fileLength - FOOTER_SIZE - trailerOffset - trailer.length)
+    await writeFully(f.fh, [trailer, pad, footer], trailerOffset)
+    // The header goes last: until it is written the file reads as incomplete.
+    await f.fh.datasync()
+    await writeFully(f.fh, [header], 0)
+    await f.fh.datasync()
+    await f.close()
+    await this.publish()
+    let zeroPages = 0
+    let storedPages = 0
+    for (let b = 0; b < this.blocks.length; b++) {
+      const c = map.counts(b)
+      zeroPages += c.zeroPages
+      storedPages += c.storedPages
+    }
+    const summary: ImageSummary = {
+      path: this.path, uuid: this.uuid.toString('hex'), clusters: f.offsets.length, fileBytes: fileLength,
+      storedBytes: f.storedLengths.reduce((a, b) => a + b, 0), rawBytes: f.pageCounts.reduce((a, b) => a + b, 0) * PAGE_SIZE,
+      deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages: zeroPages + storedPages, zeroPages, storedPages,
+      compacted, indexPath: `${this.path}.index`,
+    }
+    try {
+      const { ImageReader } = await import('./reader.js')
+      const { PageIndex } = await import('../index/page-index.js')
+      const reader = await ImageReader.open(this.path)
+      try {
+        await PageIndex.build(reader)
+      } finally {
+        await reader.close()
+      }
+    } catch (e) {
+      // The image is complete and valid; a missing index is rebuilt by the next command.
+      summary.indexError = e instanceof Error ? e.message : String(e)
+    }
+    return summary
+  }
+
+  /** Rename the partial file to its name, refusing an existing image unless forced. */
+  private async publish(): Promise<void> {
+    const from = this.partialPath
+    try {
+      if (this.force) {
+        await rename(from, this.path)
+      } else {
+        try {
+          await link(from, this.path) // fails with EEXIST: no window in which an image is replaced
+          await unlink(from)
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code
+          if (code === 'EEXIST') throw new SnapError('SNAP_EXISTS', `${this.path} appeared while it was being written (use --force to replace it)`)
+          if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'EXDEV') throw e
+          if (await exists(this.path)) throw new SnapError('SNAP_EXISTS', `${this.path} exists (use --force to replace it)`)
+          await rename(from, this.path)
+        }
+      }
+    } catch (e) {
+      throw fromSystemError(e, `renaming ${from} to ${this.path}`)
+    }
+    this.partialPath = ''
+    fsyncDir(dirname(this.path))
+  }
+
+  async abort(): Promise<void> {
+    if (this.state === 'aborted' || this.state === 'done') return
+    this.state = 'aborted'
+    for (const f of [this.old, this.file]) {
+      if (!f) continue
+      await f.settle()
+      await f.close().catch(() => {})
+      if (this.partialPath) await unlink(f.path).catch(() => {})
+    }
+    this.old = null
+    this.partialPath = ''
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await lstat(path)
+    return true
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false
+    throw fromSystemError(e, `checking ${path}`)
+  }
+}

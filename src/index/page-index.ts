@@ -1,0 +1,285 @@
+// The LevelDB page index beside an image: format-spec/index.md. A cache of the page map and
+// the cluster directory; missing, stale or unreadable indexes are deleted and rebuilt.
+import { chmod, mkdir, readdir, rm, stat } from 'node:fs/promises'
+import { join } from 'node:path'
+import { Level } from 'level'
+import { SnapError, isSnapError } from '../errors.js'
+import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type PageState } from '../types.js'
+import type { DecodedCluster, ImageReader } from '../container/reader.js'
+import { ZERO_CLUSTER, type PageRun } from '../container/trailer.js'
+import * as K from './keys.js'
+
+type DB = Level<Buffer, Buffer>
+const BATCH = 4096
+const CLUSTER_CACHE = 8
+
+export interface IndexCluster {
+  seq: number
+  offset: number
+  storedLength: number
+  codec: number
+  pageCount: number
+}
+
+export interface OpenOptions {
+  log?: (msg: string) => void
+  /** false: report a stale or unreadable index (verify) instead of rebuilding it */
+  rebuild?: boolean
+}
+
+function openDb(dir: string, create: boolean): DB {
+  return new Level<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer', createIfMissing: create })
+}
+
+function isLocked(e: unknown): boolean {
+  const err = e as { code?: string; cause?: { code?: string } }
+  return err?.code === 'LEVEL_LOCKED' || err?.cause?.code === 'LEVEL_LOCKED'
+}
+
+function levelError(e: unknown, what: string): SnapError {
+  if (isSnapError(e)) return e
+  return new SnapError('SNAP_INDEX_CORRUPT', `the page index could not be read (${what}: ${(e as Error)?.message})`, { cause: e })
+}
+
+async function withUmask<T>(fn: () => Promise<T>): Promise<T> {
+  // LevelDB creates its files with the process umask; guest RAM metadata stays private.
+  const old = process.umask(0o077)
+  try {
+    return await fn()
+  } finally {
+    process.umask(old)
+  }
+}
+
+export class PageIndex {
+  private names = new Map<string, number>()
+  private cache = new Map<number, Promise<DecodedCluster>>()
+
+  private constructor(private readonly db: DB, private readonly reader: ImageReader, readonly path: string) {}
+
+  static indexPath(imagePath: string): string {
+    return `${imagePath}.index`
+  }
+
+  static async build(reader: ImageReader): Promise<void> {
+    const dir = PageIndex.indexPath(reader.path)
+    const infos = await reader.clusterInfos()
+    await rm(dir, { recursive: true, force: true })
+    await withUmask(async () => {
+      await mkdir(dir, { mode: 0o700 })
+      const db = openDb(dir, true)
+      await db.open()
+      try {
+        let batch = db.batch()
+        const put = async (k: Buffer, v: Buffer) => {
+          batch.put(k, v)
+          if (batch.length >= BATCH) {
+            await batch.write()
+            batch = db.batch()
+          }
+        }
+        const ps = reader.header.pageSize
+        for (const b of reader.blocks) await put(K.nameKey(b.name), K.encodeNameValue(b.id))
+        for (const r of reader.runs) {
+          const zero = r.cluster === ZERO_CLUSTER
+          await put(K.runKey(r.blockId, r.firstPage * ps), K.encodeRunValue({ kind: zero ? K.KIND_ZERO : K.KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot }))
+        }
+        for (const c of infos) await put(K.clusterKey(c.seq), K.encodeClusterValue(c))
+        await batch.write()
+        // Last: an interrupted build leaves no meta key and reads as stale.
+        await db.put(K.META_KEY, K.encodeMeta(PageIndex.stamp(reader)))
+      } finally {
+        await db.close()
+      }
+    })
+    await chmod(dir, 0o700)
+    for (const f of await readdir(dir)) await chmod(join(dir, f), 0o600)
+  }
+
+  private static stamp(reader: ImageReader): K.IndexMeta {
+    return {
+      uuid: reader.header.uuid, generation: reader.header.generation, fileLength: reader.fileLength,
+      trailerCrc: reader.footer.trailerCrc, runs: reader.runs.length, clusters: reader.clusterOffsets.length, blocks: reader.blocks.length,
+    }
+  }
+
+  /** Open the index if it is there and fresh; why it cannot be used otherwise. */
+  private static async tryOpen(reader: ImageReader): Promise<PageIndex | 'missing' | 'stale' | 'unreadable'> {
+    const dir = PageIndex.indexPath(reader.path)
+    try {
+      await stat(dir)
+    } catch {
+      return 'missing'
+    }
+    const db = openDb(dir, false)
+    try {
+      await withUmask(() => db.open())
+    } catch (e) {
+      if (isLocked(e)) throw new SnapError('SNAP_LOCKED', `the page index ${dir} is in use by another process`, { cause: e })
+      return 'unreadable'
+    }
+    try {
+      const raw = await db.get(K.META_KEY)
+      const want = PageIndex.stamp(reader)
+      const meta = raw ? K.decodeMeta(raw) : null
+      if (meta && meta.uuid.equals(want.uuid) && meta.generation === want.generation && meta.fileLength === want.fileLength &&
+          meta.trailerCrc === want.trailerCrc && meta.runs === want.runs && meta.clusters === want.clusters) {
+        return new PageIndex(db, reader, dir)
+      }
+      await db.close()
+      return 'stale'
+    } catch {
+      await db.close().catch(() => {})
+      return 'unreadable'
+    }
+  }
+
+  static async open(reader: ImageReader, opts: OpenOptions = {}): Promise<PageIndex> {
+    const dir = PageIndex.indexPath(reader.path)
+    const first = await PageIndex.tryOpen(reader)
+    if (first instanceof PageIndex) return first
+    if (first !== 'missing' && opts.rebuild === false) {
+      const code = first === 'stale' ? 'SNAP_INDEX_MISMATCH' : 'SNAP_INDEX_CORRUPT'
+      throw new SnapError(code, `the page index ${dir} is ${first === 'stale' ? 'stale (it describes another image or generation)' : 'unreadable'}; any command that uses it rebuilds it`)
+    }
+    opts.log?.(`snapctl: the page index ${dir} is ${first}; rebuilding it from the image`)
+    try {
+      await PageIndex.build(reader)
+    } catch (e) {
+      if (isSnapError(e) && e.code !== 'SNAP_IO' && e.code !== 'SNAP_NO_SPACE') throw e
+      throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} could not be rebuilt: ${(e as Error).message}`, { cause: e })
+    }
+    const again = await PageIndex.tryOpen(reader)
+    if (again instanceof PageIndex) return again
+    throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} is ${again} even after a rebuild`)
+  }
+
+  private async resolve(block: number | string): Promise<number> {
+    if (typeof block === 'number') return this.reader.blockId(block)
+    let id = this.names.get(block)
+    if (id === undefined) {
+      let v: Buffer | undefined
+      try {
+        v = await this.db.get(K.nameKey(block))
+      } catch (e) {
+        throw levelError(e, 'name')
+      }
+      if (!v) throw new SnapError('SNAP_NO_PAGE', `the image has no RAM block ${JSON.stringify(block)}`)
+      id = K.decodeNameValue(v)
+      this.reader.blockId(id)
+      this.names.set(block, id)
+    }
+    return id
+  }
+
+  async lookup(block: number | string, byteOffset: number): Promise<{ state: PageState; cluster?: number; slot?: number }> {
+    const id = await this.resolve(block)
+    const b = this.reader.blocks[id]
+    if (!Number.isSafeInteger(byteOffset) || byteOffset < 0 || byteOffset >= b.size) {
+      throw new SnapError('SNAP_NO_PAGE', `offset ${byteOffset} is outside RAM block ${b.name} (${b.size} bytes)`)
+    }
+    const ps = b.pageSize
+    const off = byteOffset - (byteOffset % ps)
+    let hit: Array<[Buffer, Buffer]>
+    try {
+      hit = await this.db.iterator({ ...K.blockRunsUpTo(id, off), reverse: true, limit: 1 }).all()
+    } catch (e) {
+      throw levelError(e, 'run')
+    }
+    if (hit.length === 0) return { state: PAGE_NEVER_SENT }
+    const key = K.decodeRunKey(hit[0][0])
+    const v = K.decodeRunValue(hit[0][1])
+    if (key.blockId !== id || off >= key.byteOffset + v.pageCount * ps) return { state: PAGE_NEVER_SENT }
+    if (v.kind === K.KIND_ZERO) return { state: PAGE_ZERO }
+    return { state: PAGE_DATA, cluster: v.cluster, slot: v.firstSlot + (off - key.byteOffset) / ps }
+  }
+
+  /** A page's bytes (a view into a cached decoded cluster), 'zero', or null if never sent. */
+  async readPage(block: number | string, byteOffset: number): Promise<Buffer | 'zero' | null> {
+    const loc = await this.lookup(block, byteOffset)
+    if (loc.state === PAGE_NEVER_SENT) return null
+    if (loc.state === PAGE_ZERO) return 'zero'
+    const seq = loc.cluster!
+    let p = this.cache.get(seq)
+    if (p) {
+      this.cache.delete(seq)
+    } else {
+      p = this.reader.readCluster(seq)
+      p.catch(() => this.cache.delete(seq))
+    }
+    this.cache.set(seq, p)
+    if (this.cache.size > CLUSTER_CACHE) this.cache.delete(this.cache.keys().next().value!)
+    const c = await p
+    const id = await this.resolve(block)
+    const ps = this.reader.header.pageSize
+    const slot = loc.slot!
+    // The index is a cache: never hand out a page the cluster does not name.
+    if (slot >= c.pages.length / 2 || c.pages[2 * slot] !== id || c.pages[2 * slot + 1] !== Math.floor(byteOffset / ps)) {
+      throw new SnapError('SNAP_INDEX_MISMATCH', `the page index points page ${byteOffset} of block ${id} at cluster ${seq} slot ${slot}, which holds another page`, { cluster: seq, offset: c.offset })
+    }
+    return c.raw.subarray(slot * ps, (slot + 1) * ps)
+  }
+
+  async loadAll(): Promise<{ runs: PageRun[]; clusters: IndexCluster[] }> {
+    const ps = this.reader.header.pageSize
+    try {
+      const runs: PageRun[] = []
+      for (const [k, v] of await this.db.iterator(K.RUNS_RANGE).all()) {
+        const key = K.decodeRunKey(k)
+        const val = K.decodeRunValue(v)
+        const zero = val.kind === K.KIND_ZERO
+        runs.push({ blockId: key.blockId, firstPage: key.byteOffset / ps, pageCount: val.pageCount, cluster: zero ? ZERO_CLUSTER : val.cluster, firstSlot: zero ? 0 : val.firstSlot })
+      }
+      const clusters: IndexCluster[] = []
+      for (const [k, v] of await this.db.iterator(K.CLUSTERS_RANGE).all()) {
+        const seq = K.decodeClusterKey(k)
+        if (seq !== clusters.length) throw new SnapError('SNAP_INDEX_CORRUPT', `the page index lacks cluster ${clusters.length}`)
+        clusters.push({ seq, ...K.decodeClusterValue(v) })
+      }
+      return { runs, clusters }
+    } catch (e) {
+      throw levelError(e, 'runs and clusters')
+    }
+  }
+
+  /** Compare every entry with the image; the first difference as SNAP_INDEX_MISMATCH, or null. */
+  async check(reader: ImageReader): Promise<SnapError | null> {
+    const mismatch = (what: string, details: Record<string, unknown> = {}) =>
+      new SnapError('SNAP_INDEX_MISMATCH', `the page index disagrees with the image: ${what}; delete ${this.path} or let any command rebuild it`, details)
+    let all: { runs: PageRun[]; clusters: IndexCluster[] }
+    let names: Array<[Buffer, Buffer]>
+    try {
+      all = await this.loadAll()
+      names = await this.db.iterator(K.NAMES_RANGE).all()
+    } catch (e) {
+      return mismatch(`it cannot be read (${(e as Error).message})`)
+    }
+    const n = Math.max(all.runs.length, reader.runs.length)
+    for (let i = 0; i < n; i++) {
+      const a = all.runs[i]
+      const b = reader.runs[i]
+      if (!a || !b || a.blockId !== b.blockId || a.firstPage !== b.firstPage || a.pageCount !== b.pageCount || a.cluster !== b.cluster || a.firstSlot !== b.firstSlot) {
+        return mismatch(`page map run ${i} differs`, { run: i, index: a ?? null, image: b ?? null })
+      }
+    }
+    const infos = await reader.clusterInfos()
+    for (let i = 0; i < Math.max(infos.length, all.clusters.length); i++) {
+      const a = all.clusters[i]
+      const b = infos[i]
+      if (!a || !b || a.offset !== b.offset || a.storedLength !== b.storedLength || a.codec !== b.codec || a.pageCount !== b.pageCount) {
+        return mismatch(`cluster ${i} differs`, { cluster: i, offset: b?.offset })
+      }
+    }
+    if (names.length !== reader.blocks.length) return mismatch('the block names differ')
+    for (const [k, v] of names) {
+      const id = K.decodeNameValue(v)
+      if (reader.blocks[id]?.name !== K.decodeNameKey(k)) return mismatch(`block name ${K.decodeNameKey(k)} differs`)
+    }
+    return null
+  }
+
+  async close(): Promise<void> {
+    this.cache.clear()
+    await this.db.close()
+  }
+}
