@@ -1,0 +1,32 @@
+// Command-line helpers shared by create and load: human sizes, progress lines, resource usage.
+import { writeFileSync } from 'node:fs'
+import { SnapError } from '../errors.js'
+
+/** 1M, 256K, 4MiB, 1048576 -> bytes. */
+export function parseSize(text: string, what: string): number {
+  const m = /^(\d+)\s*([kmgt]?)(i?b)?$/i.exec(text.trim())
+  if (!m) throw new SnapError('SNAP_USAGE', `${what}: "${text}" is not a size (e.g. 1M, 256K, 4194304)`)
+  const unit = { '': 1, k: 1 << 10, m: 1 << 20, g: 1 << 30, t: 2 ** 40 }[m[2].toLowerCase() as '' | 'k' | 'm' | 'g' | 't']
+  return Number(m[1]) * unit
+}
+
+/** Writes process.resourceUsage() to $SNAPCTL_RUSAGE_FILE at exit (tools/bench reads peak RSS). */
+export function recordResourceUsage(): void {
+  const file = process.env.SNAPCTL_RUSAGE_FILE
+  if (!file) return
+  process.once('exit', () => {
+    try {
+      writeFileSync(file, JSON.stringify(process.resourceUsage()))
+    } catch {
+      // measuring must never change the outcome
+    }
+  })
+}
+
+/** A progress printer for stderr: `what: 512.0 MiB, 410 MB/s`. */
+export function progressPrinter(what: string, started = performance.now()): (bytes: number) => void {
+  return (bytes) => {
+    const s = (performance.now() - started) / 1000
+    process.stderr.write(`${what}: ${(bytes / 1048576).toFixed(1)} MiB, ${s > 0 ? (bytes / 1e6 / s).toFixed(0) : 0} MB/s\n`)
+  }
+}

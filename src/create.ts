@@ -1,0 +1,140 @@
+// `snapctl create`: QEMU migration stream in, finished image out.
+//
+//   input (stdin or file) -> [libvirt header?] -> StreamParser -> sink -> ImageWriter -> IMAGE
+//
+// The parser calls the sink synchronously with views into the input; the writer copies each
+// page once into its open cluster and seals clusters asynchronously. We await only when the
+// writer says too much is in flight, so the loop costs one await per input chunk at most.
+
+import { ImageWriter, type ImageSummary } from './container/writer.js'
+import { SnapError } from './errors.js'
+import { readInput } from './input.js'
+import { libvirtHeaderLength, parseLibvirtHeader } from './stream/libvirt.js'
+import { StreamParser } from './stream/parser.js'
+import { xbzrleDecode } from './stream/xbzrle.js'
+import type { RamSink, StreamCounters } from './types.js'
+
+export interface CreateOptions {
+  /** read the stream from this file instead of standard input */
+  from?: string
+  clusterSize?: number
+  compress?: 'lz4' | 'none'
+  force?: boolean
+  /** called about once a second with the bytes read so far */
+  onProgress?: (bytesIn: number) => void
+}
+
+export interface CreateResult {
+  image: ImageSummary
+  counters: StreamCounters
+  source: 'qemu' | 'libvirt'
+  bytesIn: number
+  seconds: number
+}
+
+/** The libvirt header is at most this long (92 bytes + XML + cookie + padding). */
+const LIBVIRT_PREFIX_MAX = 64 << 20
+const LIBVIRT_FIXED_HEADER = 92
+
+export async function createImage(path: string, opts: CreateOptions = {}): Promise<CreateResult> {
+  const started = performance.now()
+  const writer = await ImageWriter.create(path, {
+    clusterSize: opts.clusterSize,
+    compress: opts.compress,
+    force: opts.force,
+  })
+  const abortOnSignal = (): void => {
+    void writer.abort().finally(() => process.exit(9))
+  }
+  process.once('SIGINT', abortOnSignal)
+  process.once('SIGTERM', abortOnSignal)
+  try {
+    const scratch = Buffer.alloc(4096)
+    const sink: RamSink = {
+      blocks: (list) => writer.setBlocks(list),
+      zero: (block, page) => writer.putZero(block, page),
+      page: (block, page, data) => writer.putPage(block, page, data),
+      xbzrle: (block, page, encoded) => {
+        writer.readPage(block, page, scratch)
+        xbzrleDecode(encoded, scratch)
+        writer.putPage(block, page, scratch)
+      },
+    }
+    const parser = new StreamParser(sink)
+    const prefix = new PrefixSplitter()
+    let bytesIn = 0
+    let lastReport = performance.now()
+
+    for await (const chunk of readInput(opts.from)) {
+      bytesIn += chunk.length
+      const rest = prefix.push(chunk)
+      if (rest !== null && rest.length > 0) parser.push(rest)
+      if (writer.needsDrain()) await writer.drain()
+      if (opts.onProgress && performance.now() - lastReport > 1000) {
+        lastReport = performance.now()
+        opts.onProgress(bytesIn)
+      }
+    }
+    const rest = prefix.end()
+    if (rest !== null && rest.length > 0) parser.push(rest)
+    const device = parser.end()
+    const source = prefix.libvirtHeader ? 'libvirt' : 'qemu'
+    const image = await writer.finish(device, {
+      source,
+      counters: parser.counters,
+      libvirtHeader: prefix.libvirtHeader ?? undefined,
+      compatibleFeatures: parser.counters.xbzrlePages > 0 ? 1 : 0,
+    })
+    opts.onProgress?.(bytesIn)
+    return { image, counters: parser.counters, source, bytesIn, seconds: (performance.now() - started) / 1000 }
+  } catch (err) {
+    await writer.abort()
+    throw err
+  } finally {
+    process.off('SIGINT', abortOnSignal)
+    process.off('SIGTERM', abortOnSignal)
+  }
+}
+
+/**
+ * Holds back the first bytes until it knows whether the input is a libvirt save image; if it
+ * is, keeps the header (stored in the image) and passes on only the QEMU stream after it.
+ */
+class PrefixSplitter {
+  private held: Buffer[] = []
+  private heldBytes = 0
+  private decided = false
+  libvirtHeader: Buffer | null = null
+
+  /** The bytes to parse now (possibly none). */
+  push(chunk: Buffer): Buffer | null {
+    if (this.decided) return chunk
+    this.held.push(chunk)
+    this.heldBytes += chunk.length
+    if (this.heldBytes < LIBVIRT_FIXED_HEADER) return null
+    const head = Buffer.concat(this.held)
+    this.held = [head]
+    const total = libvirtHeaderLength(head)
+    if (total === null) return this.release()
+    if (total > LIBVIRT_PREFIX_MAX) throw new SnapError('SNAP_STREAM_TOO_LARGE', 'libvirt save image header is larger than 64 MiB')
+    if (head.length < total) return null
+    const info = parseLibvirtHeader(head)!
+    this.libvirtHeader = info.header
+    this.release()
+    return head.subarray(info.streamOffset)
+  }
+
+  /** At the end of the input: whatever is still held (a short input: the parser says what is wrong). */
+  end(): Buffer | null {
+    if (this.decided) return null
+    const head = Buffer.concat(this.held)
+    if (head.length >= 16) libvirtHeaderLength(head) // throws if this is a cut libvirt header
+    return this.release(head)
+  }
+
+  private release(head = this.held.length === 1 ? this.held[0] : Buffer.concat(this.held)): Buffer {
+    this.decided = true
+    this.held = []
+    return head
+  }
+}

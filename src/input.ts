@@ -1,0 +1,63 @@
+// Where create's bytes come from: standard input (a pipe from QEMU's `exec:` migration) or a
+// file (a saved stream, or a libvirt save image whose QEMU stream starts after its header).
+
+import { open, type FileHandle } from 'node:fs/promises'
+import { fromSystemError } from './errors.js'
+
+const READ_SIZE = 4 << 20
+
+/** Yields the input in chunks. Each chunk is a fresh buffer the consumer may keep. */
+export async function* readInput(from: string | undefined, startOffset = 0): AsyncGenerator<Buffer> {
+  if (from === undefined) {
+    yield* readStdin()
+    return
+  }
+  let fh: FileHandle
+  try {
+    fh = await open(from, 'r')
+  } catch (err) {
+    throw fromSystemError(err, from)
+  }
+  try {
+    let pos = startOffset
+    for (;;) {
+      const buf = Buffer.allocUnsafe(READ_SIZE)
+      const { bytesRead } = await fh.read(buf, 0, READ_SIZE, pos)
+      if (bytesRead === 0) return
+      pos += bytesRead
+      yield buf.subarray(0, bytesRead)
+    }
+  } catch (err) {
+    throw fromSystemError(err, from)
+  } finally {
+    await fh.close()
+  }
+}
+
+async function* readStdin(): AsyncGenerator<Buffer> {
+  // process.stdin on a pipe is a libuv stream: reads happen on the event loop as data arrives,
+  // with no thread-pool round trip per read.
+  const stdin = process.stdin
+  try {
+    for await (const chunk of stdin) yield chunk as Buffer
+  } catch (err) {
+    throw fromSystemError(err, 'standard input')
+  }
+}
+
+/** Reads the first `n` bytes of a file (fewer if it is shorter). */
+export async function readHead(path: string, n: number): Promise<Buffer> {
+  let fh: FileHandle
+  try {
+    fh = await open(path, 'r')
+  } catch (err) {
+    throw fromSystemError(err, path)
+  }
+  try {
+    const buf = Buffer.alloc(n)
+    const { bytesRead } = await fh.read(buf, 0, n, 0)
+    return buf.subarray(0, bytesRead)
+  } finally {
+    await fh.close()
+  }
+}

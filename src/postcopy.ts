@@ -1,0 +1,440 @@
+// `snapctl load --postcopy`: lazy restore. The destination QEMU gets the block list and the
+// device state at once and starts the VM; every page it touches and does not have yet, it asks
+// for on the return path (our stdin), and we answer ahead of the background push of the rest.
+//
+//   stdout: QEVM, config, OPEN_RETURN_PATH, PING 1, POSTCOPY_ADVISE, PING 2, ram START,
+//           PACKAGED[LISTEN, device sections, PING 3, RUN],
+//           ram PART sections (answers to requests jump the queue), ram END, EOF
+//   stdin:  PONG, REQ_PAGES_ID / REQ_PAGES, SHUT
+//
+// No page is sent twice (a `sent` byte per page), and no page is sent before its cluster passed
+// its checks. CONTINUE is never used: sections are built independently and may interleave.
+
+import { ImageReader, type DecodedCluster } from './container/reader.js'
+import { SnapError } from './errors.js'
+import { pageMapThroughIndex } from './load.js'
+import { openOutput, type Output } from './output.js'
+import { PageTable } from './page-table.js'
+import * as enc from './stream/encoder.js'
+import { ReturnPathParser, type RpMessage } from './stream/return-path.js'
+
+export interface PostcopyOptions {
+  log?: (msg: string) => void
+  /** bytes of background pages per write; small keeps request latency low */
+  chunkBytes?: number
+  /** how long to wait for the destination's answers during setup and at the end */
+  timeoutMs?: number
+}
+
+export interface PostcopyStats {
+  /** from start to the device state written (the destination can start the VM then) */
+  deviceStateSeconds: number
+  requests: number
+  requestedPages: number
+  /** requests for pages that were already on their way in the background */
+  requestsAlreadySent: number
+  latencyMs: { p50: number; p99: number; max: number }
+  bytesPushed: number
+  bytesOut: number
+  pages: number
+  seconds: number
+}
+
+const PING_ADVISED = 2
+const PING_PACKAGE = 3
+
+export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Promise<PostcopyStats> {
+  const started = performance.now()
+  const reader = await ImageReader.open(path)
+  let out: Output | undefined
+  let rp: ReturnPath | undefined
+  try {
+    const { runs } = await pageMapThroughIndex(reader, opts.log)
+    const table = new PageTable(reader.blocks, runs)
+    out = await openOutput(undefined)
+    rp = new ReturnPath(process.stdin)
+    const session = new Session(reader, table, out, rp, opts)
+    return await session.run(started)
+  } finally {
+    rp?.stop()
+    await reader.close()
+  }
+}
+
+class Session {
+  private readonly pageSize: number
+  private readonly ramId: number
+  private readonly sent: Uint8Array[]
+  private readonly cache = new Map<number, Promise<DecodedCluster>>()
+  private readonly urgent: Array<{ buf: Buffer; t0: number }> = []
+  private readonly background: Buffer[] = []
+  private pumping: Promise<void> | null = null
+  private wakeProducer: (() => void) | null = null
+  private failure: unknown = null
+  private requestChain: Promise<void> = Promise.resolve()
+  private lastBlock = -1
+  private readonly latencies: number[] = []
+  private requests = 0
+  private requestedPages = 0
+  private requestsAlreadySent = 0
+  private bytesPushed = 0
+  private pages = 0
+
+  constructor(
+    private readonly reader: ImageReader,
+    private readonly table: PageTable,
+    private readonly out: Output,
+    private readonly rp: ReturnPath,
+    private readonly opts: PostcopyOptions,
+  ) {
+    this.pageSize = reader.header.pageSize
+    this.ramId = reader.device.ramSectionId
+    this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
+  }
+
+  async run(started: number): Promise<PostcopyStats> {
+    const d = this.reader.device
+    const timeout = this.opts.timeoutMs ?? 30_000
+    await this.out.write(
+      Buffer.concat([
+        enc.fileHeader(d.config),
+        enc.openReturnPath(),
+        enc.ping(1),
+        enc.postcopyAdvise(this.pageSize, this.pageSize),
+        enc.ping(PING_ADVISED),
+      ]),
+    )
+    // A destination without the postcopy-ram capability fails on ADVISE and closes the channel.
+    await this.rp.waitPong(PING_ADVISED, timeout, () =>
+      new SnapError('SNAP_POSTCOPY_SETUP', 'the destination refused POSTCOPY_ADVISE: turn the postcopy-ram capability on at the destination (migrate-set-capabilities) before migrate-incoming, and back its RAM with anonymous memory, tmpfs or hugetlbfs'),
+    )
+    const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(PING_PACKAGE), enc.postcopyRun()])
+    await this.out.write(
+      Buffer.concat([
+        enc.ramStartSection({ sectionId: this.ramId, instanceId: d.ramInstanceId, version: d.ramVersion }, this.reader.blocks),
+        // QEMU 10 goes ADVISE -> DISCARD on the first discard; LISTEN straight from ADVISE leaves
+        // it in DISCARD and RUN is then refused. Discarding a page that never arrived is a no-op.
+        enc.postcopyRamDiscard(this.reader.blocks[0].name, [[0, this.pageSize]]),
+        enc.packaged(blob.length),
+        blob,
+      ]),
+    )
+    const deviceStateSeconds = (performance.now() - started) / 1000
+    this.opts.log?.(`postcopy: device state sent after ${(deviceStateSeconds * 1000).toFixed(0)} ms; serving pages`)
+
+    this.rp.onMessage = (m) => this.onMessage(m)
+    this.rp.onClose = (err) => this.fail(err ?? new SnapError('SNAP_RETURN_PATH', 'the return path closed before every page was sent: the destination QEMU stopped'))
+    await this.pushEverything()
+    await this.requestChain
+    this.check()
+    this.rp.onClose = null
+    await this.enqueue(Buffer.concat([enc.sectionEndHeader(this.ramId), enc.eosFooter(this.ramId), Buffer.from([0])]))
+    await this.drain()
+    await this.rp.waitClosed(timeout)
+    this.check()
+    return {
+      deviceStateSeconds,
+      requests: this.requests,
+      requestedPages: this.requestedPages,
+      requestsAlreadySent: this.requestsAlreadySent,
+      latencyMs: percentiles(this.latencies),
+      bytesPushed: this.bytesPushed,
+      bytesOut: this.out.bytes,
+      pages: this.pages,
+      seconds: (performance.now() - started) / 1000,
+    }
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure
+  }
+
+  private fail(err: unknown): void {
+    this.failure ??= err
+    this.wakeProducer?.()
+  }
+
+  /** Zero pages first (cheap), then every cluster in file order, skipping what was requested. */
+  private async pushEverything(): Promise<void> {
+    const chunk = this.opts.chunkBytes ?? 256 << 10
+    let section = this.newSection()
+    const flushIfFull = async (): Promise<void> => {
+      if (section.size() < chunk) return
+      await this.enqueue(section.finish())
+      section = this.newSection()
+    }
+    for (let b = 0; b < this.table.blocks.length; b++) {
+      const sent = this.sent[b]
+      for (let p = 0; p < sent.length; p++) {
+        if (sent[p] === 0 && this.table.where(b, p) === PageTable.ZERO) {
+          sent[p] = 1
+          section.zero(b, p)
+          this.pages++
+          await flushIfFull()
+        }
+      }
+    }
+    for await (const cluster of this.reader.clusters()) {
+      this.check()
+      this.cache.set(cluster.seq, Promise.resolve(cluster))
+      this.trimCache()
+      const list = cluster.pages
+      for (let slot = 0; slot < list.length / 2; slot++) {
+        const b = list[2 * slot]
+        const p = list[2 * slot + 1]
+        if (this.sent[b][p] !== 0 || this.table.where(b, p) !== cluster.seq || this.table.slotOf(b, p) !== slot) continue
+        this.sent[b][p] = 1
+        section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
+        this.pages++
+        this.bytesPushed += this.pageSize
+        await flushIfFull()
+      }
+    }
+    // Pages QEMU never sent: the destination must not be left waiting on them if it asks,
+    // but pushing them is not needed (postcopy's end leaves untouched memory zero).
+    if (section.count > 0) await this.enqueue(section.finish())
+  }
+
+  private newSection(): SectionBuilder {
+    return new SectionBuilder(this.ramId, this.table.blocks)
+  }
+
+  private onMessage(m: RpMessage): void {
+    if (m.type === 'req') {
+      const t0 = performance.now()
+      this.requests++
+      this.requestChain = this.requestChain.then(() => this.serve(m.block, m.offset, m.length, t0)).catch((err) => this.fail(err))
+    } else if (m.type === 'shut' && m.status !== 0) {
+      this.fail(new SnapError('SNAP_RETURN_PATH', `the destination QEMU reported an error (SHUT ${m.status}); see its log`))
+    }
+  }
+
+  private async serve(blockName: string | null, offset: number, length: number, t0: number): Promise<void> {
+    if (this.failure) return
+    const b = blockName === null ? this.lastBlock : this.table.blockId(blockName)
+    if (b < 0) throw new SnapError('SNAP_BAD_REQUEST', 'QEMU sent REQ_PAGES before naming a RAM block')
+    this.lastBlock = b
+    const block = this.table.blocks[b]
+    if (offset % this.pageSize !== 0 || length <= 0 || length % this.pageSize !== 0 || offset + length > block.size) {
+      throw new SnapError('SNAP_BAD_REQUEST', `QEMU asked for bytes ${offset}+${length} of RAM block "${block.name}" (${block.size} bytes): not whole pages inside the block`)
+    }
+    const section = this.newSection()
+    for (let p = offset / this.pageSize; p < (offset + length) / this.pageSize; p++) {
+      this.requestedPages++
+      if (this.sent[b][p] !== 0) continue
+      const where = this.table.where(b, p)
+      this.sent[b][p] = 1
+      this.pages++
+      if (where < 0) {
+        section.zero(b, p) // zero, or never sent by QEMU: the destination had zeroes there too
+      } else {
+        const cluster = await this.getCluster(where)
+        const slot = this.table.slotOf(b, p)
+        section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
+      }
+    }
+    if (section.count === 0) {
+      this.requestsAlreadySent++
+      return
+    }
+    this.urgent.push({ buf: section.finish(), t0 })
+    this.pump()
+  }
+
+  private getCluster(seq: number): Promise<DecodedCluster> {
+    let c = this.cache.get(seq)
+    if (c === undefined) {
+      c = this.reader.readCluster(seq)
+      this.cache.set(seq, c)
+      this.trimCache()
+    }
+    return c
+  }
+
+  private trimCache(): void {
+    while (this.cache.size > 16) this.cache.delete(this.cache.keys().next().value as number)
+  }
+
+  /** Queue background bytes; waits while two chunks are already waiting. */
+  private async enqueue(buf: Buffer): Promise<void> {
+    this.background.push(buf)
+    this.pump()
+    while (this.background.length > 2 && !this.failure) {
+      await new Promise<void>((resolve) => (this.wakeProducer = resolve))
+    }
+    this.check()
+  }
+
+  private pump(): void {
+    if (this.pumping) return
+    this.pumping = (async () => {
+      try {
+        for (;;) {
+          const u = this.urgent.shift()
+          if (u) {
+            await this.out.write(u.buf)
+            this.latencies.push(performance.now() - u.t0)
+            continue
+          }
+          const bg = this.background.shift()
+          if (!bg) break
+          this.wakeProducer?.()
+          await this.out.write(bg)
+        }
+      } catch (err) {
+        this.fail(err)
+      } finally {
+        this.pumping = null
+        this.wakeProducer?.()
+      }
+    })()
+  }
+
+  private async drain(): Promise<void> {
+    while (this.pumping) await this.pumping
+    this.check()
+  }
+}
+
+/** One ram PART section: header, ZERO/PAGE records (block name on every record), EOS, footer. */
+class SectionBuilder {
+  private readonly rec: enc.PageRecordWriter
+  count = 0
+  /** page payload bytes so far (records add a few bytes each) */
+  private bytes = 0
+  constructor(
+    private readonly ramId: number,
+    blocks: PageTable['blocks'],
+  ) {
+    this.rec = new enc.PageRecordWriter(blocks, { chunkSize: 1 << 20 })
+    this.rec.raw(enc.sectionPartHeader(ramId))
+  }
+
+  size(): number {
+    return this.bytes
+  }
+
+  zero(b: number, p: number): void {
+    this.rec.forgetBlock()
+    this.rec.zero(b, p)
+    this.count++
+    this.bytes += 16
+  }
+
+  page(b: number, p: number, data: Uint8Array): void {
+    this.rec.forgetBlock()
+    this.rec.page(b, p, data)
+    this.count++
+    this.bytes += data.length
+  }
+
+  finish(): Buffer {
+    this.rec.raw(enc.eosFooter(this.ramId))
+    const parts = this.rec.flush()
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts)
+  }
+}
+
+/** Reads and parses the return path (our stdin) as messages arrive. */
+class ReturnPath {
+  onMessage: ((m: RpMessage) => void) | null = null
+  onClose: ((err: unknown) => void) | null = null
+  private readonly parser = new ReturnPathParser()
+  private readonly pongs = new Set<number>()
+  private closed = false
+  private closeError: unknown = null
+  private waiters: Array<() => void> = []
+
+  constructor(private readonly input: NodeJS.ReadStream) {
+    input.on('data', this.onData)
+    input.on('end', this.onEnd)
+    input.on('error', this.onError)
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    let msgs: RpMessage[]
+    try {
+      msgs = this.parser.push(chunk)
+    } catch (err) {
+      this.close(err)
+      return
+    }
+    for (const m of msgs) {
+      if (m.type === 'pong') this.pongs.add(m.value)
+      this.onMessage?.(m)
+    }
+    this.wake()
+  }
+
+  private readonly onEnd = (): void => {
+    let err: unknown = null
+    try {
+      this.parser.end()
+    } catch (e) {
+      err = e
+    }
+    this.close(err)
+  }
+
+  private readonly onError = (err: Error): void => this.close(new SnapError('SNAP_RETURN_PATH', `reading the return path: ${err.message}`, { cause: err }))
+
+  private close(err: unknown): void {
+    if (this.closed) return
+    this.closed = true
+    this.closeError = err
+    this.onClose?.(err)
+    this.wake()
+  }
+
+  private wake(): void {
+    const w = this.waiters
+    this.waiters = []
+    for (const f of w) f()
+  }
+
+  private async waitFor(cond: () => boolean, ms: number): Promise<boolean> {
+    const deadline = Date.now() + ms
+    while (!cond()) {
+      const left = deadline - Date.now()
+      if (left <= 0) return false
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, left)
+        this.waiters.push(() => {
+          clearTimeout(t)
+          resolve()
+        })
+      })
+    }
+    return true
+  }
+
+  async waitPong(value: number, ms: number, onClosed: () => SnapError): Promise<void> {
+    const ok = await this.waitFor(() => this.pongs.has(value) || this.closed, ms)
+    if (this.pongs.has(value)) return
+    if (this.closed) throw this.closeError ?? onClosed()
+    if (!ok) throw new SnapError('SNAP_RETURN_PATH', `no answer from the destination on the return path within ${ms} ms (is this running under migrate-incoming "exec:..."?)`)
+  }
+
+  async waitClosed(ms: number): Promise<void> {
+    if (!(await this.waitFor(() => this.closed, ms))) {
+      throw new SnapError('SNAP_RETURN_PATH', `the destination did not close the return path within ${ms} ms after the stream ended`)
+    }
+    if (this.closeError) throw this.closeError
+  }
+
+  stop(): void {
+    this.input.off('data', this.onData)
+    this.input.off('end', this.onEnd)
+    this.input.off('error', this.onError)
+    this.input.pause()
+    this.input.destroy()
+  }
+}
+
+function percentiles(values: number[]): { p50: number; p99: number; max: number } {
+  if (values.length === 0) return { p50: 0, p99: 0, max: 0 }
+  const v = Float64Array.from(values).sort()
+  const at = (q: number): number => v[Math.min(v.length - 1, Math.floor(q * v.length))]
+  const round = (x: number): number => Math.round(x * 1000) / 1000
+  return { p50: round(at(0.5)), p99: round(at(0.99)), max: round(v[v.length - 1]) }
+}

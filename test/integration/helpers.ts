@@ -1,0 +1,125 @@
+// Shared by the real-QEMU suites: how to run snapctl as QEMU's exec: peer and as a command,
+// and how to wait for an exec: child to really finish (QEMU may say `completed` before that).
+import { spawn } from 'node:child_process'
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Vm, requireQemu, type VmOptions } from '../../tools/vm.js'
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
+export const SNAPCTL_BIN = join(ROOT, 'bin/run.js')
+/** The command line QEMU's exec: runs (through /bin/sh -c). */
+export const SNAPCTL = `${process.execPath} ${SNAPCTL_BIN}`
+export const MiB = 1 << 20
+
+/** Fails loudly (never skips) when QEMU is missing or too old. */
+requireQemu()
+
+export class Workdir {
+  readonly dir: string
+  readonly vms: Vm[] = []
+  constructor(prefix: string) {
+    this.dir = mkdtempSync(join(tmpdir(), `snapctl-${prefix}-`))
+  }
+
+  path(name: string): string {
+    return join(this.dir, name)
+  }
+
+  async vm(opts: VmOptions): Promise<Vm> {
+    const vm = await Vm.start({ dir: this.dir, ...opts })
+    this.vms.push(vm)
+    return vm
+  }
+
+  async cleanup(): Promise<void> {
+    await Promise.all(this.vms.map((vm) => vm.quit().catch(() => {})))
+    rmSync(this.dir, { recursive: true, force: true })
+  }
+}
+
+export interface RunResult {
+  code: number | null
+  stdout: Buffer
+  stderr: string
+}
+
+/** Runs snapctl as a command; resolves with its exit code and output (never rejects on status). */
+export function snapctl(args: string[], opts: { input?: Buffer; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn(process.execPath, [SNAPCTL_BIN, ...args], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+      env: { ...process.env, ...opts.env },
+    })
+    const out: Buffer[] = []
+    let err = ''
+    child.stdout.on('data', (d: Buffer) => out.push(d))
+    child.stderr.on('data', (d: Buffer) => (err += d.toString()))
+    child.on('error', reject)
+    child.stdin.on('error', () => {})
+    child.stdin.end(opts.input)
+    const timer = setTimeout(() => child.kill('SIGKILL'), 300_000)
+    child.on('close', (code) => {
+      clearTimeout(timer)
+      resolvePromise({ code, stdout: Buffer.concat(out), stderr: err })
+    })
+  })
+}
+
+/** `exec:` URI that runs snapctl with `args` and records its exit status in `statusFile`. */
+export function execUri(args: string, statusFile: string, stderrFile?: string): string {
+  const redirect = stderrFile ? ` 2>${stderrFile}` : ''
+  return `exec:${SNAPCTL} ${args}${redirect}; echo $? > ${statusFile}`
+}
+
+/** Waits for an exec: child to have exited; returns its exit status. */
+export async function waitStatus(statusFile: string, timeoutMs = 120_000): Promise<number> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (existsSync(statusFile)) {
+      const text = readFileSync(statusFile, 'utf8')
+      if (text.endsWith('\n')) return Number(text.trim())
+    }
+    if (Date.now() > deadline) throw new Error(`exec: child did not finish within ${timeoutMs} ms (${statusFile})`)
+    await sleep(20)
+  }
+}
+
+/** Saves a VM with `migrate exec:snapctl create`; resolves when snapctl has exited 0. */
+export async function execCreate(w: Workdir, vm: Vm, image: string, extra = '', opts: Parameters<Vm['migrate']>[1] = {}): Promise<void> {
+  const status = `${image}.create-status`
+  rmSync(status, { force: true })
+  const errFile = `${image}.create-stderr`
+  await vm.migrate(execUri(`create ${image} ${extra}`, status, errFile), opts)
+  const info = await vm.waitMigration({ timeoutMs: 300_000 })
+  const code = await waitStatus(status)
+  const stderr = existsSync(errFile) ? readFileSync(errFile, 'utf8') : ''
+  if (info.status !== 'completed' || code !== 0) {
+    throw new Error(`save failed: migration ${info.status}, snapctl create exit ${code}: ${stderr}`)
+  }
+}
+
+/** Restores into `dst` (started with incoming: 'defer') with `exec:snapctl load`; waits for both. */
+export async function execLoad(dst: Vm, image: string, extra = '', opts: Parameters<Vm['migrateIncoming']>[1] = {}): Promise<number> {
+  const status = `${image}.load-status-${dst.name}`
+  rmSync(status, { force: true })
+  const errFile = `${image}.load-stderr-${dst.name}`
+  await dst.migrateIncoming(execUri(`load ${image} ${extra}`, status, errFile), opts)
+  const info = await dst.waitMigration({ timeoutMs: 300_000 })
+  const code = await waitStatus(status)
+  const stderr = existsSync(errFile) ? readFileSync(errFile, 'utf8') : ''
+  if (info.status !== 'completed' || code !== 0) {
+    throw new Error(`restore failed: migration ${info.status}, snapctl load exit ${code}: ${stderr}\n${dst.stderr}`)
+  }
+  return code
+}
+
+export function parseJson<T = any>(r: RunResult): T {
+  try {
+    return JSON.parse(r.stdout.toString()) as T
+  } catch {
+    throw new Error(`not JSON (exit ${r.code}): ${r.stdout.toString().slice(0, 500)}\n${r.stderr}`)
+  }
+}
