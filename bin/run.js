@@ -1,11 +1,16 @@
 #!/usr/bin/env node
-// Fast path for `--version`: answer without loading oclif (start-up target: 150 ms).
+// Start-up matters: QEMU starts us for every save and restore (exec:), and the lazy-restore
+// target counts our start-up. `--version` and the create/load hot path skip oclif (~150 ms).
 import { readFileSync } from 'node:fs'
+
 const argv = process.argv.slice(2)
 if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v' || argv[0] === 'version')) {
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'))
   process.stdout.write(`snapctl/${pkg.version} ${process.platform}-${process.arch} node-${process.version}\n`)
 } else {
-  const { execute } = await import('@oclif/core')
-  await execute({ dir: import.meta.url })
+  const { fastRun } = await import('../dist/src/cli/fast.js')
+  if (!(await fastRun(argv))) {
+    const { execute } = await import('@oclif/core')
+    await execute({ dir: import.meta.url })
+  }
 }

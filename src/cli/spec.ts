@@ -1,0 +1,56 @@
+// The flags of the commands on QEMU's exec: hot path, as plain data: oclif builds its flags
+// from these (commands/_flags.ts), and the fast path (src/cli/fast.ts) parses with them when
+// QEMU starts us, so that `exec:snapctl load` does not pay oclif's start-up (~150 ms).
+
+export interface FlagSpec {
+  type: 'string' | 'boolean'
+  description: string
+  options?: string[]
+  default?: string
+  exclusive?: string[]
+}
+
+export interface CommandSpec {
+  description: string
+  examples: string[]
+  image: string
+  flags: Record<string, FlagSpec>
+}
+
+export const CREATE: CommandSpec = {
+  description: 'Save a QEMU migration stream (stdin, or --from FILE) into an image',
+  examples: [
+    `(qemu) migrate "exec:<%= config.bin %> create /var/lib/snaps/vm1.snap"`,
+    '<%= config.bin %> create vm1.snap --from saved.stream',
+    '<%= config.bin %> create vm1.snap --from /var/lib/libvirt/qemu/save/vm1.save',
+  ],
+  image: 'the image to write',
+  flags: {
+    from: { type: 'string', description: 'read the stream from FILE: a `migrate file:` stream or a libvirt save image' },
+    compress: { type: 'string', options: ['lz4', 'none'], default: 'lz4', description: 'cluster compression' },
+    'cluster-size': { type: 'string', default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' },
+    force: { type: 'boolean', description: 'replace an existing image' },
+    progress: { type: 'boolean', description: 'show progress on stderr' },
+    stats: { type: 'string', description: 'write counters (pages, zero, XBZRLE, re-sent pages, bytes, seconds) as JSON to FILE' },
+    json: { type: 'boolean', description: 'print the result as JSON on stdout' },
+  },
+}
+
+export const LOAD: CommandSpec = {
+  description: 'Restore an image as a QEMU migration stream on stdout (or --to FILE); --postcopy restores lazily',
+  examples: [
+    `(qemu) migrate_incoming "exec:<%= config.bin %> load /var/lib/snaps/vm1.snap"`,
+    `(qemu) migrate_incoming "exec:<%= config.bin %> load --postcopy /var/lib/snaps/vm1.snap"   # needs postcopy-ram on`,
+    '<%= config.bin %> load vm1.snap --to vm1.stream   # for migrate_incoming file:vm1.stream',
+  ],
+  image: 'the image to read',
+  flags: {
+    to: { type: 'string', description: 'write the stream to FILE instead of stdout', exclusive: ['postcopy'] },
+    postcopy: { type: 'boolean', description: 'lazy restore: the VM runs at once, pages are served on demand (reads the return path on stdin)' },
+    force: { type: 'boolean', description: 'with --to: replace an existing FILE' },
+    progress: { type: 'boolean', description: 'show progress on stderr' },
+    stats: { type: 'string', description: 'write timings and counters as JSON to FILE' },
+  },
+}
+
+export type ParsedFlags = Record<string, string | boolean | undefined>
