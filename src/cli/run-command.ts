@@ -9,7 +9,7 @@ export function toSnapError(err: unknown): SnapError {
   const e = err as { message?: string; oclif?: { exit?: number }; stack?: string }
   // oclif's parse errors (unknown flag, missing argument) carry an `oclif` field.
   if (e && typeof e === 'object' && e.oclif && typeof e.oclif === 'object') {
-    return new SnapError('SNAP_USAGE', (e.message ?? 'bad command line').split('\n')[0], { cause: err })
+    return new SnapError('SNAP_USAGE', (e.message ?? 'bad command line').trim().replace(/\s*\n\s*/g, ' '), { cause: err })
   }
   return new SnapError('SNAP_INTERNAL', `unexpected error (please report it): ${e?.stack ?? e?.message ?? String(err)}`, { cause: err })
 }
