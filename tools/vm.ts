@@ -60,6 +60,8 @@ export interface VmOptions {
   memPath?: string
   /** keep memPath on quit; default true when memPath was given, false when we made it */
   keepMem?: boolean
+  /** plain `-m` RAM (block `pc.ram`) instead of a backing file; memPath is then unused */
+  anonymousRam?: boolean
   /** share=on, so the file *is* guest RAM; default true */
   share?: boolean
   /** -S; default true (a destination must not run firmware over restored RAM) */
@@ -260,10 +262,13 @@ export class Vm {
 
 function qemuArgs(opts: VmOptions, memPath: string, sock: string, logPath: string): string[] {
   const n = opts.memMiB
+  const memory = opts.anonymousRam
+    ? ['-machine', opts.machine ?? 'pc']
+    : ['-machine', `${opts.machine ?? 'pc'},memory-backend=mem`,
+       '-object', `memory-backend-file,id=mem,size=${n}M,mem-path=${memPath},share=${opts.share === false ? 'off' : 'on'}`]
   const args = [
     '-accel', 'tcg',
-    '-machine', `${opts.machine ?? 'pc'},memory-backend=mem`,
-    '-object', `memory-backend-file,id=mem,size=${n}M,mem-path=${memPath},share=${opts.share === false ? 'off' : 'on'}`,
+    ...memory,
     '-m', `${n}M`,
     '-nodefaults', '-display', 'none', '-no-user-config',
     '-qmp', `unix:${sock},server=on,wait=off`,
