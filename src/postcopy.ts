@@ -154,25 +154,18 @@ class Session {
     this.wakeProducer?.()
   }
 
-  /** Zero pages first (cheap), then every cluster in file order, skipping what was requested. */
+  /**
+   * Every cluster in file order, skipping what was requested. Zero pages are not pushed: ADVISE
+   * made the destination discard all its RAM, so a page it never receives reads as zero after
+   * postcopy ends; one it touches before then it asks for, and gets a ZERO record (serve()).
+   */
   private async pushEverything(): Promise<void> {
-    const chunk = this.opts.chunkBytes ?? 256 << 10
+    const chunk = this.opts.chunkBytes ?? 128 << 10
     let section = this.newSection()
     const flushIfFull = async (): Promise<void> => {
       if (section.size() < chunk) return
       await this.enqueue(section.finish())
       section = this.newSection()
-    }
-    for (let b = 0; b < this.table.blocks.length; b++) {
-      const sent = this.sent[b]
-      for (let p = 0; p < sent.length; p++) {
-        if (sent[p] === 0 && this.table.where(b, p) === PageTable.ZERO) {
-          sent[p] = 1
-          section.zero(b, p)
-          this.pages++
-          await flushIfFull()
-        }
-      }
     }
     for await (const cluster of this.reader.clusters()) {
       this.check()

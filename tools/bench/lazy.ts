@@ -1,0 +1,170 @@
+// `npm run bench:lazy -- --sizes 256M,1G,4G`: lazy restore (load --postcopy) against the eager
+// restore (load) of the same image, alternated in one run, each confirmed byte-identical.
+//
+// For each size: fill a paused source VM, save it once with exec:snapctl create; then per
+// repetition, into fresh paused destinations (-S, -incoming defer, RAM on /dev/shm):
+//   eager: migrate-incoming exec:snapctl load        -> seconds to `completed`
+//   lazy:  migrate-incoming exec:snapctl load --postcopy
+//          -> ms to `postcopy-active` (the VM could run from then on), then 200 reads of
+//             random guest pages over QMP while pages are still arriving (each read of a
+//             missing page is a page request on the return path), then seconds to `completed`;
+//             snapctl's --stats gives the request service latency (request read -> page written).
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { dirname, join } from 'node:path'
+import { setTimeout as sleep } from 'node:timers/promises'
+import { Vm, fillRam, filesEqual, requireQemu } from '../vm.js'
+import { RUN_JS } from './contenders.js'
+import { parseSize } from './options.js'
+import { median } from './report.js'
+
+const MiB = 1 << 20
+const SNAPCTL = `${process.execPath} ${RUN_JS}`
+const log = (msg: string): void => void process.stderr.write(`bench:lazy: ${msg}\n`)
+
+interface LazySample {
+  toActiveMs: number
+  totalSeconds: number
+  requests: number
+  latencyMs: { p50: number; p99: number; max: number }
+}
+
+interface SizeResult {
+  size: string
+  imageBytes: number
+  eagerSeconds: number[]
+  lazy: LazySample[]
+}
+
+function option(argv: string[], name: string, fallback: string): string {
+  const i = argv.indexOf(name)
+  return i >= 0 && argv[i + 1] !== undefined ? argv[i + 1] : fallback
+}
+
+async function waitStatusFile(path: string, timeoutMs = 600_000): Promise<number> {
+  const deadline = Date.now() + timeoutMs
+  while (!(existsSync(path) && readFileSync(path, 'utf8').endsWith('\n'))) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${path}`)
+    await sleep(5)
+  }
+  return Number(readFileSync(path, 'utf8').trim())
+}
+
+/** Polls query-migrate every 5 ms until one of `until`. */
+async function pollUntil(vm: Vm, until: string[], timeoutMs = 600_000): Promise<string> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    const { status } = await vm.qmp.execute<{ status?: string }>('query-migrate')
+    if (status && until.includes(status)) return status
+    if (Date.now() > deadline) throw new Error(`${vm.name}: still ${status} after ${timeoutMs} ms`)
+    await sleep(5)
+  }
+}
+
+async function eager(work: string, memMiB: number, image: string, ram: string, tag: string): Promise<number> {
+  const dst = await Vm.start({ name: `eager-${tag}`, memMiB, incoming: 'defer', dir: work })
+  try {
+    const status = join(work, `eager-${tag}.status`)
+    const t0 = performance.now()
+    await dst.migrateIncoming(`exec:${SNAPCTL} load ${image}; echo $? > ${status}`)
+    const s = await pollUntil(dst, ['completed', 'failed'])
+    const seconds = (performance.now() - t0) / 1000
+    if (s !== 'completed' || (await waitStatusFile(status)) !== 0) throw new Error(`eager restore ${s}\n${dst.stderr}`)
+    if (!(await filesEqual(ram, dst.memPath)).equal) throw new Error('eager restore: RAM differs')
+    return seconds
+  } finally {
+    await dst.quit()
+  }
+}
+
+async function lazy(work: string, memMiB: number, image: string, ram: string, tag: string): Promise<LazySample> {
+  const dst = await Vm.start({ name: `lazy-${tag}`, memMiB, incoming: 'defer', dir: work })
+  try {
+    const status = join(work, `lazy-${tag}.status`)
+    const stats = join(work, `lazy-${tag}.json`)
+    await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] })
+    const t0 = performance.now()
+    await dst.qmp.execute('migrate-incoming', { uri: `exec:${SNAPCTL} load --postcopy ${image} --stats ${stats}; echo $? > ${status}` })
+    const active = await pollUntil(dst, ['postcopy-active', 'completed', 'failed'])
+    const toActiveMs = performance.now() - t0
+    if (active !== 'postcopy-active') throw new Error(`lazy restore went to ${active}\n${dst.stderr}`)
+    for (let i = 0; i < 200; i++) {
+      const page = Math.floor(Math.random() * (memMiB * 256))
+      if (page >= 0xa0 && page < 0x100) continue // the VGA/BIOS hole below 1 MiB
+      await dst.readGuest(page * 4096, 64)
+    }
+    const s = await pollUntil(dst, ['completed', 'failed'])
+    const totalSeconds = (performance.now() - t0) / 1000
+    if (s !== 'completed' || (await waitStatusFile(status)) !== 0) throw new Error(`lazy restore ${s}\n${dst.stderr}`)
+    if (!(await filesEqual(ram, dst.memPath)).equal) throw new Error('lazy restore: RAM differs')
+    const st = JSON.parse(readFileSync(stats, 'utf8'))
+    return { toActiveMs, totalSeconds, requests: st.requests, latencyMs: st.latencyMs }
+  } finally {
+    await dst.quit()
+  }
+}
+
+async function benchSize(parent: string, sizeText: string, repeat: number): Promise<SizeResult> {
+  const { bytes, label } = parseSize(sizeText)
+  const memMiB = bytes / MiB
+  const work = mkdtempSync(join(parent, `lazy-${label}-`))
+  try {
+    const ram = `/dev/shm/snapctl-bench-lazy-${process.pid}.ram`
+    log(`${label}: filling RAM`)
+    await fillRam(ram, bytes, { seed: 1 })
+    const src = await Vm.start({ name: 'src', memMiB, memPath: ram, dir: work })
+    const image = join(work, 'vm.snap')
+    await src.migrate(`exec:${SNAPCTL} create ${image}; echo $? > ${image}.status`)
+    if ((await pollUntil(src, ['completed', 'failed'])) !== 'completed' || (await waitStatusFile(`${image}.status`)) !== 0) {
+      throw new Error(`save failed\n${src.stderr}`)
+    }
+    await src.quit()
+    const result: SizeResult = { size: label, imageBytes: statSync(image).size, eagerSeconds: [], lazy: [] }
+    for (let r = 0; r < repeat; r++) {
+      // alternate which goes first
+      const order = r % 2 === 0 ? ['eager', 'lazy'] : ['lazy', 'eager']
+      for (const which of order) {
+        if (which === 'eager') result.eagerSeconds.push(await eager(work, memMiB, image, ram, `${r}`))
+        else result.lazy.push(await lazy(work, memMiB, image, ram, `${r}`))
+        log(`${label} rep ${r + 1}: ${which} done`)
+      }
+    }
+    rmSync(ram, { force: true })
+    return result
+  } finally {
+    rmSync(work, { recursive: true, force: true })
+  }
+}
+
+function report(results: SizeResult[]): string {
+  const lines = [
+    '| size | eager restore s | lazy: to postcopy-active ms | lazy: all pages in s | lazy / eager | requests | latency p50 / p99 / max ms |',
+    '|---|---|---|---|---|---|---|',
+  ]
+  for (const r of results) {
+    const eagerS = median(r.eagerSeconds)
+    const total = median(r.lazy.map((l) => l.totalSeconds))
+    const lat = (k: 'p50' | 'p99' | 'max'): string => median(r.lazy.map((l) => l.latencyMs[k])).toFixed(3)
+    lines.push(`| ${r.size} | ${eagerS.toFixed(2)} | ${median(r.lazy.map((l) => l.toActiveMs)).toFixed(0)} | ${total.toFixed(2)} | ${(total / eagerS).toFixed(2)}x | ${median(r.lazy.map((l) => l.requests))} | ${lat('p50')} / ${lat('p99')} / ${lat('max')} |`)
+  }
+  return lines.join('\n')
+}
+
+async function main(): Promise<void> {
+  const argv = process.argv.slice(2)
+  const sizes = option(argv, '--sizes', '256M,1G,4G').split(',')
+  const repeat = Math.max(3, Number(option(argv, '--repeat', '3')))
+  const json = option(argv, '--json', 'bench-out/lazy.json')
+  const parent = option(argv, '--dir', '/var/tmp')
+  const qemu = requireQemu()
+  const results: SizeResult[] = []
+  for (const size of sizes) results.push(await benchSize(parent, size, repeat))
+  const table = report(results)
+  process.stdout.write(`lazy vs eager restore, QEMU ${qemu.version} TCG, medians of ${repeat}\n${table}\n`)
+  mkdirSync(dirname(json), { recursive: true })
+  writeFileSync(json, `${JSON.stringify({ date: new Date().toISOString(), qemu: qemu.version, repeat, results }, null, 2)}\n`)
+}
+
+main().catch((err) => {
+  process.stderr.write(`bench:lazy failed: ${err instanceof Error ? err.stack : String(err)}\n`)
+  process.exitCode = 1
+})
