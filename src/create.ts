@@ -99,8 +99,9 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
 /**
  * Holds back the first bytes until it knows whether the input is a libvirt save image; if it
  * is, keeps the header (stored in the image) and passes on only the QEMU stream after it.
+ * (Exported for tools/fuzz.ts.)
  */
-class PrefixSplitter {
+export class PrefixSplitter {
   private held: Buffer[] = []
   private heldBytes = 0
   private decided = false

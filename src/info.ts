@@ -2,26 +2,35 @@
 // (format-spec/container.md). An unfinished image is reported (complete: false), not refused.
 import { open, stat } from 'node:fs/promises'
 import { isSnapError } from './errors.js'
+import { lockedError, runningCreates } from './container/lock.js'
 import { ImageReader, type ImageSummaryInfo } from './container/reader.js'
 import { HEADER_SIZE, decodeHeader } from './container/header.js'
 import { PageIndex } from './index/page-index.js'
 
+/** createRunning: the PIDs of creates writing a new image to this path right now. */
 export type ImageInfo =
-  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean } & ImageSummaryInfo)
-  | { format: 'snapctl'; complete: false; reason: string; path: string; fileBytes: number; uuid?: string; clusterSize?: number; machine?: string }
+  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean; createRunning?: number[] } & ImageSummaryInfo)
+  | { format: 'snapctl'; complete: false; reason: string; path: string; fileBytes: number; uuid?: string; clusterSize?: number; machine?: string; createRunning?: number[] }
 
+/**
+ * While a create of this path runs, the image there (if any) is the old one, about to be
+ * replaced: it is still described, with `createRunning`; with none there yet, SNAP_LOCKED.
+ */
 export async function imageInfo(path: string): Promise<ImageInfo> {
+  const running = await runningCreates(path)
+  const pids = running.length > 0 ? { createRunning: [...new Set(running.map((p) => p.pid))] } : {}
   let reader: ImageReader
   try {
     reader = await ImageReader.open(path)
   } catch (e) {
-    if (isSnapError(e, 'SNAP_INCOMPLETE')) return incomplete(path, e.message)
+    if (running.length > 0 && isSnapError(e, 'SNAP_NOT_FOUND')) throw lockedError(path, running)
+    if (isSnapError(e, 'SNAP_INCOMPLETE')) return { ...(await incomplete(path, e.message)), ...pids }
     throw e
   }
   try {
     const summary = await reader.summary()
     const indexPresent = await stat(PageIndex.indexPath(path)).then(() => true, () => false)
-    return { format: 'snapctl', complete: true, path, indexPresent, ...summary }
+    return { format: 'snapctl', complete: true, path, indexPresent, ...summary, ...pids }
   } finally {
     await reader.close()
   }

@@ -7,6 +7,8 @@
 // sent; a failed check stops the stream, so QEMU never receives a wrong page.
 
 import { ImageReader } from './container/reader.js'
+import { SnapError, isSnapError, type ErrorCode } from './errors.js'
+import { refuseWhileCreating } from './container/lock.js'
 import { PageIndex } from './index/page-index.js'
 import { openOutput, type Output } from './output.js'
 import {
@@ -24,6 +26,8 @@ export interface LoadOptions {
   /** write the stream to this file instead of standard output */
   to?: string
   force?: boolean
+  /** false: leave the page index alone (the image's own page map is used either way) */
+  index?: boolean
   onProgress?: (bytesOut: number, totalPages: number, pagesSent: number) => void
   log?: (msg: string) => void
 }
@@ -40,10 +44,11 @@ export const ZERO_CLUSTER = 0xffffffff
 
 export async function loadImage(path: string, opts: LoadOptions = {}): Promise<LoadResult> {
   const started = performance.now()
+  await refuseWhileCreating(path)
   const reader = await ImageReader.open(path)
   let out: Output | undefined
   try {
-    const { runs, live } = await pageMapThroughIndex(reader, opts.log)
+    const { runs, live } = await pageMapThroughIndex(reader, opts.log, opts.index)
     out = await openOutput(opts.to, { force: opts.force })
     const pipe = new WritePipeline(out)
     const d = reader.device
@@ -65,13 +70,19 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     let pages = 0
     let lastReport = performance.now()
     for await (const cluster of reader.clusters()) {
-      const mask = live.get(cluster.seq)
-      if (mask === undefined) continue
+      const mapped = live.get(cluster.seq)
+      if (mapped === undefined) continue
       const list = cluster.pages
-      for (let slot = 0; slot < mask.length; slot++) {
-        if (mask[slot] === 0) continue
-        rec.page(list[2 * slot], list[2 * slot + 1], cluster.raw.subarray(slot * pageSize, (slot + 1) * pageSize))
-        pages++
+      for (const run of mapped) {
+        for (let i = 0; i < run.pageCount; i++) {
+          // The page map and the cluster's own page list must agree on every page sent.
+          const slot = run.firstSlot + i
+          if (slot >= list.length / 2 || list[2 * slot] !== run.blockId || list[2 * slot + 1] !== run.firstPage + i) {
+            throw new SnapError('SNAP_CORRUPT', `the page map puts page ${run.firstPage + i} of block ${run.blockId} in slot ${slot} of cluster ${cluster.seq}, which holds another page`, { cluster: cluster.seq, offset: cluster.offset })
+          }
+          rec.page(run.blockId, run.firstPage + i, cluster.raw.subarray(slot * pageSize, (slot + 1) * pageSize))
+          pages++
+        }
       }
       await pipe.send(rec.take())
       if (opts.onProgress && performance.now() - lastReport > 1000) {
@@ -105,31 +116,65 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   }
 }
 
+/** Index failures that do not stop a restore: the image's own page map is enough. */
+const INDEX_FALLBACK: ErrorCode[] = ['SNAP_LOCKED', 'SNAP_INDEX_CORRUPT', 'SNAP_INDEX_MISMATCH', 'SNAP_IO', 'SNAP_NO_SPACE']
+
 /**
- * The page map as the index has it (rebuilding the index from the image if it is missing or
- * stale), and for each cluster which of its slots hold live pages.
+ * The page map to restore from, and the runs of each data cluster in slot order. The trailer's
+ * page map (CRC-checked, authoritative) is what is used: the index is only a cache, and an
+ * index that is damaged in a way LevelDB does not notice, or forged, must never decide which
+ * page goes where. It is still opened and compared, and rebuilt when missing, stale or wrong,
+ * so that it stays fit for lookups; one held by another process, or that cannot be rebuilt
+ * (a read-only directory), costs a note on stderr, not the restore.
  */
 export async function pageMapThroughIndex(
   reader: ImageReader,
   log?: (msg: string) => void,
-): Promise<{ runs: PageRun[]; live: Map<number, Uint8Array> }> {
-  const index = await PageIndex.open(reader, { log })
-  try {
-    const { runs, clusters } = await index.loadAll()
-    const live = new Map<number, Uint8Array>()
-    for (const run of runs) {
-      if (run.cluster === ZERO_CLUSTER) continue
-      let mask = live.get(run.cluster)
-      if (mask === undefined) {
-        mask = new Uint8Array(clusters[run.cluster].pageCount)
-        live.set(run.cluster, mask)
-      }
-      mask.fill(1, run.firstSlot, run.firstSlot + run.pageCount)
-    }
-    return { runs, live }
-  } finally {
-    await index.close()
+  index = true,
+): Promise<{ runs: PageRun[]; live: Map<number, PageRun[]> }> {
+  if (index) await refreshIndex(reader, log)
+  const live = new Map<number, PageRun[]>()
+  for (const run of reader.runs) {
+    if (run.cluster === ZERO_CLUSTER) continue
+    const list = live.get(run.cluster)
+    if (list) list.push(run)
+    else live.set(run.cluster, [run])
   }
+  for (const list of live.values()) list.sort((a, b) => a.firstSlot - b.firstSlot)
+  return { runs: reader.runs, live }
+}
+
+async function refreshIndex(reader: ImageReader, log?: (msg: string) => void): Promise<void> {
+  let index: PageIndex | undefined
+  try {
+    index = await PageIndex.open(reader, { log })
+    let runs: PageRun[] | null = null
+    try {
+      runs = (await index.loadAll()).runs
+    } catch (e) {
+      if (!isSnapError(e, 'SNAP_INDEX_CORRUPT')) throw e
+    }
+    if (runs && sameRuns(runs, reader.runs)) return
+    log?.(`the page index ${index.path} ${runs ? "disagrees with the image's page map" : 'cannot be read'}; rebuilding it`)
+    await index.close()
+    index = undefined
+    await PageIndex.build(reader)
+  } catch (e) {
+    if (isSnapError(e) && !INDEX_FALLBACK.includes(e.code)) throw e
+    log?.(`${isSnapError(e) ? e.code : 'index'}: ${(e as Error).message}; using the page map in the image's trailer`)
+  } finally {
+    await index?.close().catch(() => {})
+  }
+}
+
+function sameRuns(a: PageRun[], b: PageRun[]): boolean {
+  if (a.length !== b.length) return false
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i]
+    const y = b[i]
+    if (x.blockId !== y.blockId || x.firstPage !== y.firstPage || x.pageCount !== y.pageCount || x.cluster !== y.cluster || x.firstSlot !== y.firstSlot) return false
+  }
+  return true
 }
 
 /** Keeps one write in flight while the next chunk is being built. */

@@ -11,6 +11,7 @@
 // its checks. CONTINUE is never used: sections are built independently and may interleave.
 
 import { ImageReader, type DecodedCluster } from './container/reader.js'
+import { refuseWhileCreating } from './container/lock.js'
 import { SnapError } from './errors.js'
 import { pageMapThroughIndex } from './load.js'
 import { openOutput, type Output } from './output.js'
@@ -22,8 +23,14 @@ export interface PostcopyOptions {
   log?: (msg: string) => void
   /** bytes of background pages per write; small keeps request latency low */
   chunkBytes?: number
-  /** how long to wait for the destination's answers during setup and at the end */
+  /** how long to wait for the destination's answers during setup and at the end
+   * (default: $SNAPCTL_RETURN_PATH_TIMEOUT_MS, else 30 s) */
   timeoutMs?: number
+}
+
+function defaultTimeout(): number {
+  const env = Number(process.env.SNAPCTL_RETURN_PATH_TIMEOUT_MS)
+  return Number.isFinite(env) && env > 0 ? env : 30_000
 }
 
 export interface PostcopyStats {
@@ -45,6 +52,7 @@ const PING_PACKAGE = 3
 
 export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Promise<PostcopyStats> {
   const started = performance.now()
+  await refuseWhileCreating(path)
   const reader = await ImageReader.open(path)
   let out: Output | undefined
   let rp: ReturnPath | undefined
@@ -94,7 +102,7 @@ class Session {
 
   async run(started: number): Promise<PostcopyStats> {
     const d = this.reader.device
-    const timeout = this.opts.timeoutMs ?? 30_000
+    const timeout = this.opts.timeoutMs ?? defaultTimeout()
     await this.out.write(
       Buffer.concat([
         enc.fileHeader(d.config),
@@ -122,15 +130,19 @@ class Session {
     const deviceStateSeconds = (performance.now() - started) / 1000
     this.opts.log?.(`postcopy: device state sent after ${(deviceStateSeconds * 1000).toFixed(0)} ms; serving pages`)
 
-    this.rp.onMessage = (m) => this.onMessage(m)
-    this.rp.onClose = (err) => this.fail(err ?? new SnapError('SNAP_RETURN_PATH', 'the return path closed before every page was sent: the destination QEMU stopped'))
+    // Messages and a close that came while the device state was being written are replayed
+    // here: a return path that closed or broke that early must fail the restore too.
+    this.rp.listen(
+      (m) => this.onMessage(m),
+      (err) => this.fail(err ?? new SnapError('SNAP_RETURN_PATH', 'the return path closed before every page was sent: the destination QEMU stopped')),
+    )
     await this.pushEverything()
     await this.requestChain
     this.check()
     this.rp.onClose = null
     await this.enqueue(Buffer.concat([enc.sectionEndHeader(this.ramId), enc.eosFooter(this.ramId), Buffer.from([0])]))
     await this.drain()
-    await this.rp.waitClosed(timeout)
+    await this.rp.waitClosed(timeout, () => this.failure !== null)
     this.check()
     return {
       deviceStateSeconds,
@@ -152,6 +164,7 @@ class Session {
   private fail(err: unknown): void {
     this.failure ??= err
     this.wakeProducer?.()
+    this.rp.wake()
   }
 
   /**
@@ -223,6 +236,9 @@ class Session {
       } else {
         const cluster = await this.getCluster(where)
         const slot = this.table.slotOf(b, p)
+        if (slot >= cluster.pages.length / 2 || cluster.pages[2 * slot] !== b || cluster.pages[2 * slot + 1] !== p) {
+          throw new SnapError('SNAP_CORRUPT', `the page map puts page ${p} of block ${b} in slot ${slot} of cluster ${where}, which holds another page`, { cluster: where })
+        }
         section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
       }
     }
@@ -330,8 +346,10 @@ class SectionBuilder {
 
 /** Reads and parses the return path (our stdin) as messages arrive. */
 class ReturnPath {
-  onMessage: ((m: RpMessage) => void) | null = null
+  private onMessage: ((m: RpMessage) => void) | null = null
   onClose: ((err: unknown) => void) | null = null
+  /** messages that came before listen() */
+  private early: RpMessage[] = []
   private readonly parser = new ReturnPathParser()
   private readonly pongs = new Set<number>()
   private closed = false
@@ -354,7 +372,8 @@ class ReturnPath {
     }
     for (const m of msgs) {
       if (m.type === 'pong') this.pongs.add(m.value)
-      this.onMessage?.(m)
+      if (this.onMessage) this.onMessage(m)
+      else this.early.push(m)
     }
     this.wake()
   }
@@ -379,7 +398,17 @@ class ReturnPath {
     this.wake()
   }
 
-  private wake(): void {
+  /** Take messages from now on (and those that came before); `onClose` at once if closed already. */
+  listen(onMessage: (m: RpMessage) => void, onClose: (err: unknown) => void): void {
+    this.onMessage = onMessage
+    this.onClose = onClose
+    const early = this.early
+    this.early = []
+    for (const m of early) onMessage(m)
+    if (this.closed) onClose(this.closeError)
+  }
+
+  wake(): void {
     const w = this.waiters
     this.waiters = []
     for (const f of w) f()
@@ -408,8 +437,9 @@ class ReturnPath {
     if (!ok) throw new SnapError('SNAP_RETURN_PATH', `no answer from the destination on the return path within ${ms} ms (is this running under migrate-incoming "exec:..."?)`)
   }
 
-  async waitClosed(ms: number): Promise<void> {
-    if (!(await this.waitFor(() => this.closed, ms))) {
+  /** Wait for the destination to close the return path, or until `abandon()` holds. */
+  async waitClosed(ms: number, abandon: () => boolean = () => false): Promise<void> {
+    if (!(await this.waitFor(() => this.closed || abandon(), ms))) {
       throw new SnapError('SNAP_RETURN_PATH', `the destination did not close the return path within ${ms} ms after the stream ended`)
     }
     if (this.closeError) throw this.closeError

@@ -4,6 +4,7 @@
 // one damaged cluster does not hide the next.
 import { stat } from 'node:fs/promises'
 import { SnapError, fromSystemError, type ErrorCode } from './errors.js'
+import { refuseWhileCreating } from './container/lock.js'
 import { ImageReader } from './container/reader.js'
 import { ZERO_CLUSTER, type PageRun } from './container/trailer.js'
 import { PageIndex } from './index/page-index.js'
@@ -49,7 +50,13 @@ function problem(e: unknown, where: { cluster?: number; offset?: number } = {}):
   return p
 }
 
-export async function verifyImage(path: string, opts: { onProgress?: (doneBytes: number, totalBytes: number) => void } = {}): Promise<VerifyReport> {
+export interface VerifyOptions {
+  onProgress?: (doneBytes: number, totalBytes: number) => void
+  /** false: check the image only, not its page index */
+  index?: boolean
+}
+
+export async function verifyImage(path: string, opts: VerifyOptions = {}): Promise<VerifyReport> {
   const started = performance.now()
   const report: VerifyReport = {
     path, ok: false, imageOk: false, problems: [], clusters: 0, clustersOk: 0, pages: 0, zeroPages: 0, storedPages: 0,
@@ -61,6 +68,8 @@ export async function verifyImage(path: string, opts: { onProgress?: (doneBytes:
     report.seconds = (performance.now() - started) / 1000
     return report
   }
+  // The image (and its index) is about to be replaced: checking it now proves nothing.
+  await refuseWhileCreating(path)
   let reader: ImageReader
   try {
     reader = await ImageReader.open(path)
@@ -74,7 +83,7 @@ export async function verifyImage(path: string, opts: { onProgress?: (doneBytes:
     report.fileBytes = reader.fileLength
     report.clusters = reader.clusterOffsets.length
     await checkClusters(reader, report, opts.onProgress)
-    if (report.problems.length === 0) await checkIndex(reader, report)
+    if (report.problems.length === 0 && opts.index !== false) await checkIndex(reader, report)
     opts.onProgress?.(report.fileBytes, report.fileBytes)
   } finally {
     await reader.close()

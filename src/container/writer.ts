@@ -2,8 +2,8 @@
 // the open cluster's buffer; a sealed cluster is compressed and written by ClusterFile while
 // the stream goes on. The page map keeps only the newest copy of each page.
 import { randomBytes } from 'node:crypto'
-import { lstat, readdir, link, rename, unlink } from 'node:fs/promises'
-import { basename, dirname, join, resolve } from 'node:path'
+import { lstat, link, rename, unlink } from 'node:fs/promises'
+import { dirname, resolve } from 'node:path'
 import { crc32 } from 'node:zlib'
 import lz4 from 'lz4-napi'
 import { roundUp } from '../bytes.js'
@@ -16,6 +16,7 @@ import {
   ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
   encodeHeader, isPowerOfTwo,
 } from './header.js'
+import { holds, listPartials, lockedError, partialPath, runningCreates } from './lock.js'
 import { PageMap, ZERO_LOC } from './pagemap.js'
 import * as T from './trailer.js'
 
@@ -60,15 +61,6 @@ export interface ImageSummary {
   indexError?: string
 }
 
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0)
-    return true
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM'
-  }
-}
-
 export class ImageWriter {
   private map: PageMap | null = null
   private blocks: RamBlock[] = []
@@ -103,21 +95,25 @@ export class ImageWriter {
       throw new SnapError('SNAP_USAGE', `cluster size ${clusterSize} must be a power of two from 64 KiB to 64 MiB`)
     }
     path = resolve(path)
-    const dir = dirname(path)
-    const name = basename(path)
     if (!opts.force && (await exists(path))) throw new SnapError('SNAP_EXISTS', `${path} exists (use --force to replace it)`)
-    const prefix = `.${name}.partial-`
-    try {
-      for (const f of await readdir(dir)) {
-        if (!f.startsWith(prefix)) continue
-        const pid = Number.parseInt(f.slice(prefix.length), 10)
-        if (pid > 0 && pid !== process.pid && !pidAlive(pid)) await unlink(join(dir, f)).catch(() => {})
-      }
-    } catch (e) {
-      throw fromSystemError(e, `listing ${dir}`)
+    // A partial file nobody holds open is what a killed create left: remove it.
+    for (const p of await listPartials(path)) {
+      if (!(await holds(p.pid, p.file))) await unlink(p.file).catch(() => {})
     }
-    const partial = join(dir, `${prefix}${process.pid}`)
+    const partial = partialPath(path)
     const file = await ClusterFile.create(partial, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, opts.cacheBytes)
+    // Our partial exists before we look, so of two creates that start together the later one
+    // always sees the earlier (in an exact tie both see each other and both refuse).
+    const running = await runningCreates(path).catch(async (e) => {
+      await file.close().catch(() => {})
+      await unlink(partial).catch(() => {})
+      throw e
+    })
+    if (running.length > 0) {
+      await file.close().catch(() => {})
+      await unlink(partial).catch(() => {})
+      throw lockedError(path, running)
+    }
     return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false)
   }
 
@@ -279,8 +275,9 @@ export class ImageWriter {
     this.seal()
     await this.file.flush()
     this.old = null
-    await old.close()
+    // Unlink while still open: a closed partial would look abandoned to a concurrent create.
     await unlink(old.path)
+    await old.close()
     this.partialPath = this.file.path
   }
 
@@ -322,8 +319,9 @@ export class ImageWriter {
     await f.fh.datasync()
     await writeFully(f.fh, [header], 0)
     await f.fh.datasync()
-    await f.close()
+    // Renamed while still open, so that the partial is held (locked) until it has its name.
     await this.publish()
+    await f.close()
     let zeroPages = 0
     let storedPages = 0
     for (let b = 0; b < this.blocks.length; b++) {

@@ -1,6 +1,7 @@
 // The LevelDB page index beside an image: format-spec/index.md. A cache of the page map and
 // the cluster directory; missing, stale or unreadable indexes are deleted and rebuilt.
-import { chmod, mkdir, readdir, rm, stat } from 'node:fs/promises'
+import { chmod, mkdir, readdir, rename, rm, stat } from 'node:fs/promises'
+import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
 import { Level } from 'level'
 import { SnapError, isSnapError } from '../errors.js'
@@ -12,6 +13,9 @@ import * as K from './keys.js'
 type DB = Level<Buffer, Buffer>
 const BATCH = 4096
 const CLUSTER_CACHE = 8
+/** LevelDB lets one process at a time open a database: wait this long for another to let go. */
+const LOCK_WAIT_MS = 2000
+let builds = 0
 
 export interface IndexCluster {
   seq: number
@@ -61,39 +65,58 @@ export class PageIndex {
     return `${imagePath}.index`
   }
 
+  /**
+   * Build the index in a directory of its own and rename it into place, so that a concurrent
+   * reader or builder never opens a half-written index at IMAGE.index (two builders: the
+   * last rename wins, and both indexes are equally good).
+   */
   static async build(reader: ImageReader): Promise<void> {
     const dir = PageIndex.indexPath(reader.path)
+    const tmp = `${dir}.tmp-${process.pid}-${++builds}`
     const infos = await reader.clusterInfos()
-    await rm(dir, { recursive: true, force: true })
-    await withUmask(async () => {
-      await mkdir(dir, { mode: 0o700 })
-      const db = openDb(dir, true)
-      await db.open()
-      try {
-        let batch = db.batch()
-        const put = async (k: Buffer, v: Buffer) => {
-          batch.put(k, v)
-          if (batch.length >= BATCH) {
-            await batch.write()
-            batch = db.batch()
+    try {
+      await withUmask(async () => {
+        await mkdir(tmp, { mode: 0o700 })
+        const db = openDb(tmp, true)
+        await db.open()
+        try {
+          let batch = db.batch()
+          const put = async (k: Buffer, v: Buffer) => {
+            batch.put(k, v)
+            if (batch.length >= BATCH) {
+              await batch.write()
+              batch = db.batch()
+            }
           }
+          const ps = reader.header.pageSize
+          for (const b of reader.blocks) await put(K.nameKey(b.name), K.encodeNameValue(b.id))
+          for (const r of reader.runs) {
+            const zero = r.cluster === ZERO_CLUSTER
+            await put(K.runKey(r.blockId, r.firstPage * ps), K.encodeRunValue({ kind: zero ? K.KIND_ZERO : K.KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot }))
+          }
+          for (const c of infos) await put(K.clusterKey(c.seq), K.encodeClusterValue(c))
+          await batch.write()
+          // Last: an interrupted build leaves no meta key and reads as stale.
+          await db.put(K.META_KEY, K.encodeMeta(PageIndex.stamp(reader)))
+        } finally {
+          await db.close()
         }
-        const ps = reader.header.pageSize
-        for (const b of reader.blocks) await put(K.nameKey(b.name), K.encodeNameValue(b.id))
-        for (const r of reader.runs) {
-          const zero = r.cluster === ZERO_CLUSTER
-          await put(K.runKey(r.blockId, r.firstPage * ps), K.encodeRunValue({ kind: zero ? K.KIND_ZERO : K.KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot }))
-        }
-        for (const c of infos) await put(K.clusterKey(c.seq), K.encodeClusterValue(c))
-        await batch.write()
-        // Last: an interrupted build leaves no meta key and reads as stale.
-        await db.put(K.META_KEY, K.encodeMeta(PageIndex.stamp(reader)))
-      } finally {
-        await db.close()
-      }
-    })
-    await chmod(dir, 0o700)
-    for (const f of await readdir(dir)) await chmod(join(dir, f), 0o600)
+      })
+      await chmod(tmp, 0o700)
+      for (const f of await readdir(tmp)) await chmod(join(tmp, f), 0o600)
+      const old = `${dir}.old-${process.pid}-${builds}`
+      await rename(dir, old).catch((e) => {
+        if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e
+      })
+      await rename(tmp, dir).catch((e) => {
+        // Another process put its fresh index there between our two renames: keep theirs.
+        const code = (e as NodeJS.ErrnoException).code
+        if (code !== 'ENOTEMPTY' && code !== 'EEXIST') throw e
+      })
+      await rm(old, { recursive: true, force: true })
+    } finally {
+      await rm(tmp, { recursive: true, force: true })
+    }
   }
 
   private static stamp(reader: ImageReader): K.IndexMeta {
@@ -134,22 +157,35 @@ export class PageIndex {
     }
   }
 
+  /** tryOpen, retried while another process (a load, a build) holds the database's lock. */
+  private static async tryOpenWaiting(reader: ImageReader): Promise<PageIndex | 'missing' | 'stale' | 'unreadable'> {
+    const deadline = Date.now() + LOCK_WAIT_MS
+    for (;;) {
+      try {
+        return await PageIndex.tryOpen(reader)
+      } catch (e) {
+        if (!isSnapError(e, 'SNAP_LOCKED') || Date.now() > deadline) throw e
+        await sleep(25 + Math.random() * 50)
+      }
+    }
+  }
+
   static async open(reader: ImageReader, opts: OpenOptions = {}): Promise<PageIndex> {
     const dir = PageIndex.indexPath(reader.path)
-    const first = await PageIndex.tryOpen(reader)
+    const first = await PageIndex.tryOpenWaiting(reader)
     if (first instanceof PageIndex) return first
     if (first !== 'missing' && opts.rebuild === false) {
       const code = first === 'stale' ? 'SNAP_INDEX_MISMATCH' : 'SNAP_INDEX_CORRUPT'
       throw new SnapError(code, `the page index ${dir} is ${first === 'stale' ? 'stale (it describes another image or generation)' : 'unreadable'}; any command that uses it rebuilds it`)
     }
-    opts.log?.(`snapctl: the page index ${dir} is ${first}; rebuilding it from the image`)
+    opts.log?.(`the page index ${dir} is ${first}; rebuilding it from the image`)
     try {
       await PageIndex.build(reader)
     } catch (e) {
       if (isSnapError(e) && e.code !== 'SNAP_IO' && e.code !== 'SNAP_NO_SPACE') throw e
       throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} could not be rebuilt: ${(e as Error).message}`, { cause: e })
     }
-    const again = await PageIndex.tryOpen(reader)
+    const again = await PageIndex.tryOpenWaiting(reader)
     if (again instanceof PageIndex) return again
     throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} is ${again} even after a rebuild`)
   }

@@ -1,0 +1,330 @@
+// The two fuzz targets. `parser`: QEMU migration streams (the real fixture and synthetic ones
+// with XBZRLE, re-sends, a libvirt header) mutated and fed in random pieces through the same
+// path `create` uses (libvirt prefix -> StreamParser -> sink, XBZRLE applied). `image`: small
+// real images mutated by region (header, cluster headers, payloads, trailer records, footer),
+// often with their checksums recomputed so that the damage reaches the structure checks behind
+// them, then opened, scanned, verified and loaded. Outcomes are classified by the worker.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { crc32 } from 'node:zlib'
+import { PrefixSplitter, createImage } from '../../src/create.js'
+import { ImageWriter } from '../../src/container/writer.js'
+import { ImageReader } from '../../src/container/reader.js'
+import { clusterHeaderLength } from '../../src/container/cluster.js'
+import { loadImage } from '../../src/load.js'
+import { verifyImage } from '../../src/verify.js'
+import { imageInfo } from '../../src/info.js'
+import { StreamParser } from '../../src/stream/parser.js'
+import { xbzrleDecode, xbzrleEncode } from '../../src/stream/xbzrle.js'
+import { makeLibvirtHeader } from '../../src/stream/libvirt.js'
+import * as enc from '../../src/stream/encoder.js'
+import { ERROR_CODES } from '../../src/errors.js'
+import type { DeviceState, RamBlockDecl, RamSink } from '../../src/types.js'
+import { caseRng, int, mutate, pick, pieces, type Rand, type Region } from './mutate.js'
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
+export const FIXTURE = join(ROOT, 'test/fixtures/qemu10-pc-16M.stream')
+const PAGE = 4096
+
+export interface Prepared {
+  input: Buffer
+  what: string
+}
+
+export interface Target {
+  prepare(n: number, rand: Rand): Prepared
+  /** Runs every stage; returns the error codes the stages ended with ('ok' for success). */
+  run(p: Prepared, rand: Rand, n: number): Promise<string[]>
+  cleanup(): void
+}
+
+/** Throws what is not an expected outcome; returns the SnapError code otherwise. */
+export type Classify = (stage: string, e: unknown) => string
+
+function fixtureDevice(): DeviceState {
+  const parser = new StreamParser({ blocks() {}, zero() {}, page() {}, xbzrle() {} })
+  parser.push(readFileSync(FIXTURE))
+  return parser.end()
+}
+
+// ---- parser ------------------------------------------------------------------------------
+
+const SYNTH_BLOCKS: RamBlockDecl[] = [
+  { name: 'pc.ram', size: 48 * PAGE },
+  { name: 'pc.bios', size: 2 * PAGE },
+  { name: '/rom@etc/acpi/rsdp', size: PAGE },
+]
+
+function pageOf(rand: Rand): Buffer {
+  const b = Buffer.alloc(PAGE, int(rand, 256))
+  for (let i = 0, n = int(rand, 64); i < n; i++) b[int(rand, PAGE)] = int(rand, 256)
+  return b
+}
+
+/** A precopy stream with zero pages, pages, re-sends and XBZRLE deltas, built with the encoder. */
+function synthStream(seed: number, device: DeviceState, libvirt: boolean): Buffer {
+  const rand = caseRng(seed, 0)
+  const ram = SYNTH_BLOCKS.map((b) => Buffer.alloc(b.size))
+  const w = new enc.PageRecordWriter(SYNTH_BLOCKS, { chunkSize: 64 * 1024 })
+  const id = device.ramSectionId
+  w.raw(enc.fileHeader(device.config))
+  w.raw(enc.ramStartSection({ sectionId: id, instanceId: 0, version: 4 }, SYNTH_BLOCKS))
+  for (let part = 0; part < 3; part++) {
+    w.raw(enc.sectionPartHeader(id))
+    for (let i = 0; i < 24; i++) {
+      const b = rand() < 0.8 ? 0 : int(rand, SYNTH_BLOCKS.length)
+      const p = int(rand, SYNTH_BLOCKS[b].size / PAGE)
+      const cur = ram[b].subarray(p * PAGE, (p + 1) * PAGE)
+      const r = rand()
+      if (r < 0.25) {
+        w.zero(b, p)
+        cur.fill(0)
+      } else if (r < 0.5 && part > 0) {
+        const next = Buffer.from(cur)
+        for (let k = 0; k < 20; k++) next[int(rand, PAGE)] = int(rand, 256)
+        const delta = xbzrleEncode(cur, next)
+        if (delta && delta.length > 0) w.xbzrle(b, p, delta)
+        else w.page(b, p, next)
+        next.copy(cur)
+      } else {
+        const data = pageOf(rand)
+        w.page(b, p, data)
+        data.copy(cur)
+      }
+      if (rand() < 0.2) w.forgetBlock()
+    }
+    w.raw(enc.eosFooter(id))
+  }
+  w.raw(enc.switchoverStart())
+  w.raw(enc.sectionEndHeader(id))
+  w.zero(1, 0)
+  w.raw(enc.eosFooter(id))
+  w.raw(device.deviceSections)
+  w.raw(device.streamEnd)
+  const stream = Buffer.concat(w.flush())
+  return libvirt ? Buffer.concat([makeLibvirtHeader('<domain><name>fuzz</name></domain>', { padding: 64 }), stream]) : stream
+}
+
+/** Checks what the parser hands out, as the image writer relies on it, and applies XBZRLE. */
+class CheckingSink implements RamSink {
+  private pages: number[] = []
+  private readonly scratch = Buffer.alloc(PAGE)
+  blocks(list: RamBlockDecl[]): void {
+    if (this.pages.length) throw new Error('sink: block list twice')
+    this.pages = list.map((b) => b.size / PAGE)
+  }
+  private check(block: number, page: number): void {
+    if (!(block >= 0 && block < this.pages.length && Number.isInteger(page) && page >= 0 && page < this.pages[block])) {
+      throw new Error(`sink: page ${page} of block ${block} is outside the declared blocks`)
+    }
+  }
+  zero(block: number, page: number): void {
+    this.check(block, page)
+  }
+  page(block: number, page: number, data: Uint8Array): void {
+    this.check(block, page)
+    if (data.length !== PAGE) throw new Error(`sink: a page of ${data.length} bytes`)
+  }
+  xbzrle(block: number, page: number, encoded: Uint8Array): void {
+    this.check(block, page)
+    if (encoded.length < 1 || encoded.length > PAGE) throw new Error(`sink: XBZRLE data of ${encoded.length} bytes`)
+    xbzrleDecode(encoded, this.scratch)
+  }
+}
+
+export function parserTarget(classify: Classify): Target {
+  const device = fixtureDevice()
+  const corpus = [readFileSync(FIXTURE), synthStream(1, device, false), synthStream(2, device, false), synthStream(3, device, true)]
+  return {
+    prepare(n, rand) {
+      const base = int(rand, corpus.length)
+      let input = corpus[base]
+      const whats: string[] = []
+      for (let i = 0, k = 1 + int(rand, 3); i < k; i++) {
+        // Aim half of the mutations at the first 4 KiB, where the headers and the block list are.
+        const region: Region | undefined = rand() < 0.5 ? { start: 0, end: 4096 } : undefined
+        const m = mutate(input, rand, region)
+        input = m.out
+        whats.push(m.what)
+      }
+      return { input, what: `stream ${base}: ${whats.join('; ')}` }
+    },
+    async run(p, rand) {
+      try {
+        const parser = new StreamParser(new CheckingSink())
+        const prefix = new PrefixSplitter()
+        for (const piece of pieces(p.input, rand)) {
+          const rest = prefix.push(piece)
+          if (rest !== null && rest.length > 0) parser.push(rest)
+        }
+        const rest = prefix.end()
+        if (rest !== null && rest.length > 0) parser.push(rest)
+        parser.end()
+        return ['ok']
+      } catch (e) {
+        return [classify('parse', e)]
+      }
+    },
+    cleanup() {},
+  }
+}
+
+// ---- image -------------------------------------------------------------------------------
+
+interface Base {
+  bytes: Buffer
+  clusters: Array<{ offset: number; pageCount: number }>
+  trailerOffset: number
+  trailerLength: number
+  records: Region[]
+}
+
+async function writeSynthImage(path: string, seed: number, compress: 'lz4' | 'none', device: DeviceState): Promise<void> {
+  const rand = caseRng(seed, 0)
+  const blocks: RamBlockDecl[] = [{ name: 'pc.ram', size: 96 * PAGE }, { name: '0000:00:02.0/vga.vram', size: 16 * PAGE }, { name: 'pc.rom', size: PAGE }]
+  const w = await ImageWriter.create(path, { clusterSize: 65536, compress })
+  w.setBlocks(blocks)
+  for (let i = 0; i < 160; i++) {
+    const b = rand() < 0.8 ? 0 : int(rand, blocks.length)
+    const p = int(rand, blocks[b].size / PAGE)
+    if (rand() < 0.2) w.putZero(b, p)
+    else w.putPage(b, p, pageOf(rand))
+    if (w.needsDrain()) await w.drain()
+  }
+  await w.finish(device, { source: 'qemu', counters: { pages: 0, zeroPages: 0, xbzrlePages: 0, resentPages: 0, bytesIn: 0, sections: 0 } })
+}
+
+async function describe(path: string): Promise<Base> {
+  const r = await ImageReader.open(path)
+  try {
+    const infos = await r.clusterInfos()
+    const records: Region[] = []
+    // trailer records: 8-aligned, a 16-byte header (type, flags, u64 length), then the body
+    const t = readFileSync(path).subarray(r.header.trailerOffset, r.header.trailerOffset + r.header.trailerLength)
+    for (let pos = 0; pos + 16 <= t.length; ) {
+      const len = Number(t.readBigUInt64BE(pos + 8))
+      records.push({ start: r.header.trailerOffset + pos, end: r.header.trailerOffset + pos + 16 + len })
+      pos = Math.ceil((pos + 16 + len) / 8) * 8
+    }
+    return {
+      bytes: readFileSync(path), clusters: infos.map((c) => ({ offset: c.offset, pageCount: c.pageCount })),
+      trailerOffset: r.header.trailerOffset, trailerLength: r.header.trailerLength, records,
+    }
+  } finally {
+    await r.close()
+  }
+}
+
+/** Recompute every checksum where the original layout says it is, so damage gets past them. */
+function fixChecksums(buf: Buffer, base: Base): void {
+  const hl = buf.length >= 16 ? buf.readUInt32BE(12) : 0
+  if (hl >= 192 && hl <= 4096 && buf.length >= hl) buf.writeUInt32BE(crc32(buf.subarray(0, hl - 4)), hl - 4)
+  for (const c of base.clusters) {
+    const at = c.offset
+    if (at + 32 > buf.length) continue
+    const len = buf.readUInt32BE(at + 4)
+    if (len < 36 || len > clusterHeaderLength(16384) || at + len > buf.length) continue
+    const stored = buf.readUInt32BE(at + 24)
+    const data = at + Math.ceil(len / 4096) * 4096
+    if (data + stored <= buf.length) buf.writeUInt32BE(crc32(buf.subarray(data, data + stored)), at + 28)
+    buf.writeUInt32BE(crc32(buf.subarray(at, at + len - 4)), at + len - 4)
+  }
+  const f = buf.length - 64
+  if (f < 0) return
+  const to = Number(buf.readBigUInt64BE(f + 24))
+  const tl = Number(buf.readBigUInt64BE(f + 32))
+  if (to + tl <= f) buf.writeUInt32BE(crc32(buf.subarray(to, to + tl)), f + 40)
+  buf.writeUInt32BE(crc32(buf.subarray(f, f + 60)), f + 60)
+}
+
+function imageRegion(base: Base, rand: Rand): [string, Region] {
+  const len = base.bytes.length
+  const c = base.clusters.length ? pick(rand, base.clusters) : null
+  switch (int(rand, 7)) {
+    case 0:
+      return ['header', { start: 0, end: 192 }]
+    case 1:
+      return c ? ['cluster header', { start: c.offset, end: c.offset + clusterHeaderLength(c.pageCount) }] : ['anywhere', { start: 0, end: len }]
+    case 2:
+      return c ? ['payload', { start: c.offset + Math.ceil(clusterHeaderLength(c.pageCount) / 4096) * 4096, end: c.offset + 4096 * 8 }] : ['anywhere', { start: 0, end: len }]
+    case 3:
+      return ['trailer', { start: base.trailerOffset, end: base.trailerOffset + base.trailerLength }]
+    case 4:
+    case 5:
+      return ['trailer record', pick(rand, base.records)]
+    default:
+      return ['footer', { start: len - 64, end: len }]
+  }
+}
+
+export async function imageTarget(classify: Classify): Promise<Target> {
+  const dir = mkdtempSync(join('/dev/shm', 'snapctl-fuzz-'))
+  try {
+    const device = fixtureDevice()
+    await writeSynthImage(join(dir, 'lz4.snap'), 1, 'lz4', device)
+    await writeSynthImage(join(dir, 'raw.snap'), 2, 'none', device)
+    await createImage(join(dir, 'fixture.snap'), { from: FIXTURE, clusterSize: 65536 })
+    const bases = [await describe(join(dir, 'lz4.snap')), await describe(join(dir, 'raw.snap')), await describe(join(dir, 'fixture.snap'))]
+    const path = join(dir, 'case.snap')
+    const out = join(dir, 'case.stream')
+    return {
+      prepare(n, rand) {
+        const bi = int(rand, bases.length)
+        const base = bases[bi]
+        let input = base.bytes
+        const whats: string[] = []
+        const [name, region] = imageRegion(base, rand)
+        for (let i = 0, k = 1 + int(rand, 2); i < k; i++) {
+          const m = mutate(input, rand, region)
+          input = m.out
+          whats.push(m.what)
+        }
+        const fix = rand() < 0.75
+        if (fix) fixChecksums(input, base)
+        return { input, what: `image ${bi}, ${name}: ${whats.join('; ')}${fix ? ', checksums recomputed' : ''}` }
+      },
+      async run(p, rand, n) {
+        writeFileSync(path, p.input)
+        rmSync(`${path}.index`, { recursive: true, force: true })
+        const codes: string[] = []
+        const stage = async (name: string, fn: () => Promise<unknown>) => {
+          try {
+            await fn()
+            codes.push('ok')
+          } catch (e) {
+            codes.push(classify(name, e))
+          }
+        }
+        await stage('open+scan', async () => {
+          const r = await ImageReader.open(path)
+          try {
+            await r.summary()
+            for await (const c of r.clusters()) if (c.raw.length !== (c.pages.length / 2) * PAGE) throw new Error('cluster decodes to the wrong length')
+            for (const b of r.blocks) for (let i = 0; i < 4; i++) r.locate(b.id, int(rand, b.size / PAGE))
+          } finally {
+            await r.close()
+          }
+        })
+        await stage('verify', async () => {
+          const v = await verifyImage(path, { index: false })
+          for (const pr of v.problems) {
+            if (!(pr.code in ERROR_CODES) || pr.code === 'SNAP_INTERNAL') throw new Error(`verify reported ${pr.code}: ${pr.message}`)
+          }
+          if (v.ok !== (v.problems.length === 0)) throw new Error('verify: ok disagrees with its problems')
+        })
+        // Every 16th case goes through the page index too (LevelDB is slow next to the rest).
+        const index = n % 16 === 0
+        await stage('load', () => loadImage(path, { to: out, force: true, index }))
+        if (index) await stage('info', () => imageInfo(path))
+        return codes
+      },
+      cleanup() {
+        rmSync(dir, { recursive: true, force: true })
+      },
+    }
+  } catch (e) {
+    rmSync(dir, { recursive: true, force: true })
+    throw e
+  }
+}
