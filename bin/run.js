@@ -8,6 +8,9 @@ import { readFileSync } from 'node:fs'
 // Returning them at once keeps create under its memory target. Read when the addon loads.
 process.env.MIMALLOC_PURGE_DELAY ??= '0'
 process.env.MIMALLOC_RESET_DELAY ??= '0'
+// Two pool threads: each keeps its own mimalloc heap, and on a 2-core machine more threads
+// only add memory (1 GiB save: 4 threads 295 MiB peak, 2 threads 250 MiB, no slower).
+process.env.UV_THREADPOOL_SIZE ??= '2'
 
 const argv = process.argv.slice(2)
 if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v' || argv[0] === 'version')) {

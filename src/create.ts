@@ -20,6 +20,8 @@ export interface CreateOptions {
   clusterSize?: number
   compress?: 'lz4' | 'none'
   force?: boolean
+  /** make the image durable (fdatasync, directory fsync) before create returns */
+  sync?: boolean
   /** called about once a second with the bytes read so far */
   onProgress?: (bytesIn: number) => void
 }
@@ -42,6 +44,7 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     clusterSize: opts.clusterSize,
     compress: opts.compress,
     force: opts.force,
+    sync: opts.sync,
   })
   const abortOnSignal = (): void => {
     void writer.abort().finally(() => process.exit(9))

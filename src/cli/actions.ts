@@ -12,6 +12,7 @@ export async function runCreate(image: string, flags: ParsedFlags): Promise<numb
     compress: (flags.compress ?? 'lz4') as 'lz4' | 'none',
     clusterSize: parseSize((flags['cluster-size'] as string | undefined) ?? '1M', '--cluster-size'),
     force: flags.force === true,
+    sync: flags.sync === true,
     onProgress: flags.progress ? progressPrinter('create') : undefined,
   })
   const stats = { ...r.counters, bytesIn: r.bytesIn, bytesOut: r.image.fileBytes, seconds: r.seconds, source: r.source }

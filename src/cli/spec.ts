@@ -30,6 +30,7 @@ export const CREATE: CommandSpec = {
     compress: { type: 'string', options: ['lz4', 'none'], default: 'lz4', description: 'cluster compression' },
     'cluster-size': { type: 'string', default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' },
     force: { type: 'boolean', description: 'replace an existing image' },
+    sync: { type: 'boolean', description: 'make the image durable (fdatasync) before exiting; off, a power loss can lose it, but never yields a wrong restore' },
     progress: { type: 'boolean', description: 'show progress on stderr' },
     stats: { type: 'string', description: 'write counters (pages, zero, XBZRLE, re-sent pages, bytes, seconds) as JSON to FILE' },
     json: { type: 'boolean', description: 'print the result as JSON on stdout' },

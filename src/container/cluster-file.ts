@@ -17,7 +17,7 @@ export interface Stored {
 }
 
 const ZEROS = Buffer.alloc(ALIGN)
-export const LRU_BYTES = 32 * 1024 * 1024
+export const LRU_BYTES = 16 * 1024 * 1024
 
 export async function writeFully(fh: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
   const total = bufs.reduce((n, b) => n + b.length, 0)
@@ -48,6 +48,8 @@ export class ClusterFile {
   private lruBytes = 0
   private waiters: Array<() => void> = []
   private closed = false
+  /** told of every buffer that leaves the cache, so that the writer can reuse it */
+  onEvict: ((raw: Buffer) => void) | null = null
 
   private constructor(readonly path: string, readonly fh: FileHandle, readonly lim: ClusterLimits, private readonly lruLimit: number) {}
 
@@ -122,6 +124,7 @@ export class ClusterFile {
       if (this.lruBytes <= this.lruLimit) break
       this.lru.delete(k)
       this.lruBytes -= v.length
+      this.onEvict?.(v)
     }
   }
 

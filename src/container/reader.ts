@@ -213,7 +213,7 @@ export class ImageReader {
    * chunk reads still overlap it. readCluster (random access, lazy restore) decodes async.
    */
   async *clusterResults(opts: { readAhead?: number; asyncDecode?: boolean; onRead?: (bytes: number) => void } = {}): AsyncGenerator<ClusterResult> {
-    const readAhead = Math.max(1, opts.readAhead ?? 8)
+    const readAhead = Math.max(1, opts.readAhead ?? 4)
     const n = this.clusterOffsets.length
     const chunks: Array<{ first: number; last: number; start: number; end: number }> = []
     for (let i = 0; i < n; ) {

@@ -19,9 +19,13 @@ import {
 import { holds, listPartials, lockedError, partialPath, runningCreates } from './lock.js'
 import { PageMap, ZERO_LOC } from './pagemap.js'
 import * as T from './trailer.js'
+import type * as PageIndexModule from '../index/page-index.js'
+
+// LevelDB is loaded while pages stream in, not before the first byte is read.
+let indexModule: Promise<typeof PageIndexModule>
 
 /** Clusters being compressed or written before needsDrain() says stop. */
-const MAX_INFLIGHT = 8
+const MAX_INFLIGHT = 4
 /** Rewrite the image before finishing when dead bytes pass this share of it (spec: keep ≤ 2%). */
 const COMPACT_AT = 0.01
 export const CREATOR = 'snapctl/0.1.0'
@@ -30,7 +34,14 @@ export interface WriterOptions {
   clusterSize?: number
   compress?: 'lz4' | 'none'
   force?: boolean
-  /** bytes of recently sealed clusters kept decoded for readPage (default 32 MiB) */
+  /**
+   * fdatasync the image before it gets its name, and fsync the directory after. Off by default,
+   * like QEMU's own file: and `cat > FILE`: the image is renamed into place only once complete,
+   * so a dying create never leaves a valid-looking file, and a power loss that loses unsynced
+   * data shows up as a checksum error at load, never as wrong memory. On: also durable.
+   */
+  sync?: boolean
+  /** bytes of recently sealed clusters kept decoded for readPage (default 16 MiB) */
   cacheBytes?: number
 }
 
@@ -75,6 +86,12 @@ export class ImageWriter {
   /** the partial file being compacted away, until compaction is done */
   private old: ClusterFile | null = null
   private state: 'open' | 'finishing' | 'done' | 'aborted' = 'open'
+  /**
+   * Cluster buffers are reused once written and out of the cache: fresh 1 MiB buffers cost a
+   * page fault per 4 KiB and garbage the collector only frees late (RSS).
+   */
+  private readonly spare: Buffer[] = []
+  private readonly ours = new WeakSet<ArrayBufferLike>()
 
   private constructor(
     readonly path: string,
@@ -83,13 +100,16 @@ export class ImageWriter {
     private readonly clusterSize: number,
     private readonly lz4: boolean,
     private readonly force: boolean,
+    private readonly sync: boolean,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
-    this.buf = Buffer.allocUnsafe(clusterSize)
+    this.file.onEvict = (b) => this.recycle(b)
+    this.buf = this.newBuffer()
     this.pages = new Uint32Array(2 * this.ppc)
   }
 
   static async create(path: string, opts: WriterOptions = {}): Promise<ImageWriter> {
+    indexModule ??= import('../index/page-index.js')
     const clusterSize = opts.clusterSize ?? DEFAULT_CLUSTER_SIZE
     if (!isPowerOfTwo(clusterSize) || clusterSize < MIN_CLUSTER_SIZE || clusterSize > MAX_CLUSTER_SIZE) {
       throw new SnapError('SNAP_USAGE', `cluster size ${clusterSize} must be a power of two from 64 KiB to 64 MiB`)
@@ -114,7 +134,7 @@ export class ImageWriter {
       await unlink(partial).catch(() => {})
       throw lockedError(path, running)
     }
-    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false)
+    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false)
   }
 
   setBlocks(blocks: RamBlockDecl[]): void {
@@ -208,8 +228,20 @@ export class ImageWriter {
       ? lz4.compress(raw).then((c) => (c.length <= raw.length - raw.length / 8 ? { codec: CODEC_LZ4, stored: c } : { codec: CODEC_NONE, stored: raw }))
       : Promise.resolve({ codec: CODEC_NONE, stored: raw })
     this.file.enqueue(this.seq++, pages, n, raw, stored)
-    this.buf = Buffer.allocUnsafe(this.clusterSize)
+    this.buf = this.newBuffer()
     this.count = 0
+  }
+
+  private newBuffer(): Buffer {
+    const b = this.spare.pop() ?? Buffer.allocUnsafeSlow(this.clusterSize)
+    this.ours.add(b.buffer)
+    return b
+  }
+
+  private recycle(raw: Buffer): void {
+    if (raw.byteOffset === 0 && this.ours.has(raw.buffer) && this.spare.length < 4) {
+      this.spare.push(Buffer.from(raw.buffer, 0, this.clusterSize))
+    }
   }
 
   async finish(device: DeviceState, info: FinishInfo): Promise<ImageSummary> {
@@ -242,6 +274,7 @@ export class ImageWriter {
     oldMap.loc.forEach((loc, b) => loc.forEach((l, p) => l === ZERO_LOC && map.setZero(b, p)))
     this.old = old
     this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim)
+    this.file.onEvict = (b) => this.recycle(b)
     this.map = map
     this.seq = 0
     const n = old.pageCounts.length
@@ -304,8 +337,9 @@ export class ImageWriter {
     ])
     const trailerOffset = f.dataEnd
     const fileLength = roundUp(trailerOffset + trailer.length + FOOTER_SIZE, ALIGN)
+    const trailerCrc = crc32(trailer)
     const footer = encodeFooter({
-      uuid: this.uuid, trailerOffset, trailerLength: trailer.length, trailerCrc: crc32(trailer),
+      uuid: this.uuid, trailerOffset, trailerLength: trailer.length, trailerCrc,
       clusterCount: f.offsets.length, generation: 1,
     })
     const header = encodeHeader({
@@ -316,9 +350,9 @@ export class ImageWriter {
     const pad = Buffer.alloc(fileLength - FOOTER_SIZE - trailerOffset - trailer.length)
     await writeFully(f.fh, [trailer, pad, footer], trailerOffset)
     // The header goes last: until it is written the file reads as incomplete.
-    await f.fh.datasync()
+    if (this.sync) await f.fh.datasync()
     await writeFully(f.fh, [header], 0)
-    await f.fh.datasync()
+    if (this.sync) await f.fh.datasync()
     // Renamed while still open, so that the partial is held (locked) until it has its name.
     await this.publish()
     await f.close()
@@ -336,14 +370,12 @@ export class ImageWriter {
       compacted, indexPath: `${this.path}.index`,
     }
     try {
-      const { ImageReader } = await import('./reader.js')
-      const { PageIndex } = await import('../index/page-index.js')
-      const reader = await ImageReader.open(this.path)
-      try {
-        await PageIndex.build(reader)
-      } finally {
-        await reader.close()
-      }
+      // From what we hold in memory: the image need not be read back.
+      await (await indexModule).PageIndex.buildFrom({
+        imagePath: this.path, pageSize: PAGE_SIZE, blocks: this.blocks, runs,
+        clusters: f.offsets.map((offset, seq) => ({ seq, offset, storedLength: f.storedLengths[seq], codec: f.codecs[seq], pageCount: f.pageCounts[seq] })),
+        stamp: { uuid: this.uuid, generation: 1, fileLength, trailerCrc, runs: runs.length, clusters: f.offsets.length, blocks: this.blocks.length },
+      })
     } catch (e) {
       // The image is complete and valid; a missing index is rebuilt by the next command.
       summary.indexError = e instanceof Error ? e.message : String(e)
@@ -373,7 +405,7 @@ export class ImageWriter {
       throw fromSystemError(e, `renaming ${from} to ${this.path}`)
     }
     this.partialPath = ''
-    fsyncDir(dirname(this.path))
+    if (this.sync) fsyncDir(dirname(this.path))
   }
 
   async abort(): Promise<void> {

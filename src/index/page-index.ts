@@ -5,7 +5,7 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
 import { Level } from 'level'
 import { SnapError, isSnapError } from '../errors.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type PageState } from '../types.js'
+import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type PageState, type RamBlock } from '../types.js'
 import type { DecodedCluster, ImageReader } from '../container/reader.js'
 import { ZERO_CLUSTER, type PageRun } from '../container/trailer.js'
 import * as K from './keys.js'
@@ -23,6 +23,16 @@ export interface IndexCluster {
   storedLength: number
   codec: number
   pageCount: number
+}
+
+/** What an index is built from: an open image (sourceOf) or the writer that just made it. */
+export interface IndexSource {
+  imagePath: string
+  pageSize: number
+  blocks: RamBlock[]
+  runs: PageRun[]
+  clusters: IndexCluster[]
+  stamp: K.IndexMeta
 }
 
 export interface OpenOptions {
@@ -71,33 +81,45 @@ export class PageIndex {
    * last rename wins, and both indexes are equally good).
    */
   static async build(reader: ImageReader): Promise<void> {
-    const dir = PageIndex.indexPath(reader.path)
+    await PageIndex.buildFrom(await PageIndex.sourceOf(reader))
+  }
+
+  static async sourceOf(reader: ImageReader): Promise<IndexSource> {
+    return {
+      imagePath: reader.path, pageSize: reader.header.pageSize, blocks: reader.blocks, runs: reader.runs,
+      clusters: await reader.clusterInfos(), stamp: PageIndex.stamp(reader),
+    }
+  }
+
+  static async buildFrom(src: IndexSource): Promise<void> {
+    const dir = PageIndex.indexPath(src.imagePath)
     const tmp = `${dir}.tmp-${process.pid}-${++builds}`
-    const infos = await reader.clusterInfos()
     try {
       await withUmask(async () => {
         await mkdir(tmp, { mode: 0o700 })
         const db = openDb(tmp, true)
         await db.open()
         try {
+          // Puts are synchronous; only full batches are awaited.
           let batch = db.batch()
-          const put = async (k: Buffer, v: Buffer) => {
-            batch.put(k, v)
-            if (batch.length >= BATCH) {
-              await batch.write()
-              batch = db.batch()
-            }
+          const flush = async (): Promise<void> => {
+            await batch.write()
+            batch = db.batch()
           }
-          const ps = reader.header.pageSize
-          for (const b of reader.blocks) await put(K.nameKey(b.name), K.encodeNameValue(b.id))
-          for (const r of reader.runs) {
+          const ps = src.pageSize
+          for (const b of src.blocks) batch.put(K.nameKey(b.name), K.encodeNameValue(b.id))
+          for (const r of src.runs) {
             const zero = r.cluster === ZERO_CLUSTER
-            await put(K.runKey(r.blockId, r.firstPage * ps), K.encodeRunValue({ kind: zero ? K.KIND_ZERO : K.KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot }))
+            batch.put(K.runKey(r.blockId, r.firstPage * ps), K.encodeRunValue({ kind: zero ? K.KIND_ZERO : K.KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot }))
+            if (batch.length >= BATCH) await flush()
           }
-          for (const c of infos) await put(K.clusterKey(c.seq), K.encodeClusterValue(c))
-          await batch.write()
+          for (const c of src.clusters) {
+            batch.put(K.clusterKey(c.seq), K.encodeClusterValue(c))
+            if (batch.length >= BATCH) await flush()
+          }
+          await flush()
           // Last: an interrupted build leaves no meta key and reads as stale.
-          await db.put(K.META_KEY, K.encodeMeta(PageIndex.stamp(reader)))
+          await db.put(K.META_KEY, K.encodeMeta(src.stamp))
         } finally {
           await db.close()
         }
