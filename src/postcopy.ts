@@ -73,7 +73,7 @@ class Session {
   private readonly pageSize: number
   private readonly ramId: number
   private readonly sent: Uint8Array[]
-  private readonly cache = new Map<number, Promise<DecodedCluster>>()
+  private readonly cache = new Map<number, DecodedCluster>()
   private readonly urgent: Array<{ buf: Buffer; t0: number }> = []
   private readonly background: Buffer[] = []
   private pumping: Promise<void> | null = null
@@ -173,7 +173,7 @@ class Session {
    * postcopy ends; one it touches before then it asks for, and gets a ZERO record (serve()).
    */
   private async pushEverything(): Promise<void> {
-    const chunk = this.opts.chunkBytes ?? 128 << 10
+    const chunk = this.opts.chunkBytes ?? 64 << 10
     let section = this.newSection()
     const flushIfFull = async (): Promise<void> => {
       if (section.size() < chunk) return
@@ -182,7 +182,7 @@ class Session {
     }
     for await (const cluster of this.reader.clusters()) {
       this.check()
-      this.cache.set(cluster.seq, Promise.resolve(cluster))
+      this.cache.set(cluster.seq, cluster)
       this.trimCache()
       const list = cluster.pages
       for (let slot = 0; slot < list.length / 2; slot++) {
@@ -234,7 +234,7 @@ class Session {
       if (where < 0) {
         section.zero(b, p) // zero, or never sent by QEMU: the destination had zeroes there too
       } else {
-        const cluster = await this.getCluster(where)
+        const cluster = this.getCluster(where)
         const slot = this.table.slotOf(b, p)
         if (slot >= cluster.pages.length / 2 || cluster.pages[2 * slot] !== b || cluster.pages[2 * slot + 1] !== p) {
           throw new SnapError('SNAP_CORRUPT', `the page map puts page ${p} of block ${b} in slot ${slot} of cluster ${where}, which holds another page`, { cluster: where })
@@ -250,10 +250,11 @@ class Session {
     this.pump()
   }
 
-  private getCluster(seq: number): Promise<DecodedCluster> {
+  /** Read on this thread: a request must not queue behind bulk I/O in the thread pool. */
+  private getCluster(seq: number): DecodedCluster {
     let c = this.cache.get(seq)
     if (c === undefined) {
-      c = this.reader.readCluster(seq)
+      c = this.reader.readClusterSync(seq)
       this.cache.set(seq, c)
       this.trimCache()
     }

@@ -1,4 +1,4 @@
-// `npm run bench:lazy -- --sizes 256M,1G,4G`: lazy restore (load --postcopy) against the eager
+// `npm run bench:lazy -- --sizes 256M,1G,4G [--cluster-size 1M] [--repeat 3]`: lazy restore (load --postcopy) against the eager
 // restore (load) of the same image, alternated in one run, each confirmed byte-identical.
 //
 // For each size: fill a paused source VM, save it once with exec:snapctl create; then per
@@ -103,7 +103,7 @@ async function lazy(work: string, memMiB: number, image: string, ram: string, ta
   }
 }
 
-async function benchSize(parent: string, sizeText: string, repeat: number): Promise<SizeResult> {
+async function benchSize(parent: string, sizeText: string, repeat: number, clusterSize: string): Promise<SizeResult> {
   const { bytes, label } = parseSize(sizeText)
   const memMiB = bytes / MiB
   const work = mkdtempSync(join(parent, `lazy-${label}-`))
@@ -113,7 +113,7 @@ async function benchSize(parent: string, sizeText: string, repeat: number): Prom
     await fillRam(ram, bytes, { seed: 1 })
     const src = await Vm.start({ name: 'src', memMiB, memPath: ram, dir: work })
     const image = join(work, 'vm.snap')
-    await src.migrate(`exec:${SNAPCTL} create ${image}; echo $? > ${image}.status`)
+    await src.migrate(`exec:${SNAPCTL} create ${image} --cluster-size ${clusterSize}; echo $? > ${image}.status`)
     if ((await pollUntil(src, ['completed', 'failed'])) !== 'completed' || (await waitStatusFile(`${image}.status`)) !== 0) {
       throw new Error(`save failed\n${src.stderr}`)
     }
@@ -155,13 +155,14 @@ async function main(): Promise<void> {
   const repeat = Math.max(3, Number(option(argv, '--repeat', '3')))
   const json = option(argv, '--json', 'bench-out/lazy.json')
   const parent = option(argv, '--dir', '/var/tmp')
+  const clusterSize = option(argv, '--cluster-size', '1M')
   const qemu = requireQemu()
   const results: SizeResult[] = []
-  for (const size of sizes) results.push(await benchSize(parent, size, repeat))
+  for (const size of sizes) results.push(await benchSize(parent, size, repeat, clusterSize))
   const table = report(results)
-  process.stdout.write(`lazy vs eager restore, QEMU ${qemu.version} TCG, medians of ${repeat}\n${table}\n`)
+  process.stdout.write(`lazy vs eager restore, QEMU ${qemu.version} TCG, clusters of ${clusterSize}, medians of ${repeat}\n${table}\n`)
   mkdirSync(dirname(json), { recursive: true })
-  writeFileSync(json, `${JSON.stringify({ date: new Date().toISOString(), qemu: qemu.version, repeat, results }, null, 2)}\n`)
+  writeFileSync(json, `${JSON.stringify({ date: new Date().toISOString(), qemu: qemu.version, repeat, clusterSize, results }, null, 2)}\n`)
 }
 
 main().catch((err) => {
