@@ -50,10 +50,10 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   try {
     const { runs, live } = await pageMapThroughIndex(reader, opts.log, opts.index)
     out = await openOutput(opts.to, { force: opts.force })
-    const pipe = new WritePipeline(out)
+    const rec = new PageRecordWriter(reader.blocks)
+    const pipe = new WritePipeline(out, (chunk) => rec.recycle(chunk))
     const d = reader.device
     const ramId = d.ramSectionId
-    const rec = new PageRecordWriter(reader.blocks)
     rec.raw(fileHeader(d.config))
     rec.raw(ramStartSection({ sectionId: ramId, instanceId: d.ramInstanceId, version: d.ramVersion }, reader.blocks))
     rec.raw(sectionPartHeader(ramId))
@@ -180,7 +180,8 @@ function sameRuns(a: PageRun[], b: PageRun[]): boolean {
 /** Keeps one write in flight while the next chunk is being built. */
 class WritePipeline {
   private inflight: Promise<void> = Promise.resolve()
-  constructor(private readonly out: Output) {}
+  /** `written` gets each chunk back once it is out, for reuse */
+  constructor(private readonly out: Output, private readonly written?: (chunk: Buffer) => void) {}
 
   get bytes(): number {
     return this.out.bytes
@@ -189,7 +190,7 @@ class WritePipeline {
   async send(chunks: Buffer[]): Promise<void> {
     for (const chunk of chunks) {
       await this.inflight
-      this.inflight = this.out.write(chunk)
+      this.inflight = this.out.write(chunk).then(() => this.written?.(chunk))
       // Marked handled now; the error still surfaces at the next await of `inflight`.
       this.inflight.catch(() => {})
     }

@@ -113,6 +113,8 @@ export class PageRecordWriter {
   private used = 0
   private done: Buffer[] = []
   private lastBlock = -1
+  /** written chunks handed back for reuse: fresh multi-MiB buffers cost page faults and GC */
+  private readonly spare: Buffer[] = []
 
   constructor(blocks: RamBlockDecl[], opts: { chunkSize?: number } = {}) {
     this.names = blocks.map((b) => {
@@ -121,7 +123,7 @@ export class PageRecordWriter {
       return n
     })
     this.chunkSize = Math.max(opts.chunkSize ?? DEFAULT_CHUNK_SIZE, 8 + 256 + 3 + TARGET_PAGE_SIZE)
-    this.chunk = Buffer.allocUnsafe(this.chunkSize)
+    this.chunk = Buffer.allocUnsafeSlow(this.chunkSize)
   }
 
   /** Make the next page record carry its block name (e.g. after the block list changed). */
@@ -204,7 +206,14 @@ export class PageRecordWriter {
   private finishChunk(): void {
     if (this.used === 0) return
     this.done.push(this.chunk.subarray(0, this.used))
-    this.chunk = Buffer.allocUnsafe(this.chunkSize)
+    this.chunk = this.spare.pop() ?? Buffer.allocUnsafeSlow(this.chunkSize)
     this.used = 0
+  }
+
+  /** Give back a chunk from take()/flush() once it has been written; it will be overwritten. */
+  recycle(chunk: Buffer): void {
+    if (chunk.byteOffset === 0 && chunk.buffer.byteLength === this.chunkSize && this.spare.length < 4) {
+      this.spare.push(Buffer.from(chunk.buffer, 0, this.chunkSize))
+    }
   }
 }
