@@ -144,7 +144,7 @@ export async function pageMapThroughIndex(
   return { runs: reader.runs, live }
 }
 
-async function refreshIndex(reader: ImageReader, log?: (msg: string) => void): Promise<void> {
+export async function refreshIndex(reader: ImageReader, log?: (msg: string) => void): Promise<void> {
   let index: PageIndex | undefined
   try {
     index = await PageIndex.open(reader, { log })

@@ -13,7 +13,7 @@
 import { ImageReader, type DecodedCluster } from './container/reader.js'
 import { refuseWhileCreating } from './container/lock.js'
 import { SnapError } from './errors.js'
-import { pageMapThroughIndex } from './load.js'
+import { refreshIndex } from './load.js'
 import { openOutput, type Output } from './output.js'
 import { PageTable } from './page-table.js'
 import * as enc from './stream/encoder.js'
@@ -57,12 +57,14 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
   let out: Output | undefined
   let rp: ReturnPath | undefined
   try {
-    const { runs } = await pageMapThroughIndex(reader, opts.log)
-    const table = new PageTable(reader.blocks, runs)
+    // Pages are served from the trailer's CRC-checked page map, held in memory. The LevelDB
+    // index is only checked (and rebuilt if need be) once every page is out, so that the time
+    // to resume does not grow with the size of the map.
+    const table = new PageTable(reader.blocks, reader.runs)
     out = await openOutput(undefined)
     rp = new ReturnPath(process.stdin)
     const session = new Session(reader, table, out, rp, opts)
-    return await session.run(started)
+    return await session.run(started, () => refreshIndex(reader, opts.log))
   } finally {
     rp?.stop()
     await reader.close()
@@ -81,6 +83,8 @@ class Session {
   private failure: unknown = null
   private requestChain: Promise<void> = Promise.resolve()
   private lastBlock = -1
+  /** the END section and EOF are queued: no more page records */
+  private ended = false
   private readonly latencies: number[] = []
   private requests = 0
   private requestedPages = 0
@@ -100,7 +104,7 @@ class Session {
     this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
   }
 
-  async run(started: number): Promise<PostcopyStats> {
+  async run(started: number, afterPush: () => Promise<void>): Promise<PostcopyStats> {
     const d = this.reader.device
     const timeout = this.opts.timeoutMs ?? defaultTimeout()
     await this.out.write(
@@ -140,8 +144,13 @@ class Session {
     await this.requestChain
     this.check()
     this.rp.onClose = null
+    // Every data page is out. A request from now on is for a zero page (never pushed) and
+    // needs no answer: after EOF the destination stops trapping, and the page reads as zero.
+    // Answering would write after EOF, into a pipe QEMU may already have closed.
+    this.ended = true
     await this.enqueue(Buffer.concat([enc.sectionEndHeader(this.ramId), enc.eosFooter(this.ramId), Buffer.from([0])]))
     await this.drain()
+    await afterPush()
     await this.rp.waitClosed(timeout, () => this.failure !== null)
     this.check()
     return {
@@ -216,7 +225,7 @@ class Session {
   }
 
   private async serve(blockName: string | null, offset: number, length: number, t0: number): Promise<void> {
-    if (this.failure) return
+    if (this.failure || this.ended) return
     const b = blockName === null ? this.lastBlock : this.table.blockId(blockName)
     if (b < 0) throw new SnapError('SNAP_BAD_REQUEST', 'QEMU sent REQ_PAGES before naming a RAM block')
     this.lastBlock = b

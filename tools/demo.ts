@@ -6,27 +6,17 @@
 //   5. restore lazily:     migrate-incoming "exec:snapctl load --postcopy IMAGE" -> resume time, compare RAM
 // Exits non-zero if any step fails or any restored byte differs.
 import { execFileSync } from 'node:child_process'
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs'
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { setTimeout as sleep } from 'node:timers/promises'
-import { Vm, fillRam, filesEqual, requireQemu } from './vm.js'
+import { Vm, fillRam, filesEqual, requireQemu, waitExitStatus } from './vm.js'
 
 const MiB = 1 << 20
 const SIZE_MIB = Number(process.env.DEMO_MIB ?? 256)
 const BIN = join(resolve(dirname(fileURLToPath(import.meta.url)), '../..'), 'bin/run.js')
 const SNAPCTL = `${process.execPath} ${BIN}`
 const say = (msg: string): void => void process.stdout.write(`${msg}\n`)
-
-async function waitFile(path: string, timeoutMs = 120_000): Promise<number> {
-  const deadline = Date.now() + timeoutMs
-  while (!(existsSync(path) && readFileSync(path, 'utf8').endsWith('\n'))) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${path}`)
-    await sleep(10)
-  }
-  return Number(readFileSync(path, 'utf8').trim())
-}
 
 async function main(): Promise<void> {
   const qemu = requireQemu()
@@ -48,7 +38,7 @@ async function main(): Promise<void> {
     let t = performance.now()
     await src.migrate(`exec:${SNAPCTL} create ${image}; echo $? > ${image}.status`)
     const saved = await src.waitMigration()
-    const createStatus = await waitFile(`${image}.status`)
+    const createStatus = await waitExitStatus(`${image}.status`)
     if (saved.status !== 'completed' || createStatus !== 0) throw new Error(`save failed: ${saved.status}, exit ${createStatus}`)
     const saveSeconds = (performance.now() - t) / 1000
     say(`2. saved with migrate "exec:snapctl create": ${saveSeconds.toFixed(2)} s, image ${(statSync(image).size / MiB).toFixed(1)} MiB for ${SIZE_MIB} MiB of RAM`)
@@ -77,7 +67,7 @@ async function main(): Promise<void> {
     const resumeMs = performance.now() - t
     const l = await lazy.waitMigration()
     const lazySeconds = (performance.now() - t) / 1000
-    const lazyStatus = await waitFile(`${image}.lazy.status`)
+    const lazyStatus = await waitExitStatus(`${image}.lazy.status`)
     if (active.status !== 'postcopy-active' || l.status !== 'completed' || lazyStatus !== 0) {
       throw new Error(`lazy restore: ${active.status} -> ${l.status}, exit ${lazyStatus}\n${lazy.stderr}`)
     }

@@ -2,7 +2,7 @@
 // over QMP, and make sure no QEMU outlives the test process. See DESIGN.md "Real components in tests".
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { createCipheriv, createHash } from 'node:crypto'
-import { existsSync, mkdtempSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { chmod, open, readFile, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { delimiter, dirname, join, resolve } from 'node:path'
@@ -58,7 +58,7 @@ export interface VmOptions {
   memMiB: number
   /** backing file of guest RAM; default a new file in /dev/shm (postcopy destinations need tmpfs) */
   memPath?: string
-  /** keep memPath on quit; default true when memPath was given, false when we made it */
+  /** keep memPath on quit (only a memPath the caller gave; default true for those) */
   keepMem?: boolean
   /** plain `-m` RAM (block `pc.ram`) instead of a backing file; memPath is then unused */
   anonymousRam?: boolean
@@ -108,7 +108,9 @@ export class Vm {
     const ownDir = !opts.dir
     const dir = opts.dir ?? mkdtempSync(join(tmpdir(), `snapctl-vm-${opts.name}-`))
     const memPath = resolve(opts.memPath ?? join('/dev/shm', `snapctl-${opts.name}-${process.pid}-${Date.now().toString(36)}.ram`))
-    const keepMem = opts.keepMem ?? opts.memPath !== undefined
+    // A RAM file the harness made in /dev/shm is always removed (a full tmpfs fails every later
+    // VM); keepMem only keeps a file the caller named.
+    const keepMem = opts.memPath !== undefined && (opts.keepMem ?? true)
     const sock = join(dir, `${opts.name}.qmp`)
     const logPath = join(dir, `${opts.name}.serial.log`)
     const args = qemuArgs(opts, memPath, sock, logPath)
@@ -418,6 +420,19 @@ function patternBytes(rand: () => number): Buffer {
 }
 
 /** Compares two files in 4 MiB chunks; firstDiff is the first differing byte offset (or the shorter length). */
+/** Waits for the file an `exec:` command line writes its exit status to (`CMD; echo $? > FILE`). */
+export async function waitExitStatus(path: string, timeoutMs = 120_000, pollMs = 10): Promise<number> {
+  const deadline = Date.now() + timeoutMs
+  for (;;) {
+    if (existsSync(path)) {
+      const text = readFileSync(path, 'utf8')
+      if (text.endsWith('\n')) return Number(text.trim())
+    }
+    if (Date.now() > deadline) throw new Error(`no exit status in ${path} after ${timeoutMs} ms`)
+    await sleep(pollMs)
+  }
+}
+
 export async function filesEqual(a: string, b: string): Promise<{ equal: boolean; firstDiff?: number }> {
   const [sa, sb] = await Promise.all([stat(a), stat(b)])
   const common = Math.min(sa.size, sb.size)

@@ -5,8 +5,7 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { setTimeout as sleep } from 'node:timers/promises'
-import { Vm, requireQemu, type VmOptions } from '../../tools/vm.js'
+import { Vm, requireQemu, waitExitStatus, type VmOptions } from '../../tools/vm.js'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
 export const SNAPCTL_BIN = join(ROOT, 'bin/run.js')
@@ -75,17 +74,7 @@ export function execUri(args: string, statusFile: string, stderrFile?: string): 
 }
 
 /** Waits for an exec: child to have exited; returns its exit status. */
-export async function waitStatus(statusFile: string, timeoutMs = 120_000): Promise<number> {
-  const deadline = Date.now() + timeoutMs
-  for (;;) {
-    if (existsSync(statusFile)) {
-      const text = readFileSync(statusFile, 'utf8')
-      if (text.endsWith('\n')) return Number(text.trim())
-    }
-    if (Date.now() > deadline) throw new Error(`exec: child did not finish within ${timeoutMs} ms (${statusFile})`)
-    await sleep(20)
-  }
-}
+export const waitStatus = (statusFile: string, timeoutMs = 120_000): Promise<number> => waitExitStatus(statusFile, timeoutMs, 20)
 
 /** Saves a VM with `migrate exec:snapctl create`; resolves when snapctl has exited 0. */
 export async function execCreate(w: Workdir, vm: Vm, image: string, extra = '', opts: Parameters<Vm['migrate']>[1] = {}): Promise<void> {

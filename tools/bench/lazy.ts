@@ -5,14 +5,14 @@
 // repetition, into fresh paused destinations (-S, -incoming defer, RAM on /dev/shm):
 //   eager: migrate-incoming exec:snapctl load        -> seconds to `completed`
 //   lazy:  migrate-incoming exec:snapctl load --postcopy
-//          -> ms to `postcopy-active` (the VM could run from then on), then 200 reads of
-//             random guest pages over QMP while pages are still arriving (each read of a
-//             missing page is a page request on the return path), then seconds to `completed`;
+//          -> ms to `postcopy-active` (the VM could run from then on), then reads of random
+//             guest pages over QMP (up to 200) while pages are still arriving (each read of a
+//             missing page is a page request on the return path), and seconds to `completed`;
 //             snapctl's --stats gives the request service latency (request read -> page written).
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Vm, fillRam, filesEqual, requireQemu } from '../vm.js'
+import { Vm, fillRam, filesEqual, requireQemu, waitExitStatus } from '../vm.js'
 import { RUN_JS } from './contenders.js'
 import { parseSize } from './options.js'
 import { median } from './report.js'
@@ -40,15 +40,6 @@ function option(argv: string[], name: string, fallback: string): string {
   return i >= 0 && argv[i + 1] !== undefined ? argv[i + 1] : fallback
 }
 
-async function waitStatusFile(path: string, timeoutMs = 600_000): Promise<number> {
-  const deadline = Date.now() + timeoutMs
-  while (!(existsSync(path) && readFileSync(path, 'utf8').endsWith('\n'))) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${path}`)
-    await sleep(5)
-  }
-  return Number(readFileSync(path, 'utf8').trim())
-}
-
 /** Polls query-migrate every 5 ms until one of `until`. */
 async function pollUntil(vm: Vm, until: string[], timeoutMs = 600_000): Promise<string> {
   const deadline = Date.now() + timeoutMs
@@ -68,7 +59,7 @@ async function eager(work: string, memMiB: number, image: string, ram: string, t
     await dst.migrateIncoming(`exec:${SNAPCTL} load ${image}; echo $? > ${status}`)
     const s = await pollUntil(dst, ['completed', 'failed'])
     const seconds = (performance.now() - t0) / 1000
-    if (s !== 'completed' || (await waitStatusFile(status)) !== 0) throw new Error(`eager restore ${s}\n${dst.stderr}`)
+    if (s !== 'completed' || (await waitExitStatus(status, 600_000, 5)) !== 0) throw new Error(`eager restore ${s}\n${dst.stderr}`)
     if (!(await filesEqual(ram, dst.memPath)).equal) throw new Error('eager restore: RAM differs')
     return seconds
   } finally {
@@ -87,14 +78,20 @@ async function lazy(work: string, memMiB: number, image: string, ram: string, ta
     const active = await pollUntil(dst, ['postcopy-active', 'completed', 'failed'])
     const toActiveMs = performance.now() - t0
     if (active !== 'postcopy-active') throw new Error(`lazy restore went to ${active}\n${dst.stderr}`)
-    for (let i = 0; i < 200; i++) {
+    // Reads of random pages while pages are still arriving, until the restore completes.
+    let finished = false
+    const done = pollUntil(dst, ['completed', 'failed']).then((st) => {
+      finished = true
+      return { st, at: performance.now() }
+    })
+    for (let i = 0; i < 200 && !finished; i++) {
       const page = Math.floor(Math.random() * (memMiB * 256))
       if (page >= 0xa0 && page < 0x100) continue // the VGA/BIOS hole below 1 MiB
       await dst.readGuest(page * 4096, 64)
     }
-    const s = await pollUntil(dst, ['completed', 'failed'])
-    const totalSeconds = (performance.now() - t0) / 1000
-    if (s !== 'completed' || (await waitStatusFile(status)) !== 0) throw new Error(`lazy restore ${s}\n${dst.stderr}`)
+    const { st: s, at } = await done
+    const totalSeconds = (at - t0) / 1000
+    if (s !== 'completed' || (await waitExitStatus(status, 600_000, 5)) !== 0) throw new Error(`lazy restore ${s}\n${dst.stderr}`)
     if (!(await filesEqual(ram, dst.memPath)).equal) throw new Error('lazy restore: RAM differs')
     const st = JSON.parse(readFileSync(stats, 'utf8'))
     return { toActiveMs, totalSeconds, requests: st.requests, latencyMs: st.latencyMs }
@@ -107,14 +104,14 @@ async function benchSize(parent: string, sizeText: string, repeat: number, clust
   const { bytes, label } = parseSize(sizeText)
   const memMiB = bytes / MiB
   const work = mkdtempSync(join(parent, `lazy-${label}-`))
+  const ram = `/dev/shm/snapctl-bench-lazy-${process.pid}.ram`
   try {
-    const ram = `/dev/shm/snapctl-bench-lazy-${process.pid}.ram`
     log(`${label}: filling RAM`)
     await fillRam(ram, bytes, { seed: 1 })
     const src = await Vm.start({ name: 'src', memMiB, memPath: ram, dir: work })
     const image = join(work, 'vm.snap')
     await src.migrate(`exec:${SNAPCTL} create ${image} --cluster-size ${clusterSize}; echo $? > ${image}.status`)
-    if ((await pollUntil(src, ['completed', 'failed'])) !== 'completed' || (await waitStatusFile(`${image}.status`)) !== 0) {
+    if ((await pollUntil(src, ['completed', 'failed'])) !== 'completed' || (await waitExitStatus(`${image}.status`, 600_000, 5)) !== 0) {
       throw new Error(`save failed\n${src.stderr}`)
     }
     await src.quit()
@@ -128,9 +125,9 @@ async function benchSize(parent: string, sizeText: string, repeat: number, clust
         log(`${label} rep ${r + 1}: ${which} done`)
       }
     }
-    rmSync(ram, { force: true })
     return result
   } finally {
+    rmSync(ram, { force: true })
     rmSync(work, { recursive: true, force: true })
   }
 }
