@@ -27,6 +27,7 @@ export default class Info extends Command {
         ['device state', `${info.deviceStateBytes} bytes`],
         ['page index', info.indexPresent ? 'present' : 'missing (rebuilt when needed)'],
       ]
+      if (info.createRunning?.length) rows.push(['create running', `pid ${info.createRunning.join(', ')}: this image is being replaced`])
       const w = Math.max(...rows.map((r) => r[0].length))
       let out = rows.map(([k, v]) => `${k.padEnd(w)}  ${v}\n`).join('')
       const nw = Math.max(5, ...info.ramBlocks.map((b) => b.name.length))
