@@ -3,6 +3,7 @@
 
 import { open, type FileHandle } from 'node:fs/promises'
 import { fromSystemError } from './errors.js'
+import { readThreaded } from './input-thread.js'
 
 const READ_SIZE = 4 << 20
 
@@ -35,14 +36,7 @@ export async function* readInput(from: string | undefined, startOffset = 0): Asy
 }
 
 async function* readStdin(): AsyncGenerator<Buffer> {
-  // process.stdin on a pipe is a libuv stream: reads happen on the event loop as data arrives,
-  // with no thread-pool round trip per read.
-  const stdin = process.stdin
-  try {
-    for await (const chunk of stdin) yield chunk as Buffer
-  } catch (err) {
-    throw fromSystemError(err, 'standard input')
-  }
+  yield* readThreaded(0, 'standard input')
 }
 
 /** Reads the first `n` bytes of a file (fewer if it is shorter). */

@@ -11,6 +11,7 @@ import { SnapError, isSnapError, type ErrorCode } from './errors.js'
 import { refuseWhileCreating } from './container/lock.js'
 import { PageIndex } from './index/page-index.js'
 import { openOutput, type Output } from './output.js'
+import { ThreadedOutput } from './output-thread.js'
 import {
   eosFooter,
   fileHeader,
@@ -47,11 +48,13 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   await refuseWhileCreating(path)
   const reader = await ImageReader.open(path)
   let out: Output | undefined
+  let writer: ThreadedOutput | undefined
   try {
     const { runs, live } = await pageMapThroughIndex(reader, opts.log, opts.index)
     out = await openOutput(opts.to, { force: opts.force })
     const rec = new PageRecordWriter(reader.blocks)
-    const pipe = new WritePipeline(out, (chunk) => rec.recycle(chunk))
+    writer = new ThreadedOutput(out.fd, out.what, (c) => rec.owns(c), (c) => rec.recycle(c))
+    const pipe = new ChunkSender(writer)
     const d = reader.device
     const ramId = d.ramSectionId
     rec.raw(fileHeader(d.config))
@@ -111,6 +114,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
+    writer?.abort()
     await out?.close().catch(() => {})
     await reader.close()
   }
@@ -177,26 +181,20 @@ function sameRuns(a: PageRun[], b: PageRun[]): boolean {
   return true
 }
 
-/** Keeps one write in flight while the next chunk is being built. */
-class WritePipeline {
-  private inflight: Promise<void> = Promise.resolve()
-  /** `written` gets each chunk back once it is out, for reuse */
-  constructor(private readonly out: Output, private readonly written?: (chunk: Buffer) => void) {}
+/** Hands chunks to the writer thread in order. */
+class ChunkSender {
+  constructor(private readonly out: ThreadedOutput) {}
 
   get bytes(): number {
     return this.out.bytes
   }
 
   async send(chunks: Buffer[]): Promise<void> {
-    for (const chunk of chunks) {
-      await this.inflight
-      this.inflight = this.out.write(chunk).then(() => this.written?.(chunk))
-      // Marked handled now; the error still surfaces at the next await of `inflight`.
-      this.inflight.catch(() => {})
-    }
+    for (const chunk of chunks) await this.out.write(chunk)
   }
 
+  /** Everything written (or the writer's error). */
   async done(): Promise<void> {
-    await this.inflight
+    await this.out.close()
   }
 }

@@ -14,6 +14,10 @@ export interface Output {
   write(chunk: Buffer): Promise<void>
   close(): Promise<void>
   readonly bytes: number
+  /** the file descriptor written to (1 for standard output) */
+  readonly fd: number
+  /** for messages: `standard output` or the file's path */
+  readonly what: string
 }
 
 export async function openOutput(to: string | undefined, opts: { force?: boolean } = {}): Promise<Output> {
@@ -31,8 +35,8 @@ export async function openOutput(to: string | undefined, opts: { force?: boolean
 class FdOutput implements Output {
   bytes = 0
   constructor(
-    private readonly fd: number,
-    private readonly what: string,
+    readonly fd: number,
+    readonly what: string,
     private readonly fh?: FileHandle,
   ) {}
 

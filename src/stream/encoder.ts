@@ -115,6 +115,7 @@ export class PageRecordWriter {
   private lastBlock = -1
   /** written chunks handed back for reuse: fresh multi-MiB buffers cost page faults and GC */
   private readonly spare: Buffer[] = []
+  private readonly mine = new WeakSet<ArrayBufferLike>()
 
   constructor(blocks: RamBlockDecl[], opts: { chunkSize?: number } = {}) {
     this.names = blocks.map((b) => {
@@ -123,7 +124,7 @@ export class PageRecordWriter {
       return n
     })
     this.chunkSize = Math.max(opts.chunkSize ?? DEFAULT_CHUNK_SIZE, 8 + 256 + 3 + TARGET_PAGE_SIZE)
-    this.chunk = Buffer.allocUnsafeSlow(this.chunkSize)
+    this.chunk = this.newChunk()
   }
 
   /** Make the next page record carry its block name (e.g. after the block list changed). */
@@ -206,14 +207,27 @@ export class PageRecordWriter {
   private finishChunk(): void {
     if (this.used === 0) return
     this.done.push(this.chunk.subarray(0, this.used))
-    this.chunk = this.spare.pop() ?? Buffer.allocUnsafeSlow(this.chunkSize)
+    this.chunk = this.spare.pop() ?? this.newChunk()
     this.used = 0
+  }
+
+  private newChunk(): Buffer {
+    const b = Buffer.allocUnsafeSlow(this.chunkSize)
+    this.mine.add(b.buffer)
+    return b
+  }
+
+  /** Whether `chunk` (from take()/flush()) is the start of a buffer of ours, whole. */
+  owns(chunk: Buffer): boolean {
+    return chunk.byteOffset === 0 && this.mine.has(chunk.buffer)
   }
 
   /** Give back a chunk from take()/flush() once it has been written; it will be overwritten. */
   recycle(chunk: Buffer): void {
     if (chunk.byteOffset === 0 && chunk.buffer.byteLength === this.chunkSize && this.spare.length < 4) {
-      this.spare.push(Buffer.from(chunk.buffer, 0, this.chunkSize))
+      const b = Buffer.from(chunk.buffer, 0, this.chunkSize)
+      this.mine.add(b.buffer)
+      this.spare.push(b)
     }
   }
 }

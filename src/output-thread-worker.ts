@@ -1,0 +1,29 @@
+// The thread behind ThreadedOutput (src/output-thread.ts): writes each chunk it is sent to the
+// fd with blocking writes, in order, and reports back (handing transferred buffers back).
+import { writeSync } from 'node:fs'
+import { parentPort, workerData } from 'node:worker_threads'
+
+const fd: number = workerData.fd
+const pause = new Int32Array(new SharedArrayBuffer(4))
+
+parentPort!.on('message', (m: { buffer: ArrayBuffer; length: number; copy?: boolean }) => {
+  const buf = Buffer.from(m.buffer, 0, m.length)
+  let off = 0
+  try {
+    while (off < buf.length) {
+      try {
+        off += writeSync(fd, buf, off, buf.length - off)
+      } catch (e) {
+        // A pipe someone switched to non-blocking mode: wait a moment for room.
+        if ((e as NodeJS.ErrnoException).code !== 'EAGAIN') throw e
+        Atomics.wait(pause, 0, 0, 1)
+      }
+    }
+  } catch (e) {
+    const err = e as NodeJS.ErrnoException
+    parentPort!.postMessage({ error: err.message, code: err.code })
+    return
+  }
+  if (m.copy) parentPort!.postMessage({ written: off, length: m.length })
+  else parentPort!.postMessage({ written: off, length: m.length, buffer: m.buffer }, [m.buffer])
+})
