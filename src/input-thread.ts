@@ -15,6 +15,7 @@ export async function* readThreaded(fd: number, what: string): AsyncGenerator<Bu
   // stdout/stderr: true keeps Node from opening the parent's stdio streams for the worker.
   const worker = new Worker(new URL('./input-thread-worker.js', import.meta.url), {
     workerData: { fd, queued: queued.buffer, limit: AHEAD },
+    execArgv: [],
     stdout: true,
     stderr: true,
   })

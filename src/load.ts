@@ -152,14 +152,14 @@ export async function refreshIndex(reader: ImageReader, log?: (msg: string) => v
   let index: PageIndex | undefined
   try {
     index = await PageIndex.open(reader, { log })
-    let runs: PageRun[] | null = null
+    let same: boolean | null = null
     try {
-      runs = (await index.loadAll()).runs
+      same = await index.sameRuns(reader.runs)
     } catch (e) {
       if (!isSnapError(e, 'SNAP_INDEX_CORRUPT')) throw e
     }
-    if (runs && sameRuns(runs, reader.runs)) return
-    log?.(`the page index ${index.path} ${runs ? "disagrees with the image's page map" : 'cannot be read'}; rebuilding it`)
+    if (same) return
+    log?.(`the page index ${index.path} ${same === false ? "disagrees with the image's page map" : 'cannot be read'}; rebuilding it`)
     await index.close()
     index = undefined
     await PageIndex.build(reader)
@@ -171,15 +171,6 @@ export async function refreshIndex(reader: ImageReader, log?: (msg: string) => v
   }
 }
 
-function sameRuns(a: PageRun[], b: PageRun[]): boolean {
-  if (a.length !== b.length) return false
-  for (let i = 0; i < a.length; i++) {
-    const x = a[i]
-    const y = b[i]
-    if (x.blockId !== y.blockId || x.firstPage !== y.firstPage || x.pageCount !== y.pageCount || x.cluster !== y.cluster || x.firstSlot !== y.firstSlot) return false
-  }
-  return true
-}
 
 /** Hands chunks to the writer thread in order. */
 class ChunkSender {

@@ -32,7 +32,7 @@ export class ThreadedOutput {
   ) {
     // stdout/stderr: true, or Node opens the parent's process.stdout to pipe the worker's into
     // it, which turns fd 1 non-blocking under us (measured: 10,000 EAGAINs in a 1 GiB restore).
-    this.worker = new Worker(new URL('./output-thread-worker.js', import.meta.url), { workerData: { fd }, stdout: true, stderr: true })
+    this.worker = new Worker(new URL('./output-thread-worker.js', import.meta.url), { workerData: { fd }, stdout: true, stderr: true, execArgv: [] })
     this.worker.on('message', (m: FromWorker) => this.onMessage(m))
     this.worker.on('error', (e) => this.fail(fromSystemError(e, this.what)))
   }

@@ -25,7 +25,7 @@ import type * as PageIndexModule from '../index/page-index.js'
 let indexModule: Promise<typeof PageIndexModule>
 
 /** Clusters being compressed or written before needsDrain() says stop. */
-const MAX_INFLIGHT = 4
+const MAX_INFLIGHT = 2
 /** Rewrite the image before finishing when dead bytes pass this share of it (spec: keep ≤ 2%). */
 const COMPACT_AT = 0.01
 export const CREATOR = 'snapctl/0.1.0'

@@ -300,6 +300,29 @@ export class PageIndex {
     }
   }
 
+  /**
+   * Whether the index's runs are exactly `runs` (the image's page map), read entry by entry:
+   * materialising a 4 GiB VM's 280,000 runs cost load ~40 MiB of memory.
+   */
+  async sameRuns(runs: PageRun[]): Promise<boolean> {
+    const ps = this.reader.header.pageSize
+    let i = 0
+    try {
+      for await (const [k, v] of this.db.iterator(K.RUNS_RANGE)) {
+        const r = runs[i++]
+        if (r === undefined) return false
+        const key = K.decodeRunKey(k)
+        const val = K.decodeRunValue(v)
+        const zero = val.kind === K.KIND_ZERO
+        if (key.blockId !== r.blockId || key.byteOffset !== r.firstPage * ps || val.pageCount !== r.pageCount) return false
+        if (zero ? r.cluster !== ZERO_CLUSTER : val.cluster !== r.cluster || val.firstSlot !== r.firstSlot) return false
+      }
+    } catch (e) {
+      throw levelError(e, 'runs')
+    }
+    return i === runs.length
+  }
+
   /** Compare every entry with the image; the first difference as SNAP_INDEX_MISMATCH, or null. */
   async check(reader: ImageReader): Promise<SnapError | null> {
     const mismatch = (what: string, details: Record<string, unknown> = {}) =>
