@@ -21,7 +21,7 @@ import {
   sectionPartHeader,
   switchoverStart,
 } from './stream/encoder.js'
-import type { PageRun } from './container/pagemap.js'
+import { ZERO_CLUSTER, type PageRun } from './container/trailer.js'
 
 export interface LoadOptions {
   /** write the stream to this file instead of standard output */
@@ -41,7 +41,6 @@ export interface LoadResult {
   seconds: number
 }
 
-export const ZERO_CLUSTER = 0xffffffff
 
 export async function loadImage(path: string, opts: LoadOptions = {}): Promise<LoadResult> {
   const started = performance.now()

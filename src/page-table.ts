@@ -2,13 +2,12 @@
 // request must be answered without touching LevelDB or the disk (DESIGN.md: ~70 µs per awaited
 // LevelDB get is too slow for a page fault). Built once from the index's runs.
 
-import type { PageRun } from './container/pagemap.js'
+import { ZERO_CLUSTER, type PageRun } from './container/trailer.js'
 import { SnapError } from './errors.js'
 import type { RamBlock } from './types.js'
 
 const NEVER = -1
 const ZERO = -2
-export const ZERO_CLUSTER = 0xffffffff
 
 export class PageTable {
   /** per block, per page: NEVER, ZERO, or the cluster's sequence number */
