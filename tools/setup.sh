@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUDO=""
+node_major=$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)
+if [ "$node_major" -lt 20 ]; then
+  echo "setup: snapctl needs Node.js >= 20.15 with npm (found: $(node --version 2>/dev/null || echo none)); install it first" >&2
+  exit 1
+fi
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 qemu_major() {
