@@ -21,6 +21,8 @@ export class ThreadedOutput {
   private failure: SnapError | null = null
   private waiters: Array<() => void> = []
   private readonly worker: Worker
+  /** per chunk posted, in order: what to call once the worker has written it */
+  private readonly onWritten: Array<(() => void) | undefined> = []
 
   constructor(
     fd: number,
@@ -29,6 +31,8 @@ export class ThreadedOutput {
     private readonly transferable: (chunk: Buffer) => boolean = () => false,
     /** gets back each transferred chunk once written */
     private readonly returned?: (chunk: Buffer) => void,
+    /** queued bytes beyond which write() waits */
+    private readonly queueLimit = QUEUE_LIMIT,
   ) {
     // stdout/stderr: true, or Node opens the parent's process.stdout to pipe the worker's into
     // it, which turns fd 1 non-blocking under us (measured: 10,000 EAGAINs in a 1 GiB restore).
@@ -48,6 +52,7 @@ export class ThreadedOutput {
     }
     this.queued -= m.length
     this.bytes += m.written
+    this.onWritten.shift()?.()
     if (m.buffer) this.returned?.(Buffer.from(m.buffer, 0, m.buffer.byteLength))
     this.wake()
   }
@@ -63,24 +68,34 @@ export class ThreadedOutput {
     for (const f of w) f()
   }
 
-  async write(chunk: Buffer): Promise<void> {
+  /** Queues `chunk`; waits while more than the queue limit is queued. `onWritten` once it is out. */
+  async write(chunk: Buffer, onWritten?: () => void): Promise<void> {
     if (this.failure) throw this.failure
     this.queued += chunk.length
+    this.onWritten.push(onWritten)
     if (this.transferable(chunk)) {
       const ab = chunk.buffer as ArrayBuffer
       this.worker.postMessage({ buffer: ab, length: chunk.length }, [ab])
     } else {
       this.worker.postMessage({ buffer: chunk.buffer.slice(chunk.byteOffset, chunk.byteOffset + chunk.length), length: chunk.length, copy: true })
     }
-    while (this.queued > QUEUE_LIMIT && !this.failure) await new Promise<void>((r) => this.waiters.push(r))
+    while (this.queued > this.queueLimit && !this.failure) await new Promise<void>((r) => this.waiters.push(r))
     if (this.failure) throw this.failure
   }
 
   /** Waits until everything queued is written; throws the writer's error if it had one. */
-  async close(): Promise<void> {
+  async flush(): Promise<void> {
     while (this.queued > 0 && !this.failure) await new Promise<void>((r) => this.waiters.push(r))
-    this.abort()
     if (this.failure) throw this.failure
+  }
+
+  /** flush(), then stop the writer thread. */
+  async close(): Promise<void> {
+    try {
+      await this.flush()
+    } finally {
+      this.abort()
+    }
   }
 
   /**

@@ -15,6 +15,7 @@ import { refuseWhileCreating } from './container/lock.js'
 import { SnapError } from './errors.js'
 import { refreshIndex } from './load.js'
 import { openOutput, type Output } from './output.js'
+import { ThreadedOutput } from './output-thread.js'
 import { PageTable } from './page-table.js'
 import * as enc from './stream/encoder.js'
 import { ReturnPathParser, type RpMessage } from './stream/return-path.js'
@@ -55,6 +56,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
   await refuseWhileCreating(path)
   const reader = await ImageReader.open(path)
   let out: Output | undefined
+  let writer: ThreadedOutput | undefined
   let rp: ReturnPath | undefined
   try {
     // Pages are served from the trailer's CRC-checked page map, held in memory. The LevelDB
@@ -62,10 +64,14 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     // to resume does not grow with the size of the map.
     const table = new PageTable(reader.blocks, reader.runs)
     out = await openOutput(undefined)
+    // A small queue on the writer thread: the pipe never runs dry while the main thread builds
+    // sections, and an urgent page waits behind at most this much background data.
+    writer = new ThreadedOutput(out.fd, out.what, () => false, undefined, 128 << 10)
     rp = new ReturnPath(process.stdin)
-    const session = new Session(reader, table, out, rp, opts)
+    const session = new Session(reader, table, writer, rp, opts)
     return await session.run(started, () => refreshIndex(reader, opts.log))
   } finally {
+    writer?.abort()
     rp?.stop()
     await reader.close()
   }
@@ -95,7 +101,7 @@ class Session {
   constructor(
     private readonly reader: ImageReader,
     private readonly table: PageTable,
-    private readonly out: Output,
+    private readonly out: ThreadedOutput,
     private readonly rp: ReturnPath,
     private readonly opts: PostcopyOptions,
   ) {
@@ -182,7 +188,7 @@ class Session {
    * postcopy ends; one it touches before then it asks for, and gets a ZERO record (serve()).
    */
   private async pushEverything(): Promise<void> {
-    const chunk = this.opts.chunkBytes ?? 64 << 10
+    const chunk = this.opts.chunkBytes ?? 256 << 10
     let section = this.newSection()
     const flushIfFull = async (): Promise<void> => {
       if (section.size() < chunk) return
@@ -291,8 +297,7 @@ class Session {
         for (;;) {
           const u = this.urgent.shift()
           if (u) {
-            await this.out.write(u.buf)
-            this.latencies.push(performance.now() - u.t0)
+            await this.out.write(u.buf, () => this.latencies.push(performance.now() - u.t0))
             continue
           }
           const bg = this.background.shift()
@@ -312,6 +317,7 @@ class Session {
   private async drain(): Promise<void> {
     while (this.pumping) await this.pumping
     this.check()
+    await this.out.flush()
   }
 }
 
