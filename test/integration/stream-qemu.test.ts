@@ -7,18 +7,10 @@ import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import {
-  PageRecordWriter,
-  eosFooter,
-  fileHeader,
-  ramStartSection,
-  sectionEndHeader,
-  sectionPartHeader,
-  switchoverStart,
-} from '../../src/stream/encoder.js'
+import { eosFooter, sectionPartHeader } from '../../src/stream/encoder.js'
 import { xbzrleEncode } from '../../src/stream/xbzrle.js'
 import { Vm } from '../../tools/vm.js'
-import { pageOf, parseWith } from '../unit/stream-helpers.js'
+import { pageOf, parseWith, replay } from '../unit/stream-helpers.js'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..')
 const fixture = readFileSync(join(root, 'test', 'fixtures', 'qemu10-pc-16M.stream'))
@@ -30,39 +22,24 @@ test('QEMU 10 accepts a stream written by the encoder', async () => {
     const o = parseWith(fixture, 0)
     assert.not.ok(o.error, o.error?.message)
     const s = o.state!
-    const blocks = o.sink.blockList
-    const ids = { sectionId: s.ramSectionId, instanceId: s.ramInstanceId, version: s.ramVersion }
-    const w = new PageRecordWriter(blocks, { chunkSize: 1 << 20 })
-    w.raw(fileHeader(s.config))
-    w.raw(ramStartSection(ids, blocks))
-    w.raw(sectionPartHeader(ids.sectionId))
-    for (const call of o.calls.slice(1)) {
-      const [kind, b, p] = call.split(' ')
-      const block = Number(b)
-      const page = Number(p)
-      if (kind === 'zero') w.zero(block, page)
-      else w.page(block, page, o.sink.ram[block].subarray(page * 4096, (page + 1) * 4096))
-    }
-    w.raw(eosFooter(ids.sectionId))
     // a second round: pc.ram pages 0x300.. re-sent, one as an XBZRLE delta, one zeroed again
     const a = pageOf(0x300)
     const b2 = Buffer.from(a)
     b2.fill(0x42, 10, 50)
-    w.raw(sectionPartHeader(ids.sectionId))
-    w.page(0, 0x300, a)
-    w.page(0, 0x301, pageOf(0x301))
-    w.xbzrle(0, 0x300, xbzrleEncode(a, b2)!)
-    w.zero(0, 0x301)
-    w.page(0, 0x302, pageOf(0x302))
-    w.raw(eosFooter(ids.sectionId))
-    w.raw(switchoverStart())
-    w.raw(sectionEndHeader(ids.sectionId))
-    w.page(0, 0x303, pageOf(0x303))
-    w.raw(eosFooter(ids.sectionId))
-    w.raw(s.deviceSections)
-    w.raw(s.streamEnd)
+    const stream = replay(o, {
+      between: (w, id) => {
+        w.raw(sectionPartHeader(id))
+        w.page(0, 0x300, a)
+        w.page(0, 0x301, pageOf(0x301))
+        w.xbzrle(0, 0x300, xbzrleEncode(a, b2)!)
+        w.zero(0, 0x301)
+        w.page(0, 0x302, pageOf(0x302))
+        w.raw(eosFooter(id))
+      },
+      endPages: (w) => w.page(0, 0x303, pageOf(0x303)),
+    })
     const streamPath = join(dir, 'in.stream')
-    writeFileSync(streamPath, Buffer.concat(w.flush()))
+    writeFileSync(streamPath, stream)
 
     vm = await Vm.start({ name: 'stream', memMiB: 16, anonymousRam: true, machine: s.machine, incoming: 'defer', dir })
     await vm.migrateIncoming(`file:${streamPath}`)

@@ -221,3 +221,37 @@ export function pageOf(seed: number): Buffer {
   }
   return b
 }
+
+/**
+ * Writes a stream back from what the parser gave: header and configuration, ram START, one PART
+ * with every page record the sink saw (in order), then `between` (more sections), then
+ * [SWITCHOVER_START], an END section holding `endPages`, and the device state verbatim.
+ */
+export function replay(
+  o: Outcome,
+  opts: { between?: (w: PageRecordWriter, id: number) => void; endPages?: (w: PageRecordWriter) => void } = {},
+): Buffer {
+  const s = o.state!
+  const blocks = o.sink.blockList
+  const id = s.ramSectionId
+  const w = new PageRecordWriter(blocks, { chunkSize: 1 << 20 })
+  w.raw(fileHeader(s.config))
+  w.raw(ramStartSection({ sectionId: id, instanceId: s.ramInstanceId, version: s.ramVersion }, blocks))
+  w.raw(sectionPartHeader(id))
+  for (const call of o.calls.slice(1)) {
+    const [kind, b, p] = call.split(' ')
+    const block = Number(b)
+    const page = Number(p)
+    if (kind === 'zero') w.zero(block, page)
+    else w.page(block, page, o.sink.ram[block].subarray(page * 4096, (page + 1) * 4096))
+  }
+  w.raw(eosFooter(id))
+  opts.between?.(w, id)
+  if (s.switchoverStart) w.raw(switchoverStart())
+  w.raw(sectionEndHeader(id))
+  opts.endPages?.(w)
+  w.raw(eosFooter(id))
+  w.raw(s.deviceSections)
+  w.raw(s.streamEnd)
+  return Buffer.concat(w.flush())
+}

@@ -4,17 +4,7 @@ import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import type { DeviceState } from '../../src/types.js'
-import {
-  PageRecordWriter,
-  eosFooter,
-  fileHeader,
-  ramStartSection,
-  sectionEndHeader,
-  sectionPartHeader,
-  switchoverStart,
-} from '../../src/stream/encoder.js'
-import { parseAll, type Outcome } from './stream-helpers.js'
+import { parseAll, replay, type Outcome } from './stream-helpers.js'
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..')
 const file = readFileSync(join(root, 'test', 'fixtures', 'qemu10-pc-16M.stream'))
@@ -71,32 +61,8 @@ test('deviceSections and streamEnd are the file bytes, found independently', () 
   assert.is(first.counters!.sections, 3 + 30, 'START, PART, END and 30 device sections')
 })
 
-/** Write a stream from what the parser gave: the pages as the sink saw them, the device state verbatim. */
-function reencode(o: Outcome, s: DeviceState): Buffer {
-  const blocks = o.sink.blockList
-  const w = new PageRecordWriter(blocks)
-  const ids = { sectionId: s.ramSectionId, instanceId: s.ramInstanceId, version: s.ramVersion }
-  w.raw(fileHeader(s.config))
-  w.raw(ramStartSection(ids, blocks))
-  w.raw(sectionPartHeader(ids.sectionId))
-  for (const call of o.calls.slice(1)) {
-    const [kind, b, p] = call.split(' ')
-    const block = Number(b)
-    const page = Number(p)
-    if (kind === 'zero') w.zero(block, page)
-    else w.page(block, page, o.sink.ram[block].subarray(page * 4096, page * 4096 + 4096))
-  }
-  w.raw(eosFooter(ids.sectionId))
-  if (s.switchoverStart) w.raw(switchoverStart())
-  w.raw(sectionEndHeader(ids.sectionId))
-  w.raw(eosFooter(ids.sectionId))
-  w.raw(s.deviceSections)
-  w.raw(s.streamEnd)
-  return Buffer.concat(w.flush())
-}
-
 test('round trip: re-encode pages and device state, parse again, same result', () => {
-  const again = reencode(first, first.state!)
+  const again = replay(first)
   const second = parseAll(again)
   assert.not.ok(second.error, second.error?.message)
   assert.equal(second.calls, first.calls)
