@@ -141,10 +141,6 @@ export function writeU64(buf: Buffer, pos: number, v: number): void {
   buf.writeUInt32BE(v >>> 0, pos + 4)
 }
 
-export function readU64(buf: Buffer, pos: number): number {
-  return buf.readUInt32BE(pos) * 0x100000000 + buf.readUInt32BE(pos + 4)
-}
-
 export const roundUp = (n: number, to: number): number => Math.ceil(n / to) * to
 
 export function isAllZero(b: Uint8Array): boolean {

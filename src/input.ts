@@ -8,9 +8,9 @@ import { readThreaded } from './input-thread.js'
 const READ_SIZE = 4 << 20
 
 /** Yields the input in chunks. Each chunk is a fresh buffer the consumer may keep. */
-export async function* readInput(from: string | undefined, startOffset = 0): AsyncGenerator<Buffer> {
+export async function* readInput(from: string | undefined): AsyncGenerator<Buffer> {
   if (from === undefined) {
-    yield* readStdin()
+    yield* readThreaded(0, 'standard input')
     return
   }
   let fh: FileHandle
@@ -20,7 +20,7 @@ export async function* readInput(from: string | undefined, startOffset = 0): Asy
     throw fromSystemError(err, from)
   }
   try {
-    let pos = startOffset
+    let pos = 0
     for (;;) {
       const buf = Buffer.allocUnsafe(READ_SIZE)
       const { bytesRead } = await fh.read(buf, 0, READ_SIZE, pos)
@@ -30,27 +30,6 @@ export async function* readInput(from: string | undefined, startOffset = 0): Asy
     }
   } catch (err) {
     throw fromSystemError(err, from)
-  } finally {
-    await fh.close()
-  }
-}
-
-async function* readStdin(): AsyncGenerator<Buffer> {
-  yield* readThreaded(0, 'standard input')
-}
-
-/** Reads the first `n` bytes of a file (fewer if it is shorter). */
-export async function readHead(path: string, n: number): Promise<Buffer> {
-  let fh: FileHandle
-  try {
-    fh = await open(path, 'r')
-  } catch (err) {
-    throw fromSystemError(err, path)
-  }
-  try {
-    const buf = Buffer.alloc(n)
-    const { bytesRead } = await fh.read(buf, 0, n, 0)
-    return buf.subarray(0, bytesRead)
   } finally {
     await fh.close()
   }

@@ -189,11 +189,13 @@ class Session {
    */
   private async pushEverything(): Promise<void> {
     const chunk = this.opts.chunkBytes ?? 256 << 10
-    let section = this.newSection()
+    // A section's records add up to ~265 bytes each (word, block name) beyond the page data.
+    const capacity = chunk + (32 << 10)
+    let section = this.newSection(capacity)
     const flushIfFull = async (): Promise<void> => {
       if (section.size() < chunk) return
       await this.enqueue(section.finish())
-      section = this.newSection()
+      section = this.newSection(capacity)
     }
     for await (const cluster of this.reader.clusters()) {
       this.check()
@@ -216,8 +218,9 @@ class Session {
     if (section.count > 0) await this.enqueue(section.finish())
   }
 
-  private newSection(): SectionBuilder {
-    return new SectionBuilder(this.ramId, this.table.blocks)
+  /** `capacity`: bytes the section is expected to need (it grows past that if it must). */
+  private newSection(capacity: number): SectionBuilder {
+    return new SectionBuilder(this.ramId, this.table.blocks, capacity)
   }
 
   private onMessage(m: RpMessage): void {
@@ -239,7 +242,7 @@ class Session {
     if (offset % this.pageSize !== 0 || length <= 0 || length % this.pageSize !== 0 || offset + length > block.size) {
       throw new SnapError('SNAP_BAD_REQUEST', `QEMU asked for bytes ${offset}+${length} of RAM block "${block.name}" (${block.size} bytes): not whole pages inside the block`)
     }
-    const section = this.newSection()
+    const section = this.newSection((length / this.pageSize) * (this.pageSize + 300) + 64)
     for (let p = offset / this.pageSize; p < (offset + length) / this.pageSize; p++) {
       this.requestedPages++
       if (this.sent[b][p] !== 0) continue
@@ -330,8 +333,10 @@ class SectionBuilder {
   constructor(
     private readonly ramId: number,
     blocks: PageTable['blocks'],
+    capacity: number,
   ) {
-    this.rec = new enc.PageRecordWriter(blocks, { chunkSize: 1 << 20 })
+    // One allocation of about the section's size (an urgent section is often a single page).
+    this.rec = new enc.PageRecordWriter(blocks, { chunkSize: capacity })
     this.rec.raw(enc.sectionPartHeader(ramId))
   }
 
