@@ -80,7 +80,7 @@ export interface StreamInfo {
   libvirtHeader?: Buffer
   creator: string
   counters: Partial<StreamCounters>
-  /** not in the spec's table (extra keys are allowed): the full machine type name */
+  /** the full machine type name (the header keeps at most 62 bytes) */
   machine?: string
   [key: string]: unknown
 }
