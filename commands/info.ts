@@ -1,6 +1,7 @@
 import { Args, Command, Flags } from '@oclif/core'
 import { mib, printJson, runCommand } from '../src/cli/run-command.js'
 import { imageInfo } from '../src/info.js'
+import type { DeviceCheck } from '../src/stream/device-tail.js'
 
 export default class Info extends Command {
   static override description = 'Show what an image holds: RAM blocks, pages, compression, dead bytes, device state'
@@ -24,7 +25,7 @@ export default class Info extends Command {
         ['machine', `${info.machine} (from ${info.source}${info.creator ? `, written by ${info.creator}` : ''})`],
         ['clusters', `${info.clusters} of up to ${mib(info.clusterSize)}, ${info.codecs.lz4} lz4, ${info.codecs.none} raw`],
         ['file', `${mib(info.fileBytes)}: ${mib(info.storedBytes)} stored pages, ${mib(info.deadBytes)} dead`],
-        ['device state', `${info.deviceStateBytes} bytes`],
+        ['device state', `${info.deviceStateBytes} bytes, ${deviceCheckText(info.deviceCheck)}`],
         ['page index', info.indexPresent ? 'present' : 'missing (rebuilt when needed)'],
       ]
       if (info.createRunning?.length) rows.push(['create running', `pid ${info.createRunning.join(', ')}: this image is being replaced`])
@@ -39,4 +40,10 @@ export default class Info extends Command {
       process.stdout.write(out)
     })
   }
+}
+
+function deviceCheckText(c: DeviceCheck): string {
+  const how = c.description ? 'against the VM description' : 'no VM description'
+  if (c.trusted.length === 0) return `${c.sections} sections, all walked ${how}`
+  return `${c.sections} sections (${how}): ${c.walked} walked, ${c.trusted.length} taken on trust by header and footer: ${c.trusted.join(', ')}`
 }

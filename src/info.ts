@@ -6,10 +6,11 @@ import { lockedError, runningCreates } from './container/lock.js'
 import { ImageReader, type ImageSummaryInfo } from './container/reader.js'
 import { HEADER_SIZE, decodeHeader } from './container/header.js'
 import { PageIndex } from './index/page-index.js'
+import { describeDeviceCheck, type DeviceCheck } from './stream/device-tail.js'
 
 /** createRunning: the PIDs of creates writing a new image to this path right now. */
 export type ImageInfo =
-  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean; createRunning?: number[] } & ImageSummaryInfo)
+  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean; deviceCheck: DeviceCheck; createRunning?: number[] } & ImageSummaryInfo)
   | { format: 'snapctl'; complete: false; reason: string; path: string; fileBytes: number; uuid?: string; clusterSize?: number; machine?: string; createRunning?: number[] }
 
 /**
@@ -30,7 +31,9 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
   try {
     const summary = await reader.summary()
     const indexPresent = await stat(PageIndex.indexPath(path)).then(() => true, () => false)
-    return { format: 'snapctl', complete: true, path, indexPresent, ...summary, ...pids }
+    // How the device state was proven whole: re-checked from its stored bytes (cheap: kilobytes).
+    const deviceCheck = describeDeviceCheck(reader.device.deviceSections, reader.device.streamEnd)
+    return { format: 'snapctl', complete: true, path, indexPresent, deviceCheck, ...summary, ...pids }
   } finally {
     await reader.close()
   }

@@ -132,7 +132,7 @@ export class StreamParser {
     }
     const tail = this.tail.length === 1 ? this.tail[0] : Buffer.concat(this.tail, this.tailLen)
     const layout = checkDeviceTail(tail, this.tailBase)
-    this.counters.sections += layout.sections
+    this.counters.sections += layout.sections.length
     return {
       machine: this.machine,
       config: this.config as Buffer,
