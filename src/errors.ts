@@ -1,11 +1,13 @@
 // Every error snapctl raises is a SnapError with a stable `code`. Codes never change meaning;
 // messages may be reworded. format-spec/errors.md lists every code and its exit status, and
-// test/errors.test.ts checks that the two lists agree.
+// test/unit/errors.test.ts checks that the two lists agree.
 
 export const ERROR_CODES = {
   // usage and files (exit 2, 5, 6)
   SNAP_USAGE: 2,
   SNAP_NOT_FOUND: 2,
+  SNAP_BAD_PATH: 2,
+  SNAP_TERMINAL: 2,
   SNAP_EXISTS: 5,
   SNAP_LOCKED: 5,
   SNAP_IO: 6,
@@ -36,6 +38,7 @@ export const ERROR_CODES = {
   SNAP_POSTCOPY_SETUP: 8,
   SNAP_RETURN_PATH: 8,
   SNAP_BAD_REQUEST: 8,
+  SNAP_NO_DESTINATION: 8,
   // the process (exit 9, 1)
   SNAP_ABORTED: 9,
   SNAP_INTERNAL: 1,
