@@ -19,7 +19,22 @@ if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v' || argv[0]
 } else {
   const { fastRun } = await import('../dist/src/cli/fast.js')
   if (!(await fastRun(argv))) {
-    const { execute } = await import('@oclif/core')
-    await execute({ dir: import.meta.url })
+    const { flush, run } = await import('@oclif/core')
+    try {
+      await run(argv, import.meta.url)
+      await flush()
+    } catch (err) {
+      // What fails outside a command (an unknown command, help for one) is reported in the same
+      // one-line form as every error. Commands report their own errors (src/cli/run-command.ts).
+      const { reportError } = await import('../dist/src/cli/run-command.js')
+      const { SnapError } = await import('../dist/src/errors.js')
+      const exit = err?.oclif?.exit
+      if (exit === 0) process.exitCode = 0
+      else if (exit === 127) {
+        // @oclif/plugin-not-found has said what it had to say; give the code and the way out.
+        const e = new SnapError('SNAP_USAGE', `"${argv[0]}" is not a snapctl command; "snapctl help" lists them`)
+        process.exitCode = reportError(e, argv.includes('--json'))
+      } else process.exitCode = reportError(err, argv.includes('--json'))
+    }
   }
 }
