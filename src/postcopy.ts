@@ -17,6 +17,7 @@ import { refreshIndex } from './load.js'
 import { openOutput, type Output } from './output.js'
 import { ThreadedOutput } from './output-thread.js'
 import { PageTable } from './page-table.js'
+import { ZERO_CLUSTER, type PageRun } from './container/trailer.js'
 import * as enc from './stream/encoder.js'
 import { ReturnPathParser, type RpMessage } from './stream/return-path.js'
 
@@ -27,6 +28,12 @@ export interface PostcopyOptions {
   /** how long to wait for the destination's answers during setup and at the end
    * (default: $SNAPCTL_RETURN_PATH_TIMEOUT_MS, else 30 s) */
   timeoutMs?: number
+  /**
+   * The destination's page size of each hugepage-backed RAM block, by block name (e.g.
+   * { mem: 2 MiB }); others are 4 KiB. Postcopy places whole host pages: ADVISE, the block list
+   * and every page sent must agree with the destination (reference §2.3, §2.8).
+   */
+  hostPageSizes?: Record<string, number>
 }
 
 function defaultTimeout(): number {
@@ -34,6 +41,7 @@ function defaultTimeout(): number {
   return Number.isFinite(env) && env > 0 ? env : 30_000
 }
 
+/** Keys as in README, "Output keys". */
 export interface PostcopyStats {
   /** from start to the device state written (the destination can start the VM then) */
   deviceStateSeconds: number
@@ -44,7 +52,12 @@ export interface PostcopyStats {
   latencyMs: { p50: number; p99: number; max: number }
   bytesPushed: number
   bytesOut: number
+  /** pages the image holds (storedPages + zeroPages) */
   pages: number
+  storedPages: number
+  zeroPages: number
+  /** page records written: every page with data, and the zero pages that were asked for */
+  pagesSent: number
   seconds: number
 }
 
@@ -63,12 +76,13 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     // index is only checked (and rebuilt if need be) once every page is out, so that the time
     // to resume does not grow with the size of the map.
     const table = new PageTable(reader.blocks, reader.runs)
+    const hostPages = hostPagesPerBlock(reader.blocks, opts.hostPageSizes ?? {})
     out = await openOutput(undefined)
     // A small queue on the writer thread: the pipe never runs dry while the main thread builds
     // sections, and an urgent page waits behind at most this much background data.
     writer = new ThreadedOutput(out.fd, out.what, () => false, undefined, 128 << 10)
     rp = new ReturnPath(process.stdin)
-    const session = new Session(reader, table, writer, rp, opts)
+    const session = new Session(reader, table, writer, rp, opts, hostPages)
     return await session.run(started, () => refreshIndex(reader, opts.log))
   } finally {
     writer?.abort()
@@ -104,6 +118,8 @@ class Session {
     private readonly out: ThreadedOutput,
     private readonly rp: ReturnPath,
     private readonly opts: PostcopyOptions,
+    /** per block: target pages per destination host page (1, or 512 for 2 MiB huge pages) */
+    private readonly hostPages: number[],
   ) {
     this.pageSize = reader.header.pageSize
     this.ramId = reader.device.ramSectionId
@@ -113,26 +129,29 @@ class Session {
   async run(started: number, afterPush: () => Promise<void>): Promise<PostcopyStats> {
     const d = this.reader.device
     const timeout = this.opts.timeoutMs ?? defaultTimeout()
+    const hostSizes = this.hostPages.map((n) => n * this.pageSize)
+    // QEMU's ram_pagesize_summary(): the OR of every block's page size.
+    const summary = hostSizes.reduce((a, b) => a | b, this.pageSize)
     await this.out.write(
       Buffer.concat([
         enc.fileHeader(d.config),
         enc.openReturnPath(),
         enc.ping(1),
-        enc.postcopyAdvise(this.pageSize, this.pageSize),
+        enc.postcopyAdvise(summary, this.pageSize),
         enc.ping(PING_ADVISED),
       ]),
     )
     // A destination without the postcopy-ram capability fails on ADVISE and closes the channel.
-    await this.rp.waitPong(PING_ADVISED, timeout, () =>
+    await this.rp.waitPong(PING_ADVISED, timeout, (nothingCame) => nothingCame ? noDestination() :
       new SnapError('SNAP_POSTCOPY_SETUP', 'the destination refused POSTCOPY_ADVISE: turn the postcopy-ram capability on at the destination (migrate-set-capabilities) before migrate-incoming, and back its RAM with anonymous memory, tmpfs or hugetlbfs'),
     )
     const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(PING_PACKAGE), enc.postcopyRun()])
     await this.out.write(
       Buffer.concat([
-        enc.ramStartSection({ sectionId: this.ramId, instanceId: d.ramInstanceId, version: d.ramVersion }, this.reader.blocks),
+        enc.ramStartSection({ sectionId: this.ramId, instanceId: d.ramInstanceId, version: d.ramVersion }, this.reader.blocks, hostSizes),
         // QEMU 10 goes ADVISE -> DISCARD on the first discard; LISTEN straight from ADVISE leaves
         // it in DISCARD and RUN is then refused. Discarding a page that never arrived is a no-op.
-        enc.postcopyRamDiscard(this.reader.blocks[0].name, [[0, this.pageSize]]),
+        enc.postcopyRamDiscard(this.reader.blocks[0].name, [[0, hostSizes[0]]]),
         enc.packaged(blob.length),
         blob,
       ]),
@@ -167,7 +186,8 @@ class Session {
       latencyMs: percentiles(this.latencies),
       bytesPushed: this.bytesPushed,
       bytesOut: this.out.bytes,
-      pages: this.pages,
+      ...imagePages(this.reader.runs),
+      pagesSent: this.pages,
       seconds: (performance.now() - started) / 1000,
     }
   }
@@ -205,6 +225,7 @@ class Session {
       for (let slot = 0; slot < list.length / 2; slot++) {
         const b = list[2 * slot]
         const p = list[2 * slot + 1]
+        if (this.hostPages[b] > 1) continue // pushed whole host pages at a time, below
         if (this.sent[b][p] !== 0 || this.table.where(b, p) !== cluster.seq || this.table.slotOf(b, p) !== slot) continue
         this.sent[b][p] = 1
         section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
@@ -216,6 +237,41 @@ class Session {
     // Pages QEMU never sent: the destination must not be left waiting on them if it asks,
     // but pushing them is not needed (postcopy's end leaves untouched memory zero).
     if (section.count > 0) await this.enqueue(section.finish())
+    await this.pushHostPages()
+  }
+
+  /**
+   * Hugepage-backed blocks: the destination places a host page once all its target pages have
+   * come, one after the other, so each host page goes in one section, whole (zero pages as ZERO
+   * records), and never split by an urgent answer. Host pages that are all zero stay unsent.
+   */
+  private async pushHostPages(): Promise<void> {
+    for (const block of this.table.blocks) {
+      const n = this.hostPages[block.id]
+      if (n === 1) continue
+      for (let first = 0; first < block.size / this.pageSize; first += n) {
+        this.check()
+        if (this.sent[block.id][first] !== 0 || !this.hasData(block.id, first, n)) continue
+        const section = this.newSection(n * (this.pageSize + 300) + 64)
+        this.addHostPage(section, block.id, first, n)
+        this.bytesPushed += n * this.pageSize
+        await this.enqueue(section.finish())
+      }
+    }
+  }
+
+  private hasData(b: number, first: number, n: number): boolean {
+    for (let p = first; p < first + n; p++) if (this.table.where(b, p) >= 0) return true
+    return false
+  }
+
+  /** Every target page of one host page, in order; marks them sent. */
+  private addHostPage(section: SectionBuilder, b: number, first: number, n: number): void {
+    for (let p = first; p < first + n; p++) {
+      this.sent[b][p] = 1
+      this.pages++
+      this.addPage(section, b, p)
+    }
   }
 
   /** `capacity`: bytes the section is expected to need (it grows past that if it must). */
@@ -242,23 +298,15 @@ class Session {
     if (offset % this.pageSize !== 0 || length <= 0 || length % this.pageSize !== 0 || offset + length > block.size) {
       throw new SnapError('SNAP_BAD_REQUEST', `QEMU asked for bytes ${offset}+${length} of RAM block "${block.name}" (${block.size} bytes): not whole pages inside the block`)
     }
-    const section = this.newSection((length / this.pageSize) * (this.pageSize + 300) + 64)
-    for (let p = offset / this.pageSize; p < (offset + length) / this.pageSize; p++) {
-      this.requestedPages++
+    // Whole host pages (QEMU asks for them whole; a hugepage is sent whole or not at all).
+    const n = this.hostPages[b]
+    const from = Math.floor(offset / this.pageSize / n) * n
+    const to = Math.ceil((offset + length) / this.pageSize / n) * n
+    const section = this.newSection((to - from) * (this.pageSize + 300) + 64)
+    this.requestedPages += length / this.pageSize
+    for (let p = from; p < to; p += n) {
       if (this.sent[b][p] !== 0) continue
-      const where = this.table.where(b, p)
-      this.sent[b][p] = 1
-      this.pages++
-      if (where < 0) {
-        section.zero(b, p) // zero, or never sent by QEMU: the destination had zeroes there too
-      } else {
-        const cluster = this.getCluster(where)
-        const slot = this.table.slotOf(b, p)
-        if (slot >= cluster.pages.length / 2 || cluster.pages[2 * slot] !== b || cluster.pages[2 * slot + 1] !== p) {
-          throw new SnapError('SNAP_CORRUPT', `the page map puts page ${p} of block ${b} in slot ${slot} of cluster ${where}, which holds another page`, { cluster: where })
-        }
-        section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
-      }
+      this.addHostPage(section, b, p, n)
     }
     if (section.count === 0) {
       this.requestsAlreadySent++
@@ -266,6 +314,21 @@ class Session {
     }
     this.urgent.push({ buf: section.finish(), t0 })
     this.pump()
+  }
+
+  /** A page's record: its data, checked against its cluster's page list, or ZERO. */
+  private addPage(section: SectionBuilder, b: number, p: number): void {
+    const where = this.table.where(b, p)
+    if (where < 0) {
+      section.zero(b, p) // zero, or never sent by QEMU: the destination had zeroes there too
+      return
+    }
+    const cluster = this.getCluster(where)
+    const slot = this.table.slotOf(b, p)
+    if (slot >= cluster.pages.length / 2 || cluster.pages[2 * slot] !== b || cluster.pages[2 * slot + 1] !== p) {
+      throw new SnapError('SNAP_CORRUPT', `the page map puts page ${p} of block ${b} in slot ${slot} of cluster ${where}, which holds another page`, { cluster: where })
+    }
+    section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
   }
 
   /** Read on this thread: a request must not queue behind bulk I/O in the thread pool. */
@@ -375,6 +438,8 @@ class ReturnPath {
   private readonly pongs = new Set<number>()
   private closed = false
   private closeError: unknown = null
+  /** bytes that came on the return path: none at all means no QEMU is at the other end */
+  private bytesIn = 0
   private waiters: Array<() => void> = []
 
   constructor(private readonly input: NodeJS.ReadStream) {
@@ -384,6 +449,7 @@ class ReturnPath {
   }
 
   private readonly onData = (chunk: Buffer): void => {
+    this.bytesIn += chunk.length
     let msgs: RpMessage[]
     try {
       msgs = this.parser.push(chunk)
@@ -451,10 +517,11 @@ class ReturnPath {
     return true
   }
 
-  async waitPong(value: number, ms: number, onClosed: () => SnapError): Promise<void> {
+  /** `onClosed(nothingCame)`: the error for a return path closed before the PONG. */
+  async waitPong(value: number, ms: number, onClosed: (nothingCame: boolean) => SnapError): Promise<void> {
     const ok = await this.waitFor(() => this.pongs.has(value) || this.closed, ms)
     if (this.pongs.has(value)) return
-    if (this.closed) throw this.closeError ?? onClosed()
+    if (this.closed) throw this.closeError ?? onClosed(this.bytesIn === 0)
     if (!ok) throw new SnapError('SNAP_RETURN_PATH', `no answer from the destination on the return path within ${ms} ms (is this running under migrate-incoming "exec:..."?)`)
   }
 
@@ -473,6 +540,38 @@ class ReturnPath {
     this.input.pause()
     this.input.destroy()
   }
+}
+
+/** Target pages per host page for each block; SNAP_USAGE for a size that cannot be or a block the image lacks. */
+function hostPagesPerBlock(blocks: ImageReader['blocks'], sizes: Record<string, number>): number[] {
+  for (const name of Object.keys(sizes)) {
+    if (!blocks.some((b) => b.name === name)) throw new SnapError('SNAP_USAGE', `--host-page-size names RAM block "${name}", which the image does not have (it has ${blocks.map((b) => b.name).join(', ')})`)
+  }
+  return blocks.map((b) => {
+    const size = sizes[b.name] ?? b.pageSize
+    if (size < b.pageSize || (size & (size - 1)) !== 0 || size > 1 << 30 || b.size % size !== 0) {
+      throw new SnapError('SNAP_USAGE', `--host-page-size ${b.name}=${size}: must be a power of two from ${b.pageSize} bytes to 1 GiB that divides the block's ${b.size} bytes`)
+    }
+    return size / b.pageSize
+  })
+}
+
+/**
+ * A destination QEMU answers the first PING before it looks at POSTCOPY_ADVISE (and fails it
+ * without the capability): a return path that closes with nothing on it never had a QEMU.
+ */
+function noDestination(): SnapError {
+  return new SnapError('SNAP_NO_DESTINATION', 'the return path (standard input) closed before anything came on it: no destination QEMU is there; run load --postcopy from the destination (migrate_incoming "exec:snapctl load --postcopy IMAGE")')
+}
+
+function imagePages(runs: readonly PageRun[]): { pages: number; storedPages: number; zeroPages: number } {
+  let storedPages = 0
+  let zeroPages = 0
+  for (const r of runs) {
+    if (r.cluster === ZERO_CLUSTER) zeroPages += r.pageCount
+    else storedPages += r.pageCount
+  }
+  return { pages: storedPages + zeroPages, storedPages, zeroPages }
 }
 
 function percentiles(values: number[]): { p50: number; p99: number; max: number } {

@@ -62,6 +62,8 @@ export interface VmOptions {
   keepMem?: boolean
   /** plain `-m` RAM (block `pc.ram`) instead of a backing file; memPath is then unused */
   anonymousRam?: boolean
+  /** the whole memory set-up (-machine, -m, -object, -numa ...) instead of one backing file; memPath is then unused */
+  memoryArgs?: string[]
   /** share=on, so the file *is* guest RAM; default true */
   share?: boolean
   /** -S; default true (a destination must not run firmware over restored RAM) */
@@ -72,6 +74,8 @@ export interface VmOptions {
   vga?: boolean
   /** multiboot image for -kernel, e.g. buildGuest() */
   kernel?: string
+  /** -initrd, e.g. linuxGuest().initrd (tools/linux-guest.ts) */
+  initrd?: string
   /** -append for the kernel (the dirtying guest reads "hot=<MiB> sweep=<pages>") */
   append?: string
   /** default 'pc' */
@@ -264,14 +268,16 @@ export class Vm {
 
 function qemuArgs(opts: VmOptions, memPath: string, sock: string, logPath: string): string[] {
   const n = opts.memMiB
-  const memory = opts.anonymousRam
+  const memory = opts.memoryArgs
+    ? opts.memoryArgs
+    : opts.anonymousRam
     ? ['-machine', opts.machine ?? 'pc']
     : ['-machine', `${opts.machine ?? 'pc'},memory-backend=mem`,
        '-object', `memory-backend-file,id=mem,size=${n}M,mem-path=${memPath},share=${opts.share === false ? 'off' : 'on'}`]
   const args = [
     '-accel', 'tcg',
     ...memory,
-    '-m', `${n}M`,
+    ...(opts.memoryArgs ? [] : ['-m', `${n}M`]),
     '-nodefaults', '-display', 'none', '-no-user-config',
     '-qmp', `unix:${sock},server=on,wait=off`,
     '-serial', `file:${logPath}`,
@@ -280,6 +286,7 @@ function qemuArgs(opts: VmOptions, memPath: string, sock: string, logPath: strin
   if (opts.incoming) args.push('-incoming', opts.incoming)
   if (opts.vga) args.push('-device', 'VGA')
   if (opts.kernel) args.push('-kernel', opts.kernel)
+  if (opts.initrd) args.push('-initrd', opts.initrd)
   if (opts.append !== undefined) args.push('-append', opts.append)
   return args.concat(opts.extraArgs ?? [])
 }

@@ -31,7 +31,9 @@ export async function runLoad(image: string, flags: ParsedFlags): Promise<number
   let stats: object
   if (flags.postcopy) {
     const { loadPostcopy } = await import('../postcopy.js')
-    stats = await loadPostcopy(image, { log: flags.progress ? log : undefined })
+    const { parseHostPageSizes } = await import('./size.js')
+    const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
+    stats = await loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes })
   } else {
     const { loadImage } = await import('../load.js')
     stats = await loadImage(image, {

@@ -10,6 +10,18 @@ export function parseSize(text: string, what: string): number {
   return Number(m[1]) * unit
 }
 
+/** `mem=2M,mem1=1G` -> { mem: 2097152, mem1: 1073741824 } (load --host-page-size). */
+export function parseHostPageSizes(text: string | undefined): Record<string, number> {
+  const out: Record<string, number> = {}
+  if (text === undefined) return out
+  for (const part of text.split(',')) {
+    const eq = part.lastIndexOf('=')
+    if (eq <= 0) throw new SnapError('SNAP_USAGE', `--host-page-size: "${part}" is not BLOCK=SIZE (e.g. mem=2M)`)
+    out[part.slice(0, eq)] = parseSize(part.slice(eq + 1), '--host-page-size')
+  }
+  return out
+}
+
 /** Writes process.resourceUsage() to $SNAPCTL_RUSAGE_FILE at exit (tools/bench reads peak RSS). */
 export function recordResourceUsage(): void {
   const file = process.env.SNAPCTL_RUSAGE_FILE

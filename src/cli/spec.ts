@@ -48,6 +48,7 @@ export const LOAD: CommandSpec = {
   flags: {
     to: { type: 'string', description: 'write the stream to FILE instead of stdout', exclusive: ['postcopy'] },
     postcopy: { type: 'boolean', description: 'lazy restore: the VM runs at once, pages are served on demand (reads the return path on stdin)' },
+    'host-page-size': { type: 'string', description: 'with --postcopy: the destination page size of hugepage-backed RAM blocks, e.g. mem=2M or mem0=2M,mem1=1G (postcopy places whole host pages)' },
     force: { type: 'boolean', description: 'with --to: replace an existing FILE' },
     progress: { type: 'boolean', description: 'show progress on stderr' },
     stats: { type: 'string', description: 'write timings and counters as JSON to FILE' },

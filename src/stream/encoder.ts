@@ -45,7 +45,12 @@ export function fileHeader(config: Buffer): Buffer {
 }
 
 /** §1.5 + §2.3: the ram START section: header, MEM_SIZE record and block list, EOS, footer. */
-export function ramStartSection(ids: SectionIds, blocks: RamBlockDecl[]): Buffer {
+/**
+ * `hostPageSizes[i]`: block i's page size at the destination, written after its used_length when
+ * it is not the target page size (a postcopy destination expects it for hugepage-backed blocks,
+ * reference §2.3); leave it out for a precopy stream.
+ */
+export function ramStartSection(ids: SectionIds, blocks: RamBlockDecl[], hostPageSizes?: number[]): Buffer {
   let total = 0
   let size = 1 + 4 + 1 + RAM_SECTION_IDSTR.length + 4 + 4 + 8 + 8 + 5
   for (const b of blocks) {
@@ -53,12 +58,16 @@ export function ramStartSection(ids: SectionIds, blocks: RamBlockDecl[]): Buffer
       throw new SnapError('SNAP_INTERNAL', `block ${b.name}: size ${b.size} is not a multiple of the page size`)
     }
     total += b.size
-    size += 1 + Buffer.byteLength(b.name, 'latin1') + 8
+    size += 1 + Buffer.byteLength(b.name, 'latin1') + 16
   }
   const w = Writer.alloc(size)
   w.u8(QEMU_VM_SECTION_START).u32(ids.sectionId).str8(RAM_SECTION_IDSTR).u32(ids.instanceId).u32(ids.version)
   w.u64(total + RAM_SAVE_FLAG_MEM_SIZE)
-  for (const b of blocks) w.str8(b.name).u64(b.size)
+  blocks.forEach((b, i) => {
+    w.str8(b.name).u64(b.size)
+    const hp = hostPageSizes?.[i] ?? TARGET_PAGE_SIZE
+    if (hp !== TARGET_PAGE_SIZE) w.u64(hp)
+  })
   w.u64(RAM_SAVE_FLAG_EOS)
   w.u8(QEMU_VM_SECTION_FOOTER).u32(ids.sectionId)
   return w.done()

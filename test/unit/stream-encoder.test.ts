@@ -46,6 +46,20 @@ test('ramStartSection: the bytes QEMU 10 writes for pc-i440fx -m 16M (reference 
   assert.is(hex(b), h(expected))
 })
 
+test('ramStartSection for a postcopy destination: page_size after a hugepage block only (reference §2.3)', () => {
+  const b = ramStartSection({ sectionId: 1, instanceId: 0, version: 4 }, [
+    { name: 'mem', size: 0x400000 },
+    { name: 'pc.bios', size: 0x40000 },
+  ], [0x200000, 0x1000])
+  const expected =
+    '01 00000001 03 72616d 00000000 00000004' +
+    '0000000000440004' +
+    '03 6d656d 0000000000400000 0000000000200000' +
+    '07 70632e62696f73 0000000000040000' +
+    '0000000000000010 7e00000001'
+  assert.is(hex(b), h(expected))
+})
+
 test('section headers, EOS + footer', () => {
   assert.is(hex(sectionPartHeader(1)), '0200000001')
   assert.is(hex(sectionEndHeader(0x01020304)), '0301020304')
