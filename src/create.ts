@@ -6,9 +6,11 @@
 // page once into its open cluster and seals clusters asynchronously. We await only when the
 // writer says too much is in flight, so the loop costs one await per input chunk at most.
 
+import { onAbort } from './abort.js'
 import { ImageWriter, type ImageSummary } from './container/writer.js'
 import { SnapError } from './errors.js'
 import { readInput } from './input.js'
+import { checkInputFile, checkOutputFile } from './paths.js'
 import { libvirtHeaderLength, parseLibvirtHeader } from './stream/libvirt.js'
 import { StreamParser } from './stream/parser.js'
 import { xbzrleDecode } from './stream/xbzrle.js'
@@ -22,8 +24,8 @@ export interface CreateOptions {
   force?: boolean
   /** make the image durable (fdatasync, directory fsync) before create returns */
   sync?: boolean
-  /** called about once a second with the bytes read so far */
-  onProgress?: (bytesIn: number) => void
+  /** called after every chunk read with the bytes read so far (and the input's size, if known) */
+  onProgress?: (bytesIn: number, bytesTotal?: number) => void
 }
 
 export interface CreateResult {
@@ -31,6 +33,8 @@ export interface CreateResult {
   counters: StreamCounters
   source: 'qemu' | 'libvirt'
   bytesIn: number
+  /** the input's size, where known (--from FILE) */
+  bytesTotal?: number
   seconds: number
 }
 
@@ -40,17 +44,28 @@ const LIBVIRT_FIXED_HEADER = 92
 
 export async function createImage(path: string, opts: CreateOptions = {}): Promise<CreateResult> {
   const started = performance.now()
-  const writer = await ImageWriter.create(path, {
+  // Paths first: a bad one must fail before QEMU's stream is read, not after.
+  const bytesTotal = opts.from === undefined ? undefined : (await checkInputFile(opts.from, '--from')).size
+  await checkOutputFile(path, 'the image')
+  const opening = ImageWriter.create(path, {
     clusterSize: opts.clusterSize,
     compress: opts.compress,
     force: opts.force,
     sync: opts.sync,
   })
-  const abortOnSignal = (): void => {
-    void writer.abort().finally(() => process.exit(9))
+  // Registered before the partial file exists: a signal while it is being made removes it too.
+  const offAbort = onAbort(async () => {
+    const w = await opening.catch(() => null)
+    await w?.abort()
+    return w ? 'the partial image was removed' : undefined
+  })
+  let writer: ImageWriter
+  try {
+    writer = await opening
+  } catch (e) {
+    offAbort()
+    throw e
   }
-  process.once('SIGINT', abortOnSignal)
-  process.once('SIGTERM', abortOnSignal)
   try {
     const scratch = Buffer.alloc(4096)
     const sink: RamSink = {
@@ -66,17 +81,13 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     const parser = new StreamParser(sink)
     const prefix = new PrefixSplitter()
     let bytesIn = 0
-    let lastReport = performance.now()
 
     for await (const chunk of readInput(opts.from)) {
       bytesIn += chunk.length
       const rest = prefix.push(chunk)
       if (rest !== null && rest.length > 0) parser.push(rest)
       if (writer.needsDrain()) await writer.drain()
-      if (opts.onProgress && performance.now() - lastReport > 1000) {
-        lastReport = performance.now()
-        opts.onProgress(bytesIn)
-      }
+      opts.onProgress?.(bytesIn, bytesTotal)
     }
     const rest = prefix.end()
     if (rest !== null && rest.length > 0) parser.push(rest)
@@ -88,14 +99,12 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
       libvirtHeader: prefix.libvirtHeader ?? undefined,
       compatibleFeatures: parser.counters.xbzrlePages > 0 ? 1 : 0,
     })
-    opts.onProgress?.(bytesIn)
-    return { image, counters: parser.counters, source, bytesIn, seconds: (performance.now() - started) / 1000 }
+    return { image, counters: parser.counters, source, bytesIn, bytesTotal, seconds: (performance.now() - started) / 1000 }
   } catch (err) {
     await writer.abort()
     throw err
   } finally {
-    process.off('SIGINT', abortOnSignal)
-    process.off('SIGTERM', abortOnSignal)
+    offAbort()
   }
 }
 

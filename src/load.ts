@@ -6,6 +6,7 @@
 // Every cluster is checked (structure, checksum, decoded length) before any of its pages is
 // sent; a failed check stops the stream, so QEMU never receives a wrong page.
 
+import { onAbort } from './abort.js'
 import { ImageReader } from './container/reader.js'
 import { SnapError, isSnapError, type ErrorCode } from './errors.js'
 import { refuseWhileCreating } from './container/lock.js'
@@ -29,15 +30,22 @@ export interface LoadOptions {
   force?: boolean
   /** false: leave the page index alone (the image's own page map is used either way) */
   index?: boolean
-  onProgress?: (bytesOut: number, totalPages: number, pagesSent: number) => void
+  /** after every cluster: bytes of page data sent so far, of the image's total */
+  onProgress?: (pageBytesSent: number, pageBytesTotal: number) => void
   log?: (msg: string) => void
 }
 
+/** Keys as in README, "Output keys". */
 export interface LoadResult {
-  bytesOut: number
+  /** pages the image holds (storedPages + zeroPages) */
   pages: number
+  storedPages: number
   zeroPages: number
+  /** page records written (every page of the image, once) */
+  pagesSent: number
+  /** data clusters read */
   clusters: number
+  bytesOut: number
   seconds: number
 }
 
@@ -48,9 +56,14 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   const reader = await ImageReader.open(path)
   let out: Output | undefined
   let writer: ThreadedOutput | undefined
+  let done = false
+  const opening = openOutput(opts.to, { force: opts.force })
+  opening.catch(() => {})
+  // Registered before the temporary file exists: a signal while it is being made removes it too.
+  const offAbort = onAbort(async () => (await opening.catch(() => null))?.discard())
   try {
+    out = await opening
     const { runs, live } = await pageMapThroughIndex(reader, opts.log, opts.index)
-    out = await openOutput(opts.to, { force: opts.force })
     const rec = new PageRecordWriter(reader.blocks)
     writer = new ThreadedOutput(out.fd, out.what, (c) => rec.owns(c), (c) => rec.recycle(c))
     const pipe = new ChunkSender(writer)
@@ -69,8 +82,9 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     }
 
     const pageSize = reader.header.pageSize
+    let storedPages = 0
+    for (const list of live.values()) for (const run of list) storedPages += run.pageCount
     let pages = 0
-    let lastReport = performance.now()
     for await (const cluster of reader.clusters()) {
       const mapped = live.get(cluster.seq)
       if (mapped === undefined) continue
@@ -87,10 +101,7 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
         }
       }
       await pipe.send(rec.take())
-      if (opts.onProgress && performance.now() - lastReport > 1000) {
-        lastReport = performance.now()
-        opts.onProgress(pipe.bytes, pages + zeroPages, pages + zeroPages)
-      }
+      opts.onProgress?.(pages * pageSize, storedPages * pageSize)
     }
 
     rec.raw(eosFooter(ramId))
@@ -104,17 +115,20 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
     await pipe.send(rec.flush())
     await pipe.done()
     await out.close()
-    out = undefined
+    done = true
     return {
-      bytesOut: pipe.bytes,
       pages: pages + zeroPages,
+      storedPages: pages,
       zeroPages,
+      pagesSent: pages + zeroPages,
       clusters: live.size,
+      bytesOut: pipe.bytes,
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
+    offAbort()
     writer?.abort()
-    await out?.close().catch(() => {})
+    if (!done) await out?.discard()
     await reader.close()
   }
 }
@@ -158,13 +172,20 @@ export async function refreshIndex(reader: ImageReader, log?: (msg: string) => v
       if (!isSnapError(e, 'SNAP_INDEX_CORRUPT')) throw e
     }
     if (same) return
-    log?.(`the page index ${index.path} ${same === false ? "disagrees with the image's page map" : 'cannot be read'}; rebuilding it`)
+    const why = same === false ? "disagreed with the image's page map" : 'could not be read'
+    const path = index.path
     await index.close()
     index = undefined
-    await PageIndex.build(reader)
+    try {
+      await PageIndex.build(reader)
+    } catch (e) {
+      throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${path} ${why} and could not be rebuilt: ${(e as Error).message}`, { cause: e })
+    }
+    log?.(`note: the page index ${path} ${why}; rebuilt it from the image`)
   } catch (e) {
     if (isSnapError(e) && !INDEX_FALLBACK.includes(e.code)) throw e
-    log?.(`${isSnapError(e) ? e.code : 'index'}: ${(e as Error).message}; using the page map in the image's trailer`)
+    // One line, no error code: the restore goes on and succeeds.
+    log?.(`note: the page index was not used (${(e as Error).message}); restoring from the page map in the image's trailer`)
   } finally {
     await index?.close().catch(() => {})
   }

@@ -1,7 +1,8 @@
 // `snapctl verify`: read every byte of an image and check it (format-spec/container.md,
 // "Reading an image" steps 1-5, the page map against each cluster's page list) and the page
 // index against the image (format-spec/index.md). Problems are collected, not thrown, so that
-// one damaged cluster does not hide the next.
+// one damaged cluster does not hide the next. A check writes nothing: a missing index is
+// reported as missing (it is a cache: any load rebuilds it), and only `rebuildIndex` builds one.
 import { stat } from 'node:fs/promises'
 import { SnapError, fromSystemError, type ErrorCode } from './errors.js'
 import { refuseWhileCreating } from './container/lock.js'
@@ -33,12 +34,16 @@ export interface VerifyReport {
   deadBytes: number
   bytesRead: number
   seconds: number
-  /** ok: fresh and equal to the image; built: it was missing and has been built; bad: see problems */
-  index: 'ok' | 'built' | 'bad' | 'unchecked'
+  /**
+   * ok: fresh and equal to the image; missing: there is none (not a problem); built, rebuilt:
+   * it was missing, or stale or damaged, and rebuildIndex made it; bad: see problems;
+   * unchecked: the image has problems, or the index cannot be opened here (a read-only place)
+   */
+  index: 'ok' | 'missing' | 'built' | 'rebuilt' | 'bad' | 'unchecked'
 }
 
 /** Errors that are not about the image's content: raised, not listed. */
-const NOT_DAMAGE: ErrorCode[] = ['SNAP_NOT_FOUND', 'SNAP_IO', 'SNAP_LOCKED', 'SNAP_INTERNAL']
+const NOT_DAMAGE: ErrorCode[] = ['SNAP_NOT_FOUND', 'SNAP_BAD_PATH', 'SNAP_IO', 'SNAP_LOCKED', 'SNAP_INTERNAL']
 
 function problem(e: unknown, where: { cluster?: number; offset?: number } = {}): Problem {
   const err = fromSystemError(e, 'verify')
@@ -54,6 +59,8 @@ export interface VerifyOptions {
   onProgress?: (doneBytes: number, totalBytes: number) => void
   /** false: check the image only, not its page index */
   index?: boolean
+  /** build a missing index, rebuild a stale or damaged one (the only time verify writes) */
+  rebuildIndex?: boolean
 }
 
 export async function verifyImage(path: string, opts: VerifyOptions = {}): Promise<VerifyReport> {
@@ -63,7 +70,7 @@ export async function verifyImage(path: string, opts: VerifyOptions = {}): Promi
     fileBytes: 0, storedBytes: 0, deadBytes: 0, bytesRead: 0, seconds: 0, index: 'unchecked',
   }
   const finish = () => {
-    report.imageOk = !report.problems.some((p) => p.code !== 'SNAP_INDEX_MISMATCH')
+    report.imageOk = !report.problems.some((p) => p.code !== 'SNAP_INDEX_MISMATCH' && p.code !== 'SNAP_INDEX_CORRUPT')
     report.ok = report.problems.length === 0
     report.seconds = (performance.now() - started) / 1000
     return report
@@ -83,7 +90,7 @@ export async function verifyImage(path: string, opts: VerifyOptions = {}): Promi
     report.fileBytes = reader.fileLength
     report.clusters = reader.clusterOffsets.length
     await checkClusters(reader, report, opts.onProgress)
-    if (report.problems.length === 0 && opts.index !== false) await checkIndex(reader, report)
+    if (report.problems.length === 0 && opts.index !== false) await checkIndex(reader, report, opts.rebuildIndex === true)
     opts.onProgress?.(report.fileBytes, report.fileBytes)
   } finally {
     await reader.close()
@@ -142,24 +149,39 @@ async function checkClusters(reader: ImageReader, report: VerifyReport, onProgre
   report.bytesRead = reader.fileLength
 }
 
-async function checkIndex(reader: ImageReader, report: VerifyReport): Promise<void> {
-  const existed = await stat(PageIndex.indexPath(reader.path)).then(() => true, () => false)
-  let index: PageIndex
-  try {
-    index = await PageIndex.open(reader, { rebuild: false })
-  } catch (e) {
-    if (!(e instanceof SnapError) || (e.code !== 'SNAP_INDEX_MISMATCH' && e.code !== 'SNAP_INDEX_CORRUPT')) throw e
+async function checkIndex(reader: ImageReader, report: VerifyReport, rebuild: boolean): Promise<void> {
+  const index = await PageIndex.openExisting(reader)
+  if (index === 'inaccessible' || (index === 'missing' && !rebuild)) {
+    report.index = index === 'missing' ? 'missing' : 'unchecked'
+    return
+  }
+  if (index instanceof PageIndex) {
+    let m: SnapError | null
+    try {
+      m = await index.check(reader)
+    } finally {
+      await index.close()
+    }
+    if (!m) {
+      report.index = 'ok'
+      return
+    }
+    if (!rebuild) {
+      report.index = 'bad'
+      report.problems.push({ ...problem(m), message: `${m.message}; the image itself is intact` })
+      return
+    }
+  } else if (!rebuild) {
     report.index = 'bad'
-    report.problems.push({ code: 'SNAP_INDEX_MISMATCH', message: `${e.message}; the image itself is intact` })
+    const what = index === 'stale' ? 'stale (it describes another image or generation)' : 'unreadable'
+    report.problems.push({ code: 'SNAP_INDEX_MISMATCH', message: `the page index ${PageIndex.indexPath(reader.path)} is ${what}; the image itself is intact (verify --rebuild-index or any load rebuilds it)` })
     return
   }
   try {
-    const m = await index.check(reader)
-    if (m) {
-      report.index = 'bad'
-      report.problems.push({ ...problem(m), message: `${m.message}; the image itself is intact` })
-    } else report.index = existed ? 'ok' : 'built'
-  } finally {
-    await index.close()
+    await PageIndex.build(reader)
+    report.index = index === 'missing' ? 'built' : 'rebuilt'
+  } catch (e) {
+    report.index = 'bad'
+    report.problems.push({ code: 'SNAP_INDEX_CORRUPT', message: `the page index could not be built: ${(e as Error).message}; the image itself is intact` })
   }
 }

@@ -2,6 +2,7 @@
 // (format-spec/errors.md): a SnapError prints `snapctl: CODE: message` on stderr, or
 // {"error": {...}} on stdout with --json, and exits with its code's status. Anything else is
 // SNAP_INTERNAL. Kept free of oclif so that the library never depends on the CLI framework.
+import { installAbortHandlers } from '../abort.js'
 import { SnapError } from '../errors.js'
 
 export function toSnapError(err: unknown): SnapError {
@@ -32,6 +33,8 @@ export function printJson(value: unknown): void {
  */
 export async function runCommand(argv: string[], body: () => Promise<number | void>, opts: { jsonErrors?: boolean } = {}): Promise<void> {
   const json = (opts.jsonErrors ?? true) && argv.includes('--json')
+  // A signal is reported like any error (the work in progress removes what it started).
+  installAbortHandlers((e) => void reportError(e, json))
   try {
     process.exitCode = (await body()) ?? 0
   } catch (err) {

@@ -91,6 +91,7 @@ export class ImageReader {
   }
 
   static async open(path: string): Promise<ImageReader> {
+    if (path.trim() === '') throw new SnapError('SNAP_BAD_PATH', 'the image path is empty')
     let fh: FileHandle
     try {
       fh = await open(path, 'r')
@@ -107,6 +108,7 @@ export class ImageReader {
 
   private static async check(path: string, fh: FileHandle): Promise<ImageReader> {
     const st = await fh.stat()
+    if (st.isDirectory()) throw new SnapError('SNAP_BAD_PATH', `${path} is a directory, not an image`)
     if (!st.isFile()) throw new SnapError('SNAP_BAD_MAGIC', `${path} is not a regular file`)
     const size = st.size
     const header = decodeHeader(await readAt(fh, 0, Math.min(size, HEADER_SIZE)), size)

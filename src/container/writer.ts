@@ -2,12 +2,13 @@
 // the open cluster's buffer; a sealed cluster is compressed and written by ClusterFile while
 // the stream goes on. The page map keeps only the newest copy of each page.
 import { randomBytes } from 'node:crypto'
-import { lstat, link, rename, unlink } from 'node:fs/promises'
+import { lstat, unlink } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { crc32 } from 'node:zlib'
 import lz4 from 'lz4-napi'
 import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
+import { renameIntoPlace } from '../paths.js'
 import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
 import { CODEC_LZ4, CODEC_NONE, decodePayload } from './cluster.js'
 import { ClusterFile, fsyncDir, writeFully, type Stored } from './cluster-file.js'
@@ -62,9 +63,13 @@ export interface ImageSummary {
   /** bytes of page data the stored pages hold, decoded */
   rawBytes: number
   deadBytes: number
+  /** pages the image holds: storedPages + zeroPages */
   pages: number
   zeroPages: number
   storedPages: number
+  /** every page of the RAM blocks (pages QEMU never sent included) and their bytes */
+  ramPages: number
+  ramBytes: number
   /** the image was rewritten to drop dead copies of re-sent pages */
   compacted: boolean
   indexPath: string
@@ -367,6 +372,7 @@ export class ImageWriter {
       path: this.path, uuid: this.uuid.toString('hex'), clusters: f.offsets.length, fileBytes: fileLength,
       storedBytes: f.storedLengths.reduce((a, b) => a + b, 0), rawBytes: f.pageCounts.reduce((a, b) => a + b, 0) * PAGE_SIZE,
       deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages: zeroPages + storedPages, zeroPages, storedPages,
+      ramPages: this.blocks.reduce((n, b) => n + b.size / b.pageSize, 0), ramBytes: this.blocks.reduce((n, b) => n + b.size, 0),
       compacted, indexPath: `${this.path}.index`,
     }
     try {
@@ -385,25 +391,7 @@ export class ImageWriter {
 
   /** Rename the partial file to its name, refusing an existing image unless forced. */
   private async publish(): Promise<void> {
-    const from = this.partialPath
-    try {
-      if (this.force) {
-        await rename(from, this.path)
-      } else {
-        try {
-          await link(from, this.path) // fails with EEXIST: no window in which an image is replaced
-          await unlink(from)
-        } catch (e) {
-          const code = (e as NodeJS.ErrnoException).code
-          if (code === 'EEXIST') throw new SnapError('SNAP_EXISTS', `${this.path} appeared while it was being written (use --force to replace it)`)
-          if (code !== 'EPERM' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP' && code !== 'EXDEV') throw e
-          if (await exists(this.path)) throw new SnapError('SNAP_EXISTS', `${this.path} exists (use --force to replace it)`)
-          await rename(from, this.path)
-        }
-      }
-    } catch (e) {
-      throw fromSystemError(e, `renaming ${from} to ${this.path}`)
-    }
+    await renameIntoPlace(this.partialPath, this.path, this.force)
     this.partialPath = ''
     if (this.sync) fsyncDir(dirname(this.path))
   }

@@ -35,6 +35,11 @@ export interface IndexSource {
   stamp: K.IndexMeta
 }
 
+/** Why there is no usable index: none, another image's or generation's, damaged, or in a place we cannot write. */
+export type IndexUnusable = 'missing' | 'stale' | 'unreadable' | 'inaccessible'
+
+const NO_WRITE = /permission denied|read-only file system|EACCES|EROFS/i
+
 export interface OpenOptions {
   log?: (msg: string) => void
   /** false: report a stale or unreadable index (verify) instead of rebuilding it */
@@ -149,7 +154,7 @@ export class PageIndex {
   }
 
   /** Open the index if it is there and fresh; why it cannot be used otherwise. */
-  private static async tryOpen(reader: ImageReader): Promise<PageIndex | 'missing' | 'stale' | 'unreadable'> {
+  private static async tryOpen(reader: ImageReader): Promise<PageIndex | IndexUnusable> {
     const dir = PageIndex.indexPath(reader.path)
     try {
       await stat(dir)
@@ -161,7 +166,8 @@ export class PageIndex {
       await withUmask(() => db.open())
     } catch (e) {
       if (isLocked(e)) throw new SnapError('SNAP_LOCKED', `the page index ${dir} is in use by another process`, { cause: e })
-      return 'unreadable'
+      // LevelDB writes (a lock file, a log) even to read: a read-only place is not damage.
+      return NO_WRITE.test(String((e as { cause?: unknown })?.cause ?? '') + String((e as Error)?.message)) ? 'inaccessible' : 'unreadable'
     }
     try {
       const raw = await db.get(K.META_KEY)
@@ -179,8 +185,11 @@ export class PageIndex {
     }
   }
 
-  /** tryOpen, retried while another process (a load, a build) holds the database's lock. */
-  private static async tryOpenWaiting(reader: ImageReader): Promise<PageIndex | 'missing' | 'stale' | 'unreadable'> {
+  /**
+   * The index if it is there and fresh, else why not; writes nothing but what LevelDB writes to
+   * open a database. Retried while another process (a load, a build) holds the database's lock.
+   */
+  static async openExisting(reader: ImageReader): Promise<PageIndex | IndexUnusable> {
     const deadline = Date.now() + LOCK_WAIT_MS
     for (;;) {
       try {
@@ -194,20 +203,20 @@ export class PageIndex {
 
   static async open(reader: ImageReader, opts: OpenOptions = {}): Promise<PageIndex> {
     const dir = PageIndex.indexPath(reader.path)
-    const first = await PageIndex.tryOpenWaiting(reader)
+    const first = await PageIndex.openExisting(reader)
     if (first instanceof PageIndex) return first
     if (first !== 'missing' && opts.rebuild === false) {
       const code = first === 'stale' ? 'SNAP_INDEX_MISMATCH' : 'SNAP_INDEX_CORRUPT'
       throw new SnapError(code, `the page index ${dir} is ${first === 'stale' ? 'stale (it describes another image or generation)' : 'unreadable'}; any command that uses it rebuilds it`)
     }
-    opts.log?.(`the page index ${dir} is ${first}; rebuilding it from the image`)
     try {
       await PageIndex.build(reader)
     } catch (e) {
       if (isSnapError(e) && e.code !== 'SNAP_IO' && e.code !== 'SNAP_NO_SPACE') throw e
-      throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} could not be rebuilt: ${(e as Error).message}`, { cause: e })
+      throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} was ${first} and could not be rebuilt: ${(e as Error).message}`, { cause: e })
     }
-    const again = await PageIndex.tryOpenWaiting(reader)
+    opts.log?.(`note: the page index ${dir} was ${first}; rebuilt it from the image`)
+    const again = await PageIndex.openExisting(reader)
     if (again instanceof PageIndex) return again
     throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} is ${again} even after a rebuild`)
   }

@@ -1,11 +1,11 @@
 // A damaged page index, through the real commands: deleted, copied from another image with the
 // same block layout (also with its stamp forged to match), its LevelDB files overwritten or cut
 // short. verify must report it (SNAP_INDEX_MISMATCH, the image itself intact) or find it
-// harmless; load must write exactly the stream the intact image gives, rebuild the index, and
-// a real QEMU restores from an image whose index was damaged, byte for byte.
+// harmless (and write nothing); load must write exactly the stream the intact image gives and
+// rebuild the index, and a real QEMU restores from an image whose index was damaged, byte for byte.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { cpSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs'
+import { cpSync, existsSync, readFileSync, readdirSync, rmSync, statSync, truncateSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs'
 import { join } from 'node:path'
 import { Level } from 'level'
 import { fillRam, filesEqual } from '../../tools/vm.js'
@@ -62,8 +62,12 @@ async function detectedAndRepaired(label: string, mustDetect: boolean): Promise<
   assert.is(parseJson(again).index, 'ok', label)
 }
 
-test('the index deleted: verify builds it, load restores the same stream', async () => {
+test('the index deleted: verify says so and writes nothing, load restores the same stream and rebuilds it', async () => {
   rmSync(`${imageA}.index`, { recursive: true })
+  const v = await snapctl(['verify', imageA, '--json'])
+  assert.is(v.code, 0, v.stderr)
+  assert.is(parseJson(v).index, 'missing')
+  assert.not.ok(existsSync(`${imageA}.index`), 'verify wrote an index')
   await detectedAndRepaired('deleted', false)
 })
 

@@ -103,7 +103,13 @@ expect('a message cut short by the close', 'SNAP_RETURN_PATH', afterPong((p) => 
   p.close()
 }))
 expect('SHUT with an error status', 'SNAP_RETURN_PATH', afterPong((p) => p.send(msg({ type: 'shut', status: 1 }))))
-expect('stdin closed before the device state', 'SNAP_POSTCOPY_SETUP', async (p) => {
+expect('PONG 1, then stdin closed (a destination without postcopy-ram)', 'SNAP_POSTCOPY_SETUP', async (p) => {
+  await p.seen(advised)
+  p.send(msg({ type: 'pong', value: 1 }))
+  await new Promise((r) => setTimeout(r, 100))
+  p.close()
+})
+expect('stdin closed with nothing on it (no destination QEMU)', 'SNAP_NO_DESTINATION', async (p) => {
   await p.seen(advised)
   p.close()
 })
