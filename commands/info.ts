@@ -1,5 +1,7 @@
 import { Args, Command, Flags } from '@oclif/core'
-import { mib, printJson, runCommand } from '../src/cli/run-command.js'
+import { formatBytes } from '../src/cli/format.js'
+import { printJson, reportError, runCommand } from '../src/cli/run-command.js'
+import { SnapError } from '../src/errors.js'
 import { imageInfo } from '../src/info.js'
 import type { DeviceCheck } from '../src/stream/device-tail.js'
 
@@ -13,18 +15,25 @@ export default class Info extends Command {
     await runCommand(this.argv, async () => {
       const { args, flags } = await this.parse(Info)
       const info = await imageInfo(args.image)
-      if (flags.json) return printJson(info)
       if (!info.complete) {
-        process.stdout.write(`${info.path}: incomplete snapctl image (${info.reason}), ${mib(info.fileBytes)}\n`)
-        return
+        // Described, but not an image: a command that reads it must not take it for one.
+        const err = new SnapError('SNAP_INCOMPLETE', `${info.path} is not a finished image (${info.reason})`)
+        if (flags.json) printJson({ ...info, error: err.toJSON() })
+        else {
+          process.stdout.write(`${info.path}: incomplete snapctl image (${info.reason}), ${formatBytes(info.fileBytes)}\n`)
+          reportError(err, false)
+        }
+        return err.exitCode
       }
+      if (flags.json) return printJson(info)
       const rows: Array<[string, string]> = [
         ['image', info.path],
         ['uuid', info.uuid],
         ['format', `snapctl v${info.version}, generation ${info.generation}, created ${info.createdAt}`],
         ['machine', `${info.machine} (from ${info.source}${info.creator ? `, written by ${info.creator}` : ''})`],
-        ['clusters', `${info.clusters} of up to ${mib(info.clusterSize)}, ${info.codecs.lz4} lz4, ${info.codecs.none} raw`],
-        ['file', `${mib(info.fileBytes)}: ${mib(info.storedBytes)} stored pages, ${mib(info.deadBytes)} dead`],
+        ['ram', `${formatBytes(info.ramBytes)} in ${info.ramBlocks.length} block${info.ramBlocks.length === 1 ? '' : 's'}, ${info.ramPages} pages: ${info.pages} held (${info.storedPages} with data, ${info.zeroPages} zero)`],
+        ['clusters', `${info.clusters} of up to ${formatBytes(info.clusterSize)}, ${info.codecs.lz4} lz4, ${info.codecs.none} raw`],
+        ['file', `${formatBytes(info.fileBytes)}: ${formatBytes(info.storedBytes)} of page data (${formatBytes(info.rawBytes)} before compression, ratio ${info.compressionRatio.toFixed(2)}), ${formatBytes(info.deadBytes)} dead`],
         ['device state', `${info.deviceStateBytes} bytes, ${deviceCheckText(info.deviceCheck)}`],
         ['page index', info.indexPresent ? 'present' : 'missing (rebuilt when needed)'],
       ]
@@ -34,8 +43,8 @@ export default class Info extends Command {
       const nw = Math.max(5, ...info.ramBlocks.map((b) => b.name.length))
       out += `\n${'block'.padEnd(nw)}  ${'size'.padStart(12)}  ${'pages'.padStart(9)}  ${'stored'.padStart(9)}  ${'zero'.padStart(9)}  ${'never sent'.padStart(10)}\n`
       for (const b of info.ramBlocks) {
-        const never = b.pages - b.storedPages - b.zeroPages
-        out += `${b.name.padEnd(nw)}  ${mib(b.size).padStart(12)}  ${String(b.pages).padStart(9)}  ${String(b.storedPages).padStart(9)}  ${String(b.zeroPages).padStart(9)}  ${String(never).padStart(10)}\n`
+        const never = b.ramPages - b.pages
+        out += `${b.name.padEnd(nw)}  ${formatBytes(b.size).padStart(12)}  ${String(b.ramPages).padStart(9)}  ${String(b.storedPages).padStart(9)}  ${String(b.zeroPages).padStart(9)}  ${String(never).padStart(10)}\n`
       }
       process.stdout.write(out)
     })

@@ -1,36 +1,38 @@
 import { Args, Command, Flags } from '@oclif/core'
 import { ERROR_CODES } from '../src/errors.js'
-import { mib, printJson, runCommand } from '../src/cli/run-command.js'
+import { formatBytes, formatRate } from '../src/cli/format.js'
+import { progressReporter } from '../src/cli/progress.js'
+import { printJson, runCommand } from '../src/cli/run-command.js'
 import { verifyImage } from '../src/verify.js'
 
+const INDEX_TEXT = {
+  ok: 'index ok',
+  missing: 'no index (any load rebuilds it; --rebuild-index builds it now)',
+  built: 'index built',
+  rebuilt: 'index rebuilt',
+  bad: 'index bad',
+  unchecked: 'index not checked (it cannot be opened here)',
+}
+
 export default class Verify extends Command {
-  static override description = 'Check every byte of an image and its page index; exit 0 only if all is well'
-  static override examples = ['<%= config.bin %> verify /var/lib/snaps/vm1.snap --progress']
+  static override description = 'Check every byte of an image and its page index; exit 0 only if all is well. Writes nothing unless --rebuild-index'
+  static override examples = ['<%= config.bin %> verify /var/lib/snaps/vm1.snap --progress', '<%= config.bin %> verify vm1.snap --rebuild-index']
   static override args = { image: Args.string({ required: true, description: 'the image file' }) }
   static override flags = {
     json: Flags.boolean({ description: 'print the report as JSON' }),
     progress: Flags.boolean({ description: 'show progress on stderr' }),
+    'rebuild-index': Flags.boolean({ description: 'build a missing page index, rebuild a stale or damaged one (once the image checks out)' }),
   }
 
   async run(): Promise<void> {
     await runCommand(this.argv, async () => {
       const { args, flags } = await this.parse(Verify)
-      let last = 0
-      let shown = -1
-      const onProgress = flags.progress
-        ? (done: number, total: number) => {
-            if ((performance.now() - last < 250 && done < total) || done === shown) return
-            last = performance.now()
-            shown = done
-            process.stderr.write(`\rverify: ${total ? Math.floor((100 * done) / total) : 100}% of ${mib(total)}`)
-          }
-        : undefined
-      const r = await verifyImage(args.image, { onProgress })
-      if (flags.progress) process.stderr.write('\n')
+      const progress = flags.progress ? progressReporter('verify') : undefined
+      const r = await verifyImage(args.image, { onProgress: progress?.update, rebuildIndex: flags['rebuild-index'] })
+      progress?.finish(r.bytesRead, r.fileBytes)
       if (flags.json) printJson(r)
       else if (r.ok) {
-        const speed = r.seconds > 0 ? ` at ${(r.fileBytes / 1e6 / r.seconds).toFixed(0)} MB/s` : ''
-        process.stdout.write(`${r.path}: ok: ${r.clusters} clusters, ${r.pages} pages, ${mib(r.fileBytes)} checked${speed}; index ${r.index}\n`)
+        process.stdout.write(`${r.path}: ok: ${r.clusters} clusters, ${r.pages} pages, ${formatBytes(r.fileBytes)} checked at ${formatRate(r.fileBytes, r.seconds)}; ${INDEX_TEXT[r.index]}\n`)
       }
       for (const p of flags.json ? [] : r.problems) {
         const where = p.cluster !== undefined ? ` [cluster ${p.cluster}, offset ${p.offset}]` : p.offset !== undefined ? ` [offset ${p.offset}]` : ''

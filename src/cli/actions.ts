@@ -1,32 +1,59 @@
 // What `create` and `load` do once their command line is parsed; shared by the oclif commands
-// and the fast path. Returns the exit status.
+// and the fast path. Returns the exit status. Everything that can be checked before the work
+// (a terminal where the stream belongs, the --stats path) is checked first.
 import { writeFile } from 'node:fs/promises'
+import { SnapError } from '../errors.js'
+import { checkWritableFile } from '../paths.js'
+import { streamReport } from '../report.js'
+import { formatBytes } from './format.js'
+import { progressReporter } from './progress.js'
 import { printJson } from './run-command.js'
-import { parseSize, progressPrinter } from './size.js'
+import { parseSize } from './size.js'
 import type { ParsedFlags } from './spec.js'
 
 export async function runCreate(image: string, flags: ParsedFlags): Promise<number> {
+  const from = flags.from as string | undefined
+  if (from === undefined && process.stdin.isTTY) {
+    throw new SnapError('SNAP_TERMINAL', 'standard input is a terminal: create reads a QEMU migration stream there; run it from QEMU (migrate "exec:snapctl create IMAGE") or give --from FILE')
+  }
+  const statsPath = flags.stats as string | undefined
+  if (statsPath !== undefined) await checkWritableFile(statsPath, '--stats')
+  const clusterSize = parseSize((flags['cluster-size'] as string | undefined) ?? '1M', '--cluster-size')
+  const progress = flags.progress ? progressReporter('create') : undefined
   const { createImage } = await import('../create.js')
   const r = await createImage(image, {
-    from: flags.from as string | undefined,
+    from,
     compress: (flags.compress ?? 'lz4') as 'lz4' | 'none',
-    clusterSize: parseSize((flags['cluster-size'] as string | undefined) ?? '1M', '--cluster-size'),
+    clusterSize,
     force: flags.force === true,
     sync: flags.sync === true,
-    onProgress: flags.progress ? progressPrinter('create') : undefined,
+    onProgress: progress ? (done, total) => progress.update(done, total) : undefined,
   })
-  const stats = { ...r.counters, bytesIn: r.bytesIn, bytesOut: r.image.fileBytes, seconds: r.seconds, source: r.source }
-  if (flags.stats) await writeFile(flags.stats as string, `${JSON.stringify(stats, null, 2)}\n`)
-  if (flags.json) printJson({ ...r.image, stats, source: r.source })
-  else if (flags.from !== undefined || flags.progress) {
-    const mb = (n: number): string => `${(n / 1e6).toFixed(1)} MB`
-    process.stderr.write(`${image}: ${r.counters.pages} pages + ${r.counters.zeroPages} zero pages, ${mb(r.bytesIn)} in, ${mb(r.image.fileBytes)} written in ${r.seconds.toFixed(2)} s\n`)
+  progress?.finish(r.bytesIn, r.bytesTotal)
+  const s = r.image
+  const stats = {
+    pages: s.pages, storedPages: s.storedPages, zeroPages: s.zeroPages, ramPages: s.ramPages,
+    bytesIn: r.bytesIn, bytesOut: s.fileBytes, seconds: r.seconds, source: r.source, stream: streamReport(r.counters),
+  }
+  if (statsPath !== undefined) await writeStats(statsPath, stats, 'the image was saved')
+  if (flags.json) printJson({ ...s, stats, source: r.source })
+  else if (from !== undefined || flags.progress) {
+    process.stderr.write(`${image}: ${s.pages} pages (${s.storedPages} with data, ${s.zeroPages} zero), ${formatBytes(r.bytesIn)} in, ${formatBytes(s.fileBytes)} written in ${r.seconds.toFixed(2)} s\n`)
   }
   return 0
 }
 
 // stdout is the migration stream here: nothing else may ever be written to it.
 export async function runLoad(image: string, flags: ParsedFlags): Promise<number> {
+  const to = flags.to as string | undefined
+  if (to === undefined && process.stdout.isTTY) {
+    throw new SnapError('SNAP_TERMINAL', 'standard output is a terminal: load writes a binary QEMU migration stream there; run it from QEMU (migrate_incoming "exec:snapctl load IMAGE") or give --to FILE')
+  }
+  if (flags.postcopy && process.stdin.isTTY) {
+    throw new SnapError('SNAP_NO_DESTINATION', 'standard input is a terminal, not a destination QEMU: load --postcopy reads the return path there; run it from the destination (migrate_incoming "exec:snapctl load --postcopy IMAGE")')
+  }
+  const statsPath = flags.stats as string | undefined
+  if (statsPath !== undefined) await checkWritableFile(statsPath, '--stats')
   const log = (msg: string): void => void process.stderr.write(`snapctl: ${msg}\n`)
   let stats: object
   if (flags.postcopy) {
@@ -36,13 +63,31 @@ export async function runLoad(image: string, flags: ParsedFlags): Promise<number
     stats = await loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes })
   } else {
     const { loadImage } = await import('../load.js')
-    stats = await loadImage(image, {
-      to: flags.to as string | undefined,
+    const progress = flags.progress ? progressReporter('load') : undefined
+    let total = 0
+    const r = await loadImage(image, {
+      to,
       force: flags.force === true,
       log,
-      onProgress: flags.progress ? progressPrinter('load') : undefined,
+      onProgress: progress
+        ? (done, all) => {
+            total = all
+            progress.update(done, all)
+          }
+        : undefined,
     })
+    progress?.finish(total, total)
+    stats = r
   }
-  if (flags.stats) await writeFile(flags.stats as string, `${JSON.stringify(stats, null, 2)}\n`)
+  if (statsPath !== undefined) await writeStats(statsPath, stats, 'the restore succeeded')
   return 0
+}
+
+/** Writes --stats; a failure now (the path was checked first) is a warning, not a failed command. */
+async function writeStats(path: string, stats: object, done: string): Promise<void> {
+  try {
+    await writeFile(path, `${JSON.stringify(stats, null, 2)}\n`)
+  } catch (e) {
+    process.stderr.write(`snapctl: warning: the stats could not be written to ${path} (${(e as Error).message}); ${done}\n`)
+  }
 }

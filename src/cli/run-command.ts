@@ -41,5 +41,3 @@ export async function runCommand(argv: string[], body: () => Promise<number | vo
     process.exitCode = reportError(err, json)
   }
 }
-
-export const mib = (n: number): string => `${(n / 1048576).toFixed(1)} MiB`

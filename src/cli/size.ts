@@ -1,4 +1,4 @@
-// Command-line helpers shared by create and load: human sizes, progress lines, resource usage.
+// Command-line helpers shared by create and load: size arguments, resource usage.
 import { writeFileSync } from 'node:fs'
 import { SnapError } from '../errors.js'
 
@@ -33,12 +33,4 @@ export function recordResourceUsage(): void {
       // measuring must never change the outcome
     }
   })
-}
-
-/** A progress printer for stderr: `what: 512.0 MiB, 410 MB/s`. */
-export function progressPrinter(what: string, started = performance.now()): (bytes: number) => void {
-  return (bytes) => {
-    const s = (performance.now() - started) / 1000
-    process.stderr.write(`${what}: ${(bytes / 1048576).toFixed(1)} MiB, ${s > 0 ? (bytes / 1e6 / s).toFixed(0) : 0} MB/s\n`)
-  }
 }

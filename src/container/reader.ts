@@ -4,7 +4,8 @@ import { readSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { crc32 } from 'node:zlib'
 import { SnapError, fromSystemError } from '../errors.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock } from '../types.js'
+import { streamReport, type StreamReport } from '../report.js'
+import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type StreamCounters } from '../types.js'
 import {
   CODEC_LZ4, clusterExtent, clusterHeaderBlock, decodeClusterHeader, decodePayload, decodePayloadSync, splitCluster, type ClusterLimits,
 } from './cluster.js'
@@ -356,28 +357,35 @@ export class ImageReader {
     const infos = await this.clusterInfos()
     const live = this.liveCounts()
     let storedBytes = 0
+    let rawBytes = 0
     let deadBytes = 0
     let lz4 = 0
     for (const c of infos) {
       storedBytes += c.storedLength
+      rawBytes += c.pageCount * this.header.pageSize
       deadBytes += Math.floor((c.storedLength * (c.pageCount - Math.min(live[c.seq], c.pageCount))) / c.pageCount)
       if (c.codec === CODEC_LZ4) lz4++
     }
-    const ramBlocks = this.blocks.map((b) => ({ id: b.id, name: b.name, size: b.size, pageSize: b.pageSize, pages: b.size / b.pageSize, zeroPages: 0, storedPages: 0 }))
+    const ramBlocks = this.blocks.map((b) => ({ id: b.id, name: b.name, size: b.size, pageSize: b.pageSize, ramPages: b.size / b.pageSize, pages: 0, storedPages: 0, zeroPages: 0 }))
     for (const r of this.runs) {
-      if (r.cluster === T.ZERO_CLUSTER) ramBlocks[r.blockId].zeroPages += r.pageCount
-      else ramBlocks[r.blockId].storedPages += r.pageCount
+      const b = ramBlocks[r.blockId]
+      if (r.cluster === T.ZERO_CLUSTER) b.zeroPages += r.pageCount
+      else b.storedPages += r.pageCount
+      b.pages += r.pageCount
     }
+    const sum = (k: 'pages' | 'storedPages' | 'zeroPages' | 'ramPages' | 'size'): number => ramBlocks.reduce((n, b) => n + b[k], 0)
     const h = this.header
     return {
       version: h.version, uuid: h.uuid.toString('hex'), machine: this.device.machine, clusterSize: h.clusterSize, pageSize: h.pageSize,
-      compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 }, ramBlocks, clusters: infos.length,
-      fileBytes: this.fileLength, storedBytes, deadBytes,
+      compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 },
+      ramBytes: sum('size'), ramPages: sum('ramPages'), pages: sum('pages'), storedPages: sum('storedPages'), zeroPages: sum('zeroPages'),
+      ramBlocks, clusters: infos.length, fileBytes: this.fileLength, storedBytes, rawBytes, deadBytes,
+      compressionRatio: storedBytes > 0 ? Math.round((100 * rawBytes) / storedBytes) / 100 : 1,
       deviceStateBytes: this.device.config.length + this.device.deviceSections.length + this.device.streamEnd.length,
       createdAt: new Date(h.creationTime).toISOString(), generation: h.generation, source: this.streamInfo.source,
       creator: typeof this.streamInfo.creator === 'string' ? this.streamInfo.creator : undefined,
       features: { incompatible: Number(h.incompatibleFeatures), compatible: Number(h.compatibleFeatures), autoclear: Number(h.autoclearFeatures) },
-      counters: this.streamInfo.counters,
+      stream: streamReport(this.streamInfo.counters as Partial<StreamCounters>),
     }
   }
 
@@ -386,6 +394,7 @@ export class ImageReader {
   }
 }
 
+/** Keys as in README, "Output keys". */
 export interface ImageSummaryInfo {
   version: number
   uuid: string
@@ -394,10 +403,21 @@ export interface ImageSummaryInfo {
   pageSize: number
   compression: 'lz4' | 'none'
   codecs: { none: number; lz4: number }
-  ramBlocks: Array<{ id: number; name: string; size: number; pageSize: number; pages: number; zeroPages: number; storedPages: number }>
+  /** the guest's RAM: bytes and pages of all its blocks (pages QEMU never sent included) */
+  ramBytes: number
+  ramPages: number
+  /** pages the image holds (storedPages + zeroPages) */
+  pages: number
+  storedPages: number
+  zeroPages: number
+  ramBlocks: Array<{ id: number; name: string; size: number; pageSize: number; ramPages: number; pages: number; storedPages: number; zeroPages: number }>
   clusters: number
   fileBytes: number
+  /** page data as stored (after compression), and decoded */
   storedBytes: number
+  rawBytes: number
+  /** rawBytes / storedBytes, two decimals */
+  compressionRatio: number
   deadBytes: number
   deviceStateBytes: number
   createdAt: string
@@ -405,7 +425,8 @@ export interface ImageSummaryInfo {
   source: string
   creator?: string
   features: { incompatible: number; compatible: number; autoclear: number }
-  counters: unknown
+  /** what QEMU's stream held when the image was made */
+  stream: StreamReport
 }
 
 /** QEMU_VM_CONFIGURATION: 0x07, be32 length, the machine type name. */

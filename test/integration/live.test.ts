@@ -30,13 +30,13 @@ test('live migration with xbzrle: re-sent and delta pages land once; restored RA
   assert.is((await src.status()).status, 'postmigrate')
 
   const stats = JSON.parse(readFileSync(`${image}.stats`, 'utf8'))
-  assert.ok(stats.xbzrlePages > 0, `xbzrle pages: ${JSON.stringify(stats)}`)
-  assert.ok(stats.resentPages > 0, `re-sent pages: ${JSON.stringify(stats)}`)
+  assert.ok(stats.stream.xbzrleRecords > 0, `xbzrle records: ${JSON.stringify(stats)}`)
+  assert.ok(stats.stream.resentRecords > 0, `re-sent records: ${JSON.stringify(stats)}`)
 
   const info = parseJson(await snapctl(['info', image, '--json']))
   assert.ok(info.deadBytes <= 0.02 * info.fileBytes, `dead ${info.deadBytes} of ${info.fileBytes}`)
   const mem = info.ramBlocks.find((b: { name: string }) => b.name === 'mem')
-  assert.is(mem.zeroPages + mem.storedPages, mem.pages, 'every page held exactly once')
+  assert.is(mem.zeroPages + mem.storedPages, mem.ramPages, 'every page held exactly once')
   assert.is((await snapctl(['verify', image])).code, 0)
 
   const dst = await w.vm({ name: 'live-dst', memMiB: 64, incoming: 'defer', keepMem: true })
