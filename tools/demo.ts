@@ -1,31 +1,43 @@
 // `npm run demo`: the main job on a real QEMU, end to end, in about half a minute.
 //   1. boot a paused VM (256 MiB of mixed RAM, a VGA device with its own RAM block)
-//   2. save it:            migrate "exec:snapctl create IMAGE"
+//   2. save it:            snapctl save IMAGE --qmp SOCKET
 //   3. check it:           snapctl verify, snapctl info
-//   4. restore eagerly:    migrate-incoming "exec:snapctl load IMAGE"            -> compare RAM
-//   5. restore lazily:     migrate-incoming "exec:snapctl load --postcopy IMAGE" -> resume time, compare RAM
-// Exits non-zero if any step fails or any restored byte differs.
+//   4. restore eagerly:    snapctl restore IMAGE --qmp SOCKET --paused          -> compare RAM
+//   5. restore lazily:     snapctl restore IMAGE --qmp SOCKET --lazy --paused   -> resume time, compare RAM
+// (--paused: the restored VMs stay paused, so that their firmware does not write over the RAM
+// being compared.) save and restore drive QEMU's exec: transport themselves: `migrate
+// "exec:snapctl create ..."` and `migrate-incoming "exec:snapctl load [--postcopy] ..."`, the
+// forms libvirt and other managers use directly. Exits non-zero if any step fails or any
+// restored byte differs.
 import { execFileSync } from 'node:child_process'
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs'
+import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { Vm, fillRam, filesEqual, requireQemu, waitExitStatus } from './vm.js'
+import { Vm, fillRam, filesEqual, requireQemu } from './vm.js'
 
 const MiB = 1 << 20
 const SIZE_MIB = Number(process.env.DEMO_MIB ?? 256)
 const BIN = join(resolve(dirname(fileURLToPath(import.meta.url)), '../..'), 'bin/run.js')
-const SNAPCTL = `${process.execPath} ${BIN}`
 const say = (msg: string): void => void process.stdout.write(`${msg}\n`)
+
+/** Runs snapctl with its progress on our stderr; returns its JSON result. */
+function snapctl(args: string[]): any {
+  say(`   $ snapctl ${args.join(' ')}`)
+  const out = execFileSync(process.execPath, [BIN, ...args, '--json'], { stdio: ['ignore', 'pipe', 'inherit'] })
+  return JSON.parse(out.toString())
+}
 
 async function main(): Promise<void> {
   const qemu = requireQemu()
   const dir = mkdtempSync(join(tmpdir(), 'snapctl-demo-'))
   const vms: Vm[] = []
-  const start = async (opts: Parameters<typeof Vm.start>[0]): Promise<Vm> => {
-    const vm = await Vm.start({ dir, ...opts })
+  // Each VM gets a second QMP socket for snapctl (a QMP socket serves one client; the harness holds the first).
+  const start = async (opts: Parameters<typeof Vm.start>[0]): Promise<{ vm: Vm; qmp: string }> => {
+    const qmp = join(dir, `${opts.name}-snapctl.qmp`)
+    const vm = await Vm.start({ dir, ...opts, extraArgs: ['-qmp', `unix:${qmp},server=on,wait=off`] })
     vms.push(vm)
-    return vm
+    return { vm, qmp }
   }
   try {
     say(`QEMU ${qemu.version} (TCG); work dir ${dir}`)
@@ -35,48 +47,28 @@ async function main(): Promise<void> {
     say(`1. source VM paused: ${SIZE_MIB} MiB RAM (random, text, patterns, zero pages) + VGA`)
 
     const image = join(dir, 'vm.snap')
-    let t = performance.now()
-    await src.migrate(`exec:${SNAPCTL} create ${image}; echo $? > ${image}.status`)
-    const saved = await src.waitMigration()
-    const createStatus = await waitExitStatus(`${image}.status`)
-    if (saved.status !== 'completed' || createStatus !== 0) throw new Error(`save failed: ${saved.status}, exit ${createStatus}`)
-    const saveSeconds = (performance.now() - t) / 1000
-    say(`2. saved with migrate "exec:snapctl create": ${saveSeconds.toFixed(2)} s, image ${(statSync(image).size / MiB).toFixed(1)} MiB for ${SIZE_MIB} MiB of RAM`)
-    await src.quit()
+    const saved = snapctl(['save', image, '--qmp', src.qmp])
+    say(`2. saved in ${saved.seconds.toFixed(2)} s: image ${(saved.fileBytes / MiB).toFixed(1)} MiB for ${(saved.ramBytes / MiB).toFixed(1)} MiB of RAM ` +
+      `(${saved.pages} pages, ${saved.zeroPages} zero); the source is ${saved.vm}`)
+    await src.vm.quit()
 
     execFileSync(process.execPath, [BIN, 'verify', image], { stdio: 'inherit' })
     const info = JSON.parse(execFileSync(process.execPath, [BIN, 'info', image, '--json']).toString())
     say(`3. verified; ${info.clusters} clusters, ${info.ramBlocks.length} RAM blocks (${info.ramBlocks.map((b: { name: string }) => b.name).join(', ')})`)
 
     const eager = await start({ name: 'eager', memMiB: SIZE_MIB, incoming: 'defer', vga: true, keepMem: true })
-    t = performance.now()
-    await eager.migrateIncoming(`exec:${SNAPCTL} load ${image}`)
-    const e = await eager.waitMigration()
-    if (e.status !== 'completed') throw new Error(`eager restore: ${e.status}\n${eager.stderr}`)
-    const eagerSeconds = (performance.now() - t) / 1000
-    const eq1 = await filesEqual(ram, eager.memPath)
-    say(`4. eager restore (exec:snapctl load): ${eagerSeconds.toFixed(2)} s; guest RAM ${eq1.equal ? 'byte-identical' : `DIFFERS at byte ${eq1.firstDiff}`}`)
-    await eager.quit()
+    const e = snapctl(['restore', image, '--qmp', eager.qmp, '--paused'])
+    const eq1 = await filesEqual(ram, eager.vm.memPath)
+    say(`4. eager restore: ${e.seconds.toFixed(2)} s; guest RAM ${eq1.equal ? 'byte-identical' : `DIFFERS at byte ${eq1.firstDiff}`}`)
+    await eager.vm.quit()
 
     const lazy = await start({ name: 'lazy', memMiB: SIZE_MIB, incoming: 'defer', vga: true, keepMem: true })
-    t = performance.now()
-    await lazy.migrateIncoming(`exec:${SNAPCTL} load --postcopy ${image} --stats ${image}.lazy.json; echo $? > ${image}.lazy.status`, {
-      capabilities: { 'postcopy-ram': true },
-    })
-    const active = await lazy.waitMigration({ until: ['postcopy-active', 'completed', 'failed'] })
-    const resumeMs = performance.now() - t
-    const l = await lazy.waitMigration()
-    const lazySeconds = (performance.now() - t) / 1000
-    const lazyStatus = await waitExitStatus(`${image}.lazy.status`)
-    if (active.status !== 'postcopy-active' || l.status !== 'completed' || lazyStatus !== 0) {
-      throw new Error(`lazy restore: ${active.status} -> ${l.status}, exit ${lazyStatus}\n${lazy.stderr}`)
-    }
-    const stats = JSON.parse(readFileSync(`${image}.lazy.json`, 'utf8'))
-    const eq2 = await filesEqual(ram, lazy.memPath)
-    say(`5. lazy restore (exec:snapctl load --postcopy): the VM could resume after ${resumeMs.toFixed(0)} ms (postcopy-active), ` +
-      `all pages in by ${lazySeconds.toFixed(2)} s; ${stats.requests} page requests, p50 ${stats.latencyMs.p50} ms, p99 ${stats.latencyMs.p99} ms; ` +
+    const l = snapctl(['restore', image, '--qmp', lazy.qmp, '--lazy', '--paused'])
+    const eq2 = await filesEqual(ram, lazy.vm.memPath)
+    say(`5. lazy restore: postcopy-active after ${(l.postcopyActiveSeconds * 1000).toFixed(0)} ms, the VM could run after ` +
+      `${(l.runnableSeconds * 1000).toFixed(0)} ms, all pages in by ${l.seconds.toFixed(2)} s; ` +
       `guest RAM ${eq2.equal ? 'byte-identical' : `DIFFERS at byte ${eq2.firstDiff}`}`)
-    await lazy.quit()
+    await lazy.vm.quit()
     if (!eq1.equal || !eq2.equal) process.exitCode = 1
     else say('All restored RAM is byte-identical to the saved RAM.')
   } finally {

@@ -1,0 +1,40 @@
+import { Args, Command, Flags } from '@oclif/core'
+import { printJson, runCommand } from '../src/cli/run-command.js'
+import { restoreVm } from '../src/restore.js'
+import { abortable, mib, progressView } from './_vm.js'
+
+export default class Restore extends Command {
+  static override summary = 'Restore an image into a QEMU started with -incoming defer, over QMP; --lazy resumes at once (postcopy)'
+  static override description = `The destination QEMU must run with the same machine type and devices as the saved VM, and -incoming defer. Before anything is sent, snapctl checks that the destination waits for a migration and that its RAM blocks ("info ramblock") are those of the image with the same sizes, and refuses otherwise (SNAP_RAM_MISMATCH): the destination then still waits, untouched.
+
+Eager (default): snapctl runs migrate-incoming "exec:snapctl load IMAGE" and starts the VM once every page is in. --lazy: postcopy; the VM runs as soon as the device state is in ("postcopy-active") and pages come on demand and in the background until "completed". It needs the capability postcopy-ram (snapctl turns it on) and RAM that userfaultfd can fill: anonymous memory, memfd, or a memory-backend-file on tmpfs (/dev/shm) or hugetlbfs; snapctl refuses a memory-backend-file elsewhere (SNAP_POSTCOPY_SETUP). Until "completed" the VM depends on this restore: an interrupted lazy restore goes on until the last page.
+
+Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, postcopy-preempt, switchover-ack, ...) are turned off and put back afterwards. --paused leaves the VM paused once restored. If the restore fails once started, the destination QEMU is left in its failed state (migrate-incoming runs with exit-on-error off, so that snapctl can report QEMU's reason): quit it and start a new one.`
+
+  static override examples = [
+    '<%= config.bin %> restore /var/lib/snaps/vm1.snap --qmp /run/vm1-dst.qmp',
+    '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --lazy   # memory-backend-file on /dev/shm, or anonymous RAM',
+  ]
+
+  static override args = { image: Args.string({ required: true, description: 'the image to restore' }) }
+  static override flags = {
+    qmp: Flags.string({ required: true, description: "the destination's QMP socket (QEMU started with -incoming defer and -qmp unix:PATH,server=on,wait=off)" }),
+    lazy: Flags.boolean({ description: 'postcopy: the VM runs at once, pages come on demand' }),
+    paused: Flags.boolean({ description: 'leave the VM paused once restored' }),
+    json: Flags.boolean({ description: 'print the result as JSON on stdout: image, bytesOut, seconds, pages, runnableSeconds, ... (README, "Output keys")' }),
+    quiet: Flags.boolean({ char: 'q', description: 'no progress on stderr' }),
+  }
+
+  async run(): Promise<void> {
+    await runCommand(this.argv, async () => {
+      const { args, flags } = await this.parse(Restore)
+      const view = progressView('restore', flags.quiet)
+      const r = await abortable((signal) =>
+        restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, paused: flags.paused, signal, onProgress: view.update, log: view.note }),
+      ).finally(view.end)
+      if (flags.json) return printJson(r)
+      const lazy = r.runnableSeconds === null ? '' : `; the VM could run after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for`
+      process.stderr.write(`snapctl: restored ${r.image}: ${r.pages} pages (${r.zeroPages} zero), ${mib(r.bytesOut)} sent, all in after ${r.seconds.toFixed(2)} s${lazy}; the VM is ${r.vm}\n`)
+    })
+  }
+}

@@ -1,0 +1,247 @@
+// `snapctl restore IMAGE --qmp SOCKET`: an image into a QEMU started with `-incoming defer` and
+// the same devices, eagerly or (--lazy) by postcopy, over QMP.
+//
+//   the image's blocks -> the destination waits for a migration, its RAM blocks match the image
+//   (and, --lazy, its memory can take pages on demand) -> settings (postcopy-ram for --lazy,
+//   capabilities snapctl cannot feed off) -> autostart on (cont) or off (stop, --paused) ->
+//   migrate-incoming "exec:snapctl load [--postcopy] IMAGE" -> follow query-migrate
+//   (postcopy-active: the VM can run) -> completed and the load exited 0 -> settings back
+//
+// Every check comes before migrate-incoming: a refused restore leaves the destination waiting
+// as it was. Once the migration runs, a failure leaves it failed (exit-on-error off, so that
+// QEMU's reason can be read and reported); the image is never changed.
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join, resolve } from 'node:path'
+import { refuseWhileCreating } from './container/lock.js'
+import { SnapError, fromSystemError, isSnapError } from './errors.js'
+import { RateMeter, abortedError, imagePages, pause, type MigrateInfo, type PageCounts, type ProgressListener } from './qemu/migration.js'
+import { Peer } from './qemu/peer.js'
+import { QmpClient } from './qemu/qmp.js'
+import { checkBlocks, checkPostcopyBackends, destinationBlocks, hostPageSizes } from './qemu/ram.js'
+import { MigrationSettings } from './qemu/settings.js'
+
+export interface RestoreOptions {
+  /** the destination QEMU's QMP socket */
+  qmp: string
+  /** postcopy: the VM runs at once, pages come on demand */
+  lazy?: boolean
+  /** leave the VM paused once restored */
+  paused?: boolean
+  signal?: AbortSignal
+  onProgress?: ProgressListener
+  log?: (msg: string) => void
+  /** QMP connect and command timeout (default 10 s) */
+  timeoutMs?: number
+}
+
+export interface RestoreResult {
+  image: string
+  /** migration stream bytes the load wrote */
+  bytesOut: number
+  seconds: number
+  pages: number
+  storedPages: number
+  zeroPages: number
+  lazy: boolean
+  /** --lazy: from the start until the destination was in postcopy (query-migrate postcopy-active) */
+  postcopyActiveSeconds: number | null
+  /** --lazy: from the start until the VM could run (device state loaded, POSTCOPY_RUN handled) */
+  runnableSeconds: number | null
+  /** --lazy: pages the destination asked for ahead of the background push */
+  requests: number | null
+  vm: 'running' | 'paused'
+}
+
+/** How long QEMU may take to answer while it waits for its exec: child to exit. */
+const QEMU_BLOCKED_MS = 3600_000
+
+export async function restoreVm(image: string, opts: RestoreOptions): Promise<RestoreResult> {
+  const path = resolve(image)
+  await refuseWhileCreating(path)
+  const counts = await imagePages(path)
+  const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 10_000, waitForSocketMs: 500 })
+  let work: string | undefined
+  try {
+    const r = new Restore(path, counts, opts, qmp)
+    await r.check()
+    work = await mkdtemp(join(tmpdir(), 'snapctl-restore-')).catch((e) => {
+      throw fromSystemError(e, 'creating a work directory')
+    })
+    return await r.run(new Peer(work))
+  } finally {
+    qmp.close()
+    if (work) await rm(work, { recursive: true, force: true }).catch(() => {})
+  }
+}
+
+class Restore {
+  private readonly started = performance.now()
+  private readonly settings: MigrationSettings
+  private readonly log: (msg: string) => void
+  private incoming = false
+  private postcopyAt: number | null = null
+  /** --lazy: the destination's hugepage blocks, for load --host-page-size */
+  private hostPages: string | undefined
+  private runnableAt: number | null = null
+
+  constructor(
+    private readonly path: string,
+    private readonly counts: PageCounts,
+    private readonly opts: RestoreOptions,
+    private readonly qmp: QmpClient,
+  ) {
+    this.settings = new MigrationSettings(qmp)
+    this.log = opts.log ?? (() => {})
+  }
+
+  /** Everything that can refuse the restore while the destination is still untouched. */
+  async check(): Promise<void> {
+    const state = await this.qmp.execute<{ status: string }>('query-status')
+    if (state.status !== 'inmigrate') {
+      throw new SnapError('SNAP_VM_STATE', `the destination is not waiting for an incoming migration (it is ${state.status}): start its QEMU with -incoming defer`, { runState: state.status })
+    }
+    const mig = await this.qmp.execute<MigrateInfo>('query-migrate')
+    if (mig.status && mig.status !== 'none') {
+      throw new SnapError('SNAP_MIGRATION_ACTIVE', `the destination's incoming migration is already ${mig.status}: start its QEMU with -incoming defer (not -incoming URI) and run nothing else on it`, { status: mig.status })
+    }
+    const dest = await destinationBlocks(this.qmp)
+    const extra = checkBlocks(this.counts.blocks, dest)
+    if (extra.length > 0) this.log(`the destination has RAM blocks the image does not (left as they are): ${extra.join(', ')}`)
+    if (this.opts.lazy) {
+      this.hostPages = hostPageSizes(this.counts.blocks, dest)
+      await checkPostcopyBackends(this.qmp, this.log)
+    }
+  }
+
+  async run(peer: Peer): Promise<RestoreResult> {
+    try {
+      this.checkAbort()
+      const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram'] : [], {})
+      if (changes.off.length > 0) this.log(`migration capabilities off for the restore (restored afterwards): ${changes.off.join(', ')}`)
+      // During an incoming migration stop and cont only set whether QEMU starts the VM itself:
+      // at the end of an eager restore, at POSTCOPY_RUN of a lazy one.
+      await this.qmp.execute(this.opts.paused ? 'stop' : 'cont')
+      this.checkAbort()
+      const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
+      if (this.hostPages) args.push('--host-page-size', this.hostPages)
+      await this.migrateIncoming(peer.uri(args))
+      this.incoming = true
+      await this.follow(peer)
+      const status = await peer.waitExit({ startMs: 5000 })
+      if (status !== 0) throw (await peer.error()) ?? (await peerFailed(peer, status))
+    } catch (e) {
+      throw await this.recover(e, peer)
+    }
+    // Restored: what fails now says so.
+    const stats = (await peer.stats<{ bytesOut?: number; requests?: number }>()) ?? {}
+    for (const p of await this.settings.restore()) this.log(`could not restore a migration setting: ${p}`)
+    // QEMU gives the VM the run state it had when saved: one saved paused waits for cont.
+    let now = await this.qmp.execute<{ status: string; running: boolean }>('query-status')
+    if (!this.opts.paused && !now.running) {
+      await this.qmp.execute('cont').catch((e: Error) => {
+        throw new SnapError(isSnapError(e) ? e.code : 'SNAP_QMP', `the VM was restored, but could not be started: ${e.message}`, { cause: e })
+      })
+      now = await this.qmp.execute('query-status')
+    }
+    return {
+      image: this.path, bytesOut: stats.bytesOut ?? 0, seconds: (performance.now() - this.started) / 1000,
+      pages: this.counts.pages, storedPages: this.counts.storedPages, zeroPages: this.counts.zeroPages, lazy: this.opts.lazy === true,
+      postcopyActiveSeconds: this.postcopyAt === null ? null : (this.postcopyAt - this.started) / 1000,
+      runnableSeconds: this.runnableAt === null ? null : (this.runnableAt - this.started) / 1000,
+      requests: this.opts.lazy ? (stats.requests ?? null) : null, vm: now.running ? 'running' : 'paused',
+    }
+  }
+
+  private checkAbort(): void {
+    if (this.opts.signal?.aborted) throw abortedError('the restore was stopped')
+  }
+
+  /** With exit-on-error off where QEMU has it (9.1+), so that a failure can be read, not just seen. */
+  private async migrateIncoming(uri: string): Promise<void> {
+    try {
+      await this.qmp.execute('migrate-incoming', { uri, 'exit-on-error': false })
+    } catch (e) {
+      if (!isSnapError(e, 'SNAP_QMP') || !/exit-on-error/.test(e.message)) throw e
+      await this.qmp.execute('migrate-incoming', { uri })
+    }
+  }
+
+  private async follow(peer: Peer): Promise<void> {
+    // Stream bytes of the image: each page record is an 8-byte header and the page.
+    const expected = this.counts.storedPages * 4104 + this.counts.zeroPages * 8 + this.counts.deviceStateBytes
+    const meter = new RateMeter()
+    let warned = false
+    for (;;) {
+      if (this.opts.signal?.aborted) {
+        if (this.postcopyAt === null) {
+          await peer.kill('SIGTERM')
+          throw abortedError('the restore was stopped')
+        }
+        if (!warned) this.log('not stopping: the VM already runs on pages that are still being sent; waiting for the last one')
+        warned = true
+      }
+      const info = await this.qmp.execute<MigrateInfo>('query-migrate', undefined, { timeoutMs: QEMU_BLOCKED_MS })
+      if (info.status === 'postcopy-active') await this.whenRunnable()
+      if (info.status === 'completed') return
+      if (info.status === 'failed' || info.status === 'cancelled') {
+        await peer.waitExit({ timeoutMs: 5000 })
+        const peerError = await peer.error()
+        if (peerError) throw peerError
+        throw new SnapError('SNAP_MIGRATION_FAILED', `the destination's migration ${info.status}${info['error-desc'] ? `: ${info['error-desc']}` : ''}`)
+      }
+      const status = await peer.exitStatus()
+      if (status !== undefined && status !== 0) throw (await peer.error()) ?? (await peerFailed(peer, status))
+      const io = await peer.io()
+      if (io && this.opts.onProgress) {
+        this.opts.onProgress({
+          phase: this.postcopyAt === null ? 'migrating' : 'postcopy', percent: Math.min(100, (100 * io.written) / expected),
+          bytes: io.written, totalBytes: expected, rate: meter.add(io.written), seconds: (performance.now() - this.started) / 1000,
+        })
+      }
+      await pause(this.opts.lazy ? 50 : 100, this.opts.signal)
+    }
+  }
+
+  /**
+   * In postcopy-active: once QEMU has handled POSTCOPY_RUN (its run state leaves inmigrate; the
+   * status changes earlier, at LISTEN, before the device state is loaded) the VM can run; QEMU
+   * starts it itself if it was running when saved, otherwise this does (cont), unless --paused.
+   */
+  private async whenRunnable(): Promise<void> {
+    this.postcopyAt ??= performance.now()
+    if (this.runnableAt !== null) return
+    const state = await this.qmp.execute<{ status: string; running: boolean }>('query-status')
+    if (state.status === 'inmigrate') return
+    this.runnableAt = performance.now()
+    if (!this.opts.paused && !state.running) await this.qmp.execute('cont')
+    const s = (t: number): string => ((t - this.started) / 1000).toFixed(2)
+    this.log(`postcopy-active after ${s(this.postcopyAt)} s; the VM ${this.opts.paused ? 'can run' : 'runs'} from ${s(this.runnableAt)} s while the rest of its pages arrive`)
+  }
+
+  /** After a failure: the load gone, settings back; the error says what state the destination is in. */
+  private async recover(err: unknown, peer: Peer): Promise<SnapError> {
+    let e = err instanceof SnapError ? err : fromSystemError(err, 'restoring')
+    const qemuAlive = !this.qmp.closed
+    if (!qemuAlive && e.code !== 'SNAP_QEMU_GONE') e = new SnapError('SNAP_QEMU_GONE', e.message, { cause: e })
+    if (this.incoming && this.postcopyAt === null && (await peer.waitExit({ timeoutMs: 2000 })) === undefined) {
+      await peer.kill('SIGTERM')
+      await peer.waitExit({ timeoutMs: 5000 })
+    }
+    let after: string
+    if (!qemuAlive) after = 'the image is unchanged'
+    else if (!this.incoming) {
+      for (const p of await this.settings.restore()) this.log(`could not restore a migration setting: ${p}`)
+      after = 'the destination still waits for a migration'
+    } else after = 'the destination QEMU cannot be used any more: quit it and start a new one'
+    const message = e.code === 'SNAP_QEMU_GONE' ? `QEMU exited (or closed its QMP socket) during the restore` : e.message
+    return new SnapError(e.code, `${message} (${after})`, { ...e.context, after, cause: e })
+  }
+}
+
+async function peerFailed(peer: Peer, status: number | undefined): Promise<SnapError> {
+  const said = (await peer.stderr()).split('\n').pop() ?? ''
+  return new SnapError('SNAP_INTERNAL', status === undefined
+    ? `the snapctl load that QEMU ran is gone without an exit status${said ? `: ${said}` : ''}`
+    : `the snapctl load that QEMU ran exited with status ${status}${said ? `: ${said}` : ''}`)
+}
