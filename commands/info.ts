@@ -52,6 +52,7 @@ export default class Info extends Command {
 }
 
 function deviceCheckText(c: DeviceCheck): string {
+  if (c.error !== undefined) return `not checked (${c.error})`
   const how = c.description ? 'against the VM description' : 'no VM description'
   if (c.trusted.length === 0) return `${c.sections} sections, all walked ${how}`
   return `${c.sections} sections (${how}): ${c.walked} walked, ${c.trusted.length} taken on trust by header and footer: ${c.trusted.join(', ')}`

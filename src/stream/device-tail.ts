@@ -50,6 +50,8 @@ export interface DeviceCheck {
   walked: number
   /** sections whose end was found by footer chaining only: "name/instance" */
   trusted: string[]
+  /** why the stored bytes could not be checked (an image not written by create from a QEMU stream) */
+  error?: string
 }
 
 const MAX_DEPTH = 32
@@ -98,7 +100,12 @@ export function checkDeviceTail(tail: Buffer, baseOffset: number): TailLayout {
 
 /** The summary `info` prints: how each device section was checked. */
 export function describeDeviceCheck(deviceSections: Buffer, streamEnd: Buffer): DeviceCheck {
-  const layout = checkDeviceTail(Buffer.concat([deviceSections, streamEnd]), 0)
+  let layout: TailLayout
+  try {
+    layout = checkDeviceTail(Buffer.concat([deviceSections, streamEnd]), 0)
+  } catch (e) {
+    return { description: false, sections: 0, walked: 0, trusted: [], error: e instanceof SnapError ? `${e.code}: ${e.message}` : String(e) }
+  }
   const trusted = layout.sections.filter((s) => s.how === 'chained').map((s) => `${s.name}/${s.instance}`)
   return { description: layout.vmdesc, sections: layout.sections.length, walked: layout.sections.length - trusted.length, trusted }
 }
