@@ -51,4 +51,5 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund >&2
 fi
 npm run --silent build >&2
+bash tools/linux-guest/build.sh >&2   # the Linux test guest: kernel .deb via apt, busybox initramfs (dist/linux-guest)
 echo "setup: done" >&2
