@@ -92,8 +92,8 @@ export const CONFIGS: CompatConfig[] = [
     backends: [{ id: 'mem', mib: 256 }, { id: 'dimm0mem', mib: 128 }], boot: 'linux', devices: [],
   },
   {
-    name: 'q35-uefi', what: 'q35, UEFI firmware (OVMF, pflash code + vars)', machine: 'q35', smp: 1, layout: 'single',
-    backends: [{ id: 'mem', mib: 256 }], boot: 'firmware', uefi: true, devices: [],
+    name: 'q35-uefi', what: 'q35, UEFI firmware (OVMF, pflash code + vars) booting Linux', machine: 'q35', smp: 1, layout: 'single',
+    backends: [{ id: 'mem', mib: 256 }], boot: 'linux', uefi: true, devices: [],
   },
   {
     name: 'pc-hugepages', what: 'pc, RAM on 2 MiB huge pages (hugetlbfs)', machine: 'pc', smp: 1, layout: 'single',
