@@ -1,5 +1,5 @@
 // Runs one row of the compatibility matrix (tools/compat/configs.ts) against real QEMU:
-//   1. the source boots (a Linux guest, or firmware only) and is stopped, so its RAM holds still;
+//   1. the source boots the Linux test guest and is stopped, so its RAM holds still;
 //   2. QEMU round-trips it by itself (exec:cat > FILE, then exec:cat FILE into a fresh QEMU with
 //      the same devices): the configuration is sound, so a later failure is ours;
 //   3. that stream goes through our parser whole and in 4093-byte pieces, with the same result;
@@ -191,14 +191,10 @@ async function step(result: CompatResult, name: Step, fn: () => Promise<unknown>
   }
 }
 
-/** Runs the guest until it is up: the Linux guest's first `ok` heartbeat, or firmware for a few seconds. */
+/** Runs the guest until it is up: the Linux guest's first `ok` heartbeat. */
 async function boot(cfg: CompatConfig, vm: Vm): Promise<number | undefined> {
   if (cfg.boot === 'none') return undefined
   const t0 = performance.now()
-  if (cfg.boot === 'firmware') {
-    await sleep(4000)
-    return (performance.now() - t0) / 1000
-  }
   const log = new SerialLog(vm.logPath)
   try {
     await log.waitFor(/^HB \d+ ok /, 90_000)

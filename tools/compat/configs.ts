@@ -2,7 +2,8 @@
 // README's table. A configuration says how to build QEMU's command line for a source and for a
 // destination with the same devices; tools/compat/run.ts drives them.
 
-export type Boot = 'linux' | 'firmware' | 'none'
+/** linux: boot the Linux test guest and wait for its heartbeat; none: paused from the start, RAM filled by the test */
+export type Boot = 'linux' | 'none'
 
 /** A memory backend: a file we can compare byte for byte after a restore. */
 export interface Backend {
