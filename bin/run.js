@@ -17,7 +17,7 @@ if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v' || argv[0]
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'))
   process.stdout.write(`snapctl/${pkg.version} ${process.platform}-${process.arch} node-${process.version}\n`)
 } else {
-  const { fastRun } = await import('../dist/src/cli/fast.js')
+  const { fastRun } = await import('../dist/commands/_fast.js')
   if (!(await fastRun(argv))) {
     const { flush, run } = await import('@oclif/core')
     try {
@@ -25,8 +25,8 @@ if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v' || argv[0]
       await flush()
     } catch (err) {
       // What fails outside a command (an unknown command, help for one) is reported in the same
-      // one-line form as every error. Commands report their own errors (src/cli/run-command.ts).
-      const { reportError } = await import('../dist/src/cli/run-command.js')
+      // one-line form as every error. Commands report their own errors (commands/_run-command.ts).
+      const { reportError } = await import('../dist/commands/_run-command.js')
       const { SnapError } = await import('../dist/src/errors.js')
       const exit = err?.oclif?.exit
       if (exit === 0) process.exitCode = 0

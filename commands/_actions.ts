@@ -5,14 +5,14 @@ import { writeFile } from 'node:fs/promises'
 // isatty(fd), not process.stdin/stdout.isTTY: those getters open Node's own stream on the fd,
 // which then competes with the pipe threads for QEMU's pipe (restores took 2.3x as long).
 import { isatty } from 'node:tty'
-import { SnapError } from '../errors.js'
-import { checkWritableFile } from '../paths.js'
-import { streamReport } from '../report.js'
-import { formatBytes } from './format.js'
-import { progressReporter } from './progress.js'
-import { printJson } from './run-command.js'
-import { parseSize } from './size.js'
-import type { ParsedFlags } from './spec.js'
+import { SnapError } from '../src/errors.js'
+import { checkWritableFile } from '../src/paths.js'
+import { streamReport } from '../src/report.js'
+import { formatBytes } from './_format.js'
+import { progressReporter } from './_progress.js'
+import { printJson } from './_run-command.js'
+import { parseSize } from './_size.js'
+import type { ParsedFlags } from './_spec.js'
 
 export async function runCreate(image: string, flags: ParsedFlags): Promise<number> {
   const from = flags.from as string | undefined
@@ -23,7 +23,7 @@ export async function runCreate(image: string, flags: ParsedFlags): Promise<numb
   if (statsPath !== undefined) await checkWritableFile(statsPath, '--stats')
   const clusterSize = parseSize((flags['cluster-size'] as string | undefined) ?? '1M', '--cluster-size')
   const progress = flags.progress ? progressReporter('create') : undefined
-  const { createImage } = await import('../create.js')
+  const { createImage } = await import('../src/create.js')
   const r = await createImage(image, {
     from,
     compress: (flags.compress ?? 'lz4') as 'lz4' | 'none',
@@ -60,12 +60,12 @@ export async function runLoad(image: string, flags: ParsedFlags): Promise<number
   const log = (msg: string): void => void process.stderr.write(`snapctl: ${msg}\n`)
   let stats: object
   if (flags.postcopy) {
-    const { loadPostcopy } = await import('../postcopy.js')
-    const { parseHostPageSizes } = await import('./size.js')
+    const { loadPostcopy } = await import('../src/postcopy.js')
+    const { parseHostPageSizes } = await import('./_size.js')
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     stats = await loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes })
   } else {
-    const { loadImage } = await import('../load.js')
+    const { loadImage } = await import('../src/load.js')
     const progress = flags.progress ? progressReporter('load') : undefined
     let total = 0
     const r = await loadImage(image, {

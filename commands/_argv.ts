@@ -1,5 +1,5 @@
-// The fast path's command-line parser (src/cli/fast.ts). It applies oclif's rules (its
-// parser/parse.js and validate.js) to the flags in src/cli/spec.ts, so that a command line
+// The fast path's command-line parser (commands/_fast.ts). It applies oclif's rules (its
+// parser/parse.js and validate.js) to the flags in commands/_spec.ts, so that a command line
 // means the same, and fails the same way (SNAP_USAGE, exit 2), whichever path parses it:
 // - `--name VALUE` or `--name=VALUE`; a string flag at most once; its value is missing when
 //   there is none or when it is one of the command's flags (`--to --force`);
@@ -7,8 +7,8 @@
 // - `--` ends the flags; anything else starting with `-` (but `-` and negative numbers) and
 //   not a flag is an unknown flag;
 // - exactly one IMAGE; option values from the list; no two exclusive flags together.
-import { SnapError } from '../errors.js'
-import type { CommandSpec, ParsedFlags } from './spec.js'
+import { SnapError } from '../src/errors.js'
+import type { CommandSpec, ParsedFlags } from './_spec.js'
 
 const usage = (message: string): SnapError => new SnapError('SNAP_USAGE', `${message} (see --help)`)
 

@@ -1,11 +1,11 @@
-// The exec: hot path: `snapctl create|load ...` parsed by src/cli/argv.ts (oclif's rules, the
+// The exec: hot path: `snapctl create|load ...` parsed by commands/_argv.ts (oclif's rules, the
 // flag specs oclif uses) without loading oclif. Help (`--help`, `-h`) and every other command
 // go to oclif. $SNAPCTL_NO_FAST_PATH=1 sends everything to oclif (tests compare both paths).
-import { runCreate, runLoad } from './actions.js'
-import { parseCommandLine } from './argv.js'
-import { runCommand } from './run-command.js'
-import { recordResourceUsage } from './size.js'
-import { CREATE, LOAD, type CommandSpec, type ParsedFlags } from './spec.js'
+import { runCreate, runLoad } from './_actions.js'
+import { parseCommandLine } from './_argv.js'
+import { runCommand } from './_run-command.js'
+import { recordResourceUsage } from './_size.js'
+import { CREATE, LOAD, type CommandSpec, type ParsedFlags } from './_spec.js'
 
 const COMMANDS: Record<string, [CommandSpec, (image: string, flags: ParsedFlags) => Promise<number>, boolean]> = {
   create: [CREATE, runCreate, true],

@@ -1,9 +1,9 @@
-// oclif flags from the plain specs in src/cli/spec.ts (the `_` prefix keeps oclif from
+// oclif flags from the plain specs in commands/_spec.ts (the `_` prefix keeps oclif from
 // taking this file for a command; see "commandDiscovery" in package.json).
 import { Flags, type Interfaces } from '@oclif/core'
-import type { CommandSpec } from '../src/cli/spec.js'
+import type { CommandSpec } from './_spec.js'
 
-// Typed loosely on purpose: the values are checked by the shared action code (src/cli/actions.ts).
+// Typed loosely on purpose: the values are checked by the shared action code (commands/_actions.ts).
 export function oclifFlags(spec: CommandSpec): Interfaces.FlagInput<Record<string, string | boolean | undefined>> {
   return Object.fromEntries(
     Object.entries(spec.flags).map(([name, f]) => [

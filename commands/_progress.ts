@@ -1,7 +1,7 @@
 // Progress on stderr. On a terminal, one line redrawn in place (`\r`) a few times a second;
 // anywhere else (a log file, a pipe) a plain line every few seconds, never a `\r`. Either way a
 // final line, however short the run. With a known total, the share done in percent.
-import { formatBytes, formatRate } from './format.js'
+import { formatBytes, formatRate } from './_format.js'
 
 export interface Progress {
   /** `done` of `total` bytes (total unknown: undefined); throttled, call it as often as you like */

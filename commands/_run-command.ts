@@ -2,8 +2,8 @@
 // (format-spec/errors.md): a SnapError prints `snapctl: CODE: message` on stderr, or
 // {"error": {...}} on stdout with --json, and exits with its code's status. Anything else is
 // SNAP_INTERNAL. Kept free of oclif so that the library never depends on the CLI framework.
-import { installAbortHandlers } from '../abort.js'
-import { SnapError } from '../errors.js'
+import { installAbortHandlers } from '../src/abort.js'
+import { SnapError } from '../src/errors.js'
 
 export function toSnapError(err: unknown): SnapError {
   if (err instanceof SnapError) return err

@@ -1,6 +1,6 @@
 // Command-line helpers shared by create and load: size arguments, resource usage.
 import { writeFileSync } from 'node:fs'
-import { SnapError } from '../errors.js'
+import { SnapError } from '../src/errors.js'
 
 /** 1M, 256K, 4MiB, 1048576 -> bytes. */
 export function parseSize(text: string, what: string): number {

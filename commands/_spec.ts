@@ -1,5 +1,5 @@
 // The flags of the commands on QEMU's exec: hot path, as plain data: oclif builds its flags
-// from these (commands/_flags.ts), and the fast path (src/cli/fast.ts) parses with them when
+// from these (commands/_flags.ts), and the fast path (commands/_fast.ts) parses with them when
 // QEMU starts us, so that `exec:snapctl load` does not pay oclif's start-up (~150 ms).
 
 export interface FlagSpec {

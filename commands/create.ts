@@ -1,11 +1,11 @@
 import { Args, Command } from '@oclif/core'
-import { runCreate } from '../src/cli/actions.js'
-import { runCommand } from '../src/cli/run-command.js'
-import { recordResourceUsage } from '../src/cli/size.js'
-import { CREATE } from '../src/cli/spec.js'
+import { runCreate } from './_actions.js'
+import { runCommand } from './_run-command.js'
+import { recordResourceUsage } from './_size.js'
+import { CREATE } from './_spec.js'
 import { oclifFlags } from './_flags.js'
 
-// `snapctl create IMAGE ...` is normally parsed by the fast path (src/cli/fast.ts); oclif
+// `snapctl create IMAGE ...` is normally parsed by the fast path (commands/_fast.ts); oclif
 // serves --help and anything the fast path hands over.
 export default class Create extends Command {
   static override description = CREATE.description

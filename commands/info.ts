@@ -1,6 +1,6 @@
 import { Args, Command, Flags } from '@oclif/core'
-import { formatBytes } from '../src/cli/format.js'
-import { printJson, reportError, runCommand } from '../src/cli/run-command.js'
+import { formatBytes } from './_format.js'
+import { printJson, reportError, runCommand } from './_run-command.js'
 import { SnapError } from '../src/errors.js'
 import { imageInfo } from '../src/info.js'
 import type { DeviceCheck } from '../src/stream/device-tail.js'

@@ -1,8 +1,8 @@
 import { Args, Command } from '@oclif/core'
-import { runLoad } from '../src/cli/actions.js'
-import { runCommand } from '../src/cli/run-command.js'
-import { recordResourceUsage } from '../src/cli/size.js'
-import { LOAD } from '../src/cli/spec.js'
+import { runLoad } from './_actions.js'
+import { runCommand } from './_run-command.js'
+import { recordResourceUsage } from './_size.js'
+import { LOAD } from './_spec.js'
 import { oclifFlags } from './_flags.js'
 
 // stdout is the migration stream: errors go to stderr even with --json elsewhere.

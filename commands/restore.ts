@@ -1,5 +1,5 @@
 import { Args, Command, Flags } from '@oclif/core'
-import { printJson, runCommand } from '../src/cli/run-command.js'
+import { printJson, runCommand } from './_run-command.js'
 import { restoreVm } from '../src/restore.js'
 import { abortable, mib, progressView } from './_vm.js'
 

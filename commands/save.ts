@@ -1,6 +1,6 @@
 import { Args, Command, Flags } from '@oclif/core'
-import { printJson, runCommand } from '../src/cli/run-command.js'
-import { parseSize } from '../src/cli/size.js'
+import { printJson, runCommand } from './_run-command.js'
+import { parseSize } from './_size.js'
 import { saveVm } from '../src/save.js'
 import { abortable, mib, progressView } from './_vm.js'
 

@@ -1,8 +1,8 @@
 import { Args, Command, Flags } from '@oclif/core'
 import { ERROR_CODES } from '../src/errors.js'
-import { formatBytes, formatRate } from '../src/cli/format.js'
-import { progressReporter } from '../src/cli/progress.js'
-import { printJson, runCommand } from '../src/cli/run-command.js'
+import { formatBytes, formatRate } from './_format.js'
+import { progressReporter } from './_progress.js'
+import { printJson, runCommand } from './_run-command.js'
 import { verifyImage } from '../src/verify.js'
 
 const INDEX_TEXT = {

@@ -6,7 +6,7 @@ import { readFileSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { SnapError } from '../../src/errors.js'
-import { toSnapError } from '../../src/cli/run-command.js'
+import { toSnapError } from '../../commands/_run-command.js'
 import { makeImage, tempDir } from './container-helpers.js'
 
 const bin = join(dirname(fileURLToPath(import.meta.url)), '../../../bin/run.js')

@@ -2,10 +2,10 @@
 // rates for people, and the progress reporter (a terminal gets `\r`, anything else lines).
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { parseCommandLine } from '../../src/cli/argv.js'
-import { formatBytes, formatRate } from '../../src/cli/format.js'
-import { progressReporter } from '../../src/cli/progress.js'
-import { CREATE, LOAD } from '../../src/cli/spec.js'
+import { parseCommandLine } from '../../commands/_argv.js'
+import { formatBytes, formatRate } from '../../commands/_format.js'
+import { progressReporter } from '../../commands/_progress.js'
+import { CREATE, LOAD } from '../../commands/_spec.js'
 import { SnapError } from '../../src/errors.js'
 
 const codeOf = (f: () => unknown): string | undefined => {
