@@ -25,6 +25,10 @@ export interface ContenderResult {
   disk?: DiskUse
   rssKiB?: number
   rssSource?: 'SNAPCTL_RUSAGE_FILE' | '/usr/bin/time'
+  /** snapctl's user+sys CPU seconds per GiB of guest RAM: median, min, max over repetitions */
+  cpuPerGiB?: { median: number; min: number; max: number }
+  /** snapctl's page faults per GiB of guest RAM: median, min, max */
+  faultsPerGiB?: { median: number; min: number; max: number }
 }
 
 export interface Target {
@@ -55,6 +59,8 @@ export function summarize(results: ContenderResult[], sizeBytes: number): void {
       r.rssKiB = Math.max(...rss)
       r.rssSource ??= 'SNAPCTL_RUSAGE_FILE'
     }
+    r.cpuPerGiB = perGiB(r.samples.map((s) => s.cpuS), sizeBytes)
+    r.faultsPerGiB = perGiB(r.samples.map((s) => s.faults), sizeBytes)
   }
   const base = results.find((r) => r.id === BASELINE)
   if (!base?.medianS) return
@@ -69,13 +75,18 @@ export function summarize(results: ContenderResult[], sizeBytes: number): void {
   }
 }
 
+function perGiB(xs: Array<number | undefined>, sizeBytes: number): { median: number; min: number; max: number } | undefined {
+  const v = xs.filter((x): x is number => x !== undefined).map((x) => x / (sizeBytes / 2 ** 30))
+  return v.length ? { median: median(v), min: Math.min(...v), max: Math.max(...v) } : undefined
+}
+
 const MiB = 1 << 20
 const f3 = (x?: number): string => (x === undefined ? '-' : x.toFixed(3))
 const f2 = (x?: number): string => (x === undefined ? '-' : x.toFixed(2))
 const mib = (x?: number): string => (x === undefined ? '-' : (x / MiB).toFixed(1))
 
 export function table(results: ContenderResult[]): string {
-  const head = ['phase', 'contender', 'median s', 'min s', 'max s', 'ratio', 'paired', 'MB/s', 'alloc MiB', 'logical MiB', 'RSS MiB']
+  const head = ['phase', 'contender', 'median s', 'min s', 'max s', 'ratio', 'paired', 'MB/s', 'alloc MiB', 'logical MiB', 'RSS MiB', 'CPU s/GiB', 'faults/GiB']
   const rows = results.map((r) => [
     r.phase,
     r.id + (r.id === BASELINE ? ' (base)' : ''),
@@ -88,6 +99,8 @@ export function table(results: ContenderResult[]): string {
     r.phase === 'save' ? mib(r.disk?.alloc) : '',
     r.phase === 'save' ? mib(r.disk?.logical) : '',
     r.rssKiB === undefined ? '' : ((r.rssKiB * 1024) / MiB).toFixed(1),
+    r.cpuPerGiB ? `${f2(r.cpuPerGiB.median)} (${f2(r.cpuPerGiB.min)}-${f2(r.cpuPerGiB.max)})` : '',
+    r.faultsPerGiB ? `${r.faultsPerGiB.median.toFixed(0)} (${r.faultsPerGiB.min.toFixed(0)}-${r.faultsPerGiB.max.toFixed(0)})` : '',
   ])
   const all = [head, ...rows]
   const width = head.map((_, i) => Math.max(...all.map((row) => row[i]!.length)))
@@ -133,6 +146,22 @@ export function checkTargets(results: ContenderResult[], startupMs: number | und
       pass: lz4.alloc < mapped.alloc,
     })
   } else targets.push({ name: 'allocated bytes (LZ4) vs mapped-ram', limit: '< 1.00x', figure: 'not measured', pass: null })
+
+  // Issue 12's CPU and page-fault budgets, per GiB of guest RAM.
+  const budget = (name: string, r: ContenderResult | undefined, key: 'cpuPerGiB' | 'faultsPerGiB', limit: number, unit: string): void => {
+    const v = r?.[key]
+    const fmt = (x: number): string => (key === 'cpuPerGiB' ? x.toFixed(2) : x.toFixed(0))
+    targets.push({
+      name,
+      limit: `<= ${fmt(limit)}`,
+      figure: v === undefined ? 'not measured' : `${fmt(v.median)} ${unit} (${fmt(v.min)} to ${fmt(v.max)})`,
+      pass: v === undefined ? null : v.median <= limit,
+    })
+  }
+  budget('load CPU per GiB', get('restore', 'snapctl-load'), 'cpuPerGiB', 0.6, 's')
+  budget('load page faults per GiB', get('restore', 'snapctl-load'), 'faultsPerGiB', 20_000, 'faults')
+  budget('create LZ4 CPU per GiB', get('save', 'snapctl-lz4'), 'cpuPerGiB', 1.2, 's')
+  budget('create none CPU per GiB', get('save', 'snapctl-none'), 'cpuPerGiB', 0.5, 's')
 
   const rss = results.filter((r) => r.rssKiB !== undefined)
   if (rss.length) {

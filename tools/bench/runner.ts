@@ -27,6 +27,9 @@ export interface Sample {
   order: number
   seconds: number
   rssKiB?: number
+  /** snapctl's user+sys CPU seconds and page faults (minor+major), from its own process.resourceUsage() */
+  cpuS?: number
+  faults?: number
   disk?: DiskUse
 }
 
@@ -117,7 +120,7 @@ export async function runSave(ctx: BenchContext, c: Contender, probe: RssProbe =
   }
   if (exited && exited.status !== 0) throw new Error(`${c.id}: the exec: command exited with status ${exited.status}${childStderr(f)}`)
   const t1 = Math.max(ended.at, exited?.at ?? 0)
-  return { seconds: (t1 - t0) / 1000, rssKiB: readRss(f, probe), disk: diskUse(ctx.work, f) }
+  return { seconds: (t1 - t0) / 1000, ...readUsage(f, probe), disk: diskUse(ctx.work, f) }
 }
 
 export async function runRestore(ctx: BenchContext, c: Contender, from: string, rep: number, probe: RssProbe = 'rusage'): Promise<Omit<Sample, 'rep' | 'order'>> {
@@ -152,7 +155,7 @@ export async function runRestore(ctx: BenchContext, c: Contender, from: string, 
     if (!same.equal) {
       throw new MismatchError(`${c.id}: restored RAM differs from the source at byte ${same.firstDiff} (${ctx.src.memPath} vs ${dst.memPath})`)
     }
-    return { seconds, rssKiB: readRss(f, probe) }
+    return { seconds, ...readUsage(f, probe) }
   } finally {
     await dst.quit({ timeoutMs: 5000 }).catch(() => dst.kill())
   }
@@ -236,17 +239,29 @@ function tail(s: string, n = 1500): string {
   return s.length > n ? `...${s.slice(-n)}` : s
 }
 
-/** Peak RSS in KiB from snapctl's own report, or from /usr/bin/time on probe runs. */
-function readRss(f: SampleFiles, probe: RssProbe): number | undefined {
+/**
+ * Peak RSS in KiB, CPU seconds and page faults from snapctl's own report (process.resourceUsage()
+ * at exit), or the peak RSS alone from /usr/bin/time on probe runs.
+ */
+function readUsage(f: SampleFiles, probe: RssProbe): Pick<Sample, 'rssKiB' | 'cpuS' | 'faults'> {
   try {
     if (probe === 'time') {
       const n = Number(readFileSync(f.time, 'utf8').trim().split('\n').pop())
-      return Number.isFinite(n) && n > 0 ? n : undefined
+      return { rssKiB: Number.isFinite(n) && n > 0 ? n : undefined }
     }
-    const ru = JSON.parse(readFileSync(f.rusage, 'utf8')) as { maxRSS?: unknown }
-    return typeof ru.maxRSS === 'number' && ru.maxRSS > 0 ? ru.maxRSS : undefined
+    const ru = JSON.parse(readFileSync(f.rusage, 'utf8')) as Record<string, unknown>
+    const num = (k: string): number | undefined => (typeof ru[k] === 'number' ? (ru[k] as number) : undefined)
+    const user = num('userCPUTime')
+    const sys = num('systemCPUTime')
+    const minor = num('minorPageFault')
+    const major = num('majorPageFault')
+    return {
+      rssKiB: (num('maxRSS') ?? 0) > 0 ? num('maxRSS') : undefined,
+      cpuS: user !== undefined && sys !== undefined ? (user + sys) / 1e6 : undefined,
+      faults: minor !== undefined && major !== undefined ? minor + major : undefined,
+    }
   } catch {
-    return undefined
+    return {}
   }
 }
 
