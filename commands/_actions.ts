@@ -1,10 +1,12 @@
 // What `create` and `load` do once their command line is parsed; shared by the oclif commands
 // and the fast path. Returns the exit status. Everything that can be checked before the work
-// (a terminal where the stream belongs, the --stats path) is checked first.
+// (a terminal where the stream belongs, the --stats path) is checked first. `signal` stops the
+// work (commands/_run-command.ts turns SIGINT and SIGTERM into it).
 import { writeFile } from 'node:fs/promises'
 // isatty(fd), not process.stdin/stdout.isTTY: those getters open Node's own stream on the fd,
 // which then competes with the pipe threads for QEMU's pipe (restores took 2.3x as long).
 import { isatty } from 'node:tty'
+import { unlessAborted } from '../src/abort.js'
 import { SnapError } from '../src/errors.js'
 import { checkWritableFile } from '../src/paths.js'
 import { streamReport } from '../src/report.js'
@@ -14,7 +16,7 @@ import { printJson } from './_run-command.js'
 import { parseSize } from './_size.js'
 import type { ParsedFlags } from './_spec.js'
 
-export async function runCreate(image: string, flags: ParsedFlags): Promise<number> {
+export async function runCreate(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
   const from = flags.from as string | undefined
   if (from === undefined && isatty(0)) {
     throw new SnapError('SNAP_TERMINAL', 'standard input is a terminal: create reads a QEMU migration stream there; run it from QEMU (migrate "exec:snapctl create IMAGE") or give --from FILE')
@@ -31,6 +33,7 @@ export async function runCreate(image: string, flags: ParsedFlags): Promise<numb
     force: flags.force === true,
     sync: flags.sync === true,
     onProgress: progress ? (done, total) => progress.update(done, total) : undefined,
+    signal,
   })
   progress?.finish(r.bytesIn, r.bytesTotal)
   const s = r.image
@@ -47,7 +50,7 @@ export async function runCreate(image: string, flags: ParsedFlags): Promise<numb
 }
 
 // stdout is the migration stream here: nothing else may ever be written to it.
-export async function runLoad(image: string, flags: ParsedFlags): Promise<number> {
+export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
   const to = flags.to as string | undefined
   if (to === undefined && isatty(1)) {
     throw new SnapError('SNAP_TERMINAL', 'standard output is a terminal: load writes a binary QEMU migration stream there; run it from QEMU (migrate_incoming "exec:snapctl load IMAGE") or give --to FILE')
@@ -63,7 +66,8 @@ export async function runLoad(image: string, flags: ParsedFlags): Promise<number
     const { loadPostcopy } = await import('../src/postcopy.js')
     const { parseHostPageSizes } = await import('./_size.js')
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
-    stats = await loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes })
+    // Nothing to undo: it writes to QEMU only.
+    stats = await unlessAborted(signal, loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes }))
   } else {
     const { loadImage } = await import('../src/load.js')
     const progress = flags.progress ? progressReporter('load') : undefined
@@ -72,6 +76,7 @@ export async function runLoad(image: string, flags: ParsedFlags): Promise<number
       to,
       force: flags.force === true,
       log,
+      signal,
       onProgress: progress
         ? (done, all) => {
             total = all

@@ -7,7 +7,7 @@ import { runCommand } from './_run-command.js'
 import { recordResourceUsage } from './_size.js'
 import { CREATE, LOAD, type CommandSpec, type ParsedFlags } from './_spec.js'
 
-const COMMANDS: Record<string, [CommandSpec, (image: string, flags: ParsedFlags) => Promise<number>, boolean]> = {
+const COMMANDS: Record<string, [CommandSpec, (image: string, flags: ParsedFlags, signal: AbortSignal) => Promise<number>, boolean]> = {
   create: [CREATE, runCreate, true],
   load: [LOAD, runLoad, false],
 }
@@ -21,9 +21,9 @@ export async function fastRun(argv: string[]): Promise<boolean> {
   if (flagPart.some((a) => a === '--help' || a === '-h')) return false
   const [spec, action, jsonErrors] = entry
   recordResourceUsage()
-  await runCommand(argv, () => {
+  await runCommand(argv, (signal) => {
     const { image, flags } = parseCommandLine(spec, argv.slice(1))
-    return action(image, flags)
+    return action(image, flags, signal)
   }, { jsonErrors })
   return true
 }

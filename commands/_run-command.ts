@@ -1,9 +1,8 @@
 // The one place where a command's outcome becomes output and an exit status
 // (format-spec/errors.md): a SnapError prints `snapctl: CODE: message` on stderr, or
 // {"error": {...}} on stdout with --json, and exits with its code's status. Anything else is
-// SNAP_INTERNAL. Kept free of oclif so that the library never depends on the CLI framework.
-import { installAbortHandlers } from '../src/abort.js'
-import { SnapError } from '../src/errors.js'
+// SNAP_INTERNAL. Kept free of oclif: the fast path (commands/_fast.ts) runs without loading it.
+import { SnapError, isSnapError } from '../src/errors.js'
 
 export function toSnapError(err: unknown): SnapError {
   if (err instanceof SnapError) return err
@@ -30,14 +29,35 @@ export function printJson(value: unknown): void {
 /**
  * Run a command body; it returns the exit status (default 0). `--json` anywhere in argv
  * selects JSON error output, so that even a parse error is reported in JSON.
+ *
+ * SIGINT and SIGTERM abort the body's signal: the library undoes what it started and rejects
+ * with what it undid (`context.after`); that is reported like any error
+ * (`snapctl: SNAP_ABORTED: interrupted by SIGINT; the partial image was removed`) and the
+ * process exits at once with SNAP_ABORTED's status (9): the work it stopped may hold a pipe open.
  */
-export async function runCommand(argv: string[], body: () => Promise<number | void>, opts: { jsonErrors?: boolean } = {}): Promise<void> {
+export async function runCommand(argv: string[], body: (signal: AbortSignal) => Promise<number | void>, opts: { jsonErrors?: boolean } = {}): Promise<void> {
   const json = (opts.jsonErrors ?? true) && argv.includes('--json')
-  // A signal is reported like any error (the work in progress removes what it started).
-  installAbortHandlers((e) => void reportError(e, json))
+  const ac = new AbortController()
+  let outcome: Promise<number | void> = Promise.resolve()
+  const interrupted = async (signal: NodeJS.Signals): Promise<void> => {
+    if (ac.signal.aborted) return
+    ac.abort(new SnapError('SNAP_ABORTED', `interrupted by ${signal}`))
+    const after = await outcome.then(() => 'the work had already finished', undone)
+    process.exit(reportError(new SnapError('SNAP_ABORTED', `interrupted by ${signal}${after ? `; ${after}` : ''}`), json))
+  }
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => void interrupted(sig))
   try {
-    process.exitCode = (await body()) ?? 0
+    outcome = body(ac.signal)
+    process.exitCode = (await outcome) ?? 0
   } catch (err) {
+    if (ac.signal.aborted) return new Promise<never>(() => {}) // reported by `interrupted`, which exits
     process.exitCode = reportError(err, json)
   }
+}
+
+/** What interrupted work says it left: what the library undid, or why it failed meanwhile. */
+function undone(err: unknown): string | undefined {
+  if (!isSnapError(err)) return undefined
+  if (typeof err.context.after === 'string') return err.context.after
+  return err.code === 'SNAP_ABORTED' ? undefined : err.message
 }

@@ -1,8 +1,5 @@
 // What `save` and `restore` share on the command line: progress on stderr from the library's
-// progress figures, and Ctrl-C/SIGTERM turned into an AbortSignal whose work is undone before
-// the process exits (the `_` prefix keeps oclif from taking this file for a command).
-import { onAbort } from '../src/abort.js'
-import { isSnapError } from '../src/errors.js'
+// progress figures (the `_` prefix keeps oclif from taking this file for a command).
 import type { Progress } from '../src/qemu/migration.js'
 
 const MiB = 1 << 20
@@ -45,30 +42,5 @@ export function progressView(what: string, quiet: boolean): { update: (p: Progre
       process.stderr.write(`snapctl: ${msg}\n`)
     },
     end: clear,
-  }
-}
-
-/**
- * Runs `work` with a signal that Ctrl-C or SIGTERM aborts. The process's abort handler
- * (src/abort.ts) waits for the work to have undone what it started, then reports SNAP_ABORTED
- * with what the work says it left, and exits; the work's own SNAP_ABORTED is not reported twice.
- */
-export async function abortable<T>(work: (signal: AbortSignal) => Promise<T>): Promise<T> {
-  const ac = new AbortController()
-  let outcome: Promise<T> | undefined
-  const release = onAbort(async () => {
-    ac.abort()
-    const e = await outcome?.then(() => undefined, (err: unknown) => err)
-    if (e === undefined) return outcome ? 'the work had already finished' : undefined
-    return isSnapError(e) && typeof e.context.after === 'string' ? e.context.after : isSnapError(e) ? e.message : undefined
-  })
-  try {
-    outcome = work(ac.signal)
-    return await outcome
-  } catch (e) {
-    if (ac.signal.aborted) await new Promise<never>(() => {}) // the abort handler reports and exits
-    throw e
-  } finally {
-    release()
   }
 }

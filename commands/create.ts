@@ -15,9 +15,9 @@ export default class Create extends Command {
 
   async run(): Promise<void> {
     recordResourceUsage()
-    await runCommand(this.argv, async () => {
+    await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Create)
-      return runCreate(args.image, flags)
+      return runCreate(args.image, flags, signal)
     })
   }
 }

@@ -1,6 +1,7 @@
 import { Args, Command, Flags } from '@oclif/core'
 import { formatBytes } from './_format.js'
 import { printJson, reportError, runCommand } from './_run-command.js'
+import { unlessAborted } from '../src/abort.js'
 import { SnapError } from '../src/errors.js'
 import { imageInfo } from '../src/info.js'
 import type { DeviceCheck } from '../src/stream/device-tail.js'
@@ -12,9 +13,9 @@ export default class Info extends Command {
   static override flags = { json: Flags.boolean({ description: 'print the information as JSON' }) }
 
   async run(): Promise<void> {
-    await runCommand(this.argv, async () => {
+    await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Info)
-      const info = await imageInfo(args.image)
+      const info = await unlessAborted(signal, imageInfo(args.image))
       if (!info.complete) {
         // Described, but not an image: a command that reads it must not take it for one.
         const err = new SnapError('SNAP_INCOMPLETE', `${info.path} is not a finished image (${info.reason})`)

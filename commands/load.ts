@@ -14,9 +14,9 @@ export default class Load extends Command {
 
   async run(): Promise<void> {
     recordResourceUsage()
-    await runCommand(this.argv, async () => {
+    await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Load)
-      return runLoad(args.image, flags)
+      return runLoad(args.image, flags, signal)
     }, { jsonErrors: false })
   }
 }

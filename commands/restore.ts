@@ -1,7 +1,7 @@
 import { Args, Command, Flags } from '@oclif/core'
 import { printJson, runCommand } from './_run-command.js'
 import { restoreVm } from '../src/restore.js'
-import { abortable, mib, progressView } from './_vm.js'
+import { mib, progressView } from './_vm.js'
 
 export default class Restore extends Command {
   static override summary = 'Restore an image into a QEMU started with -incoming defer, over QMP; --lazy resumes at once (postcopy)'
@@ -26,12 +26,10 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, post
   }
 
   async run(): Promise<void> {
-    await runCommand(this.argv, async () => {
+    await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Restore)
       const view = progressView('restore', flags.quiet)
-      const r = await abortable((signal) =>
-        restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, paused: flags.paused, signal, onProgress: view.update, log: view.note }),
-      ).finally(view.end)
+      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, paused: flags.paused, signal, onProgress: view.update, log: view.note }).finally(view.end)
       if (flags.json) return printJson(r)
       const lazy = r.runnableSeconds === null ? '' : `; the VM could run after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for`
       process.stderr.write(`snapctl: restored ${r.image}: ${r.pages} pages (${r.zeroPages} zero), ${mib(r.bytesOut)} sent, all in after ${r.seconds.toFixed(2)} s${lazy}; the VM is ${r.vm}\n`)

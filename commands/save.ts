@@ -2,7 +2,7 @@ import { Args, Command, Flags } from '@oclif/core'
 import { printJson, runCommand } from './_run-command.js'
 import { parseSize } from './_size.js'
 import { saveVm } from '../src/save.js'
-import { abortable, mib, progressView } from './_vm.js'
+import { mib, progressView } from './_vm.js'
 
 export default class Save extends Command {
   static override summary = "Save a QEMU VM's RAM and device state into an image over QMP, like virsh save"
@@ -34,16 +34,14 @@ QEMU runs the create as its own child, as QEMU's user: that user must be able to
   }
 
   async run(): Promise<void> {
-    await runCommand(this.argv, async () => {
+    await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Save)
       const view = progressView('save', flags.quiet)
-      const r = await abortable((signal) =>
-        saveVm(args.image, {
-          qmp: flags.qmp, live: flags.live, resume: flags.resume, force: flags.force, sync: flags.sync,
-          compress: flags.compress as 'lz4' | 'none', clusterSize: parseSize(flags['cluster-size'], '--cluster-size'),
-          signal, onProgress: view.update, log: view.note,
-        }),
-      ).finally(view.end)
+      const r = await saveVm(args.image, {
+        qmp: flags.qmp, live: flags.live, resume: flags.resume, force: flags.force, sync: flags.sync,
+        compress: flags.compress as 'lz4' | 'none', clusterSize: parseSize(flags['cluster-size'], '--cluster-size'),
+        signal, onProgress: view.update, log: view.note,
+      }).finally(view.end)
       if (flags.json) return printJson(r)
       const down = r.downtimeMs === null ? '' : `, the guest stopped for ${r.downtimeMs} ms`
       process.stderr.write(`snapctl: saved ${r.image}: ${mib(r.ramBytes)} of RAM (${r.pages} pages, ${r.zeroPages} zero) into ${mib(r.fileBytes)} in ${r.seconds.toFixed(2)} s${down}; the VM is ${r.vm}\n`)

@@ -1,4 +1,5 @@
 import { Args, Command, Flags } from '@oclif/core'
+import { unlessAborted } from '../src/abort.js'
 import { ERROR_CODES } from '../src/errors.js'
 import { formatBytes, formatRate } from './_format.js'
 import { progressReporter } from './_progress.js'
@@ -25,10 +26,10 @@ export default class Verify extends Command {
   }
 
   async run(): Promise<void> {
-    await runCommand(this.argv, async () => {
+    await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Verify)
       const progress = flags.progress ? progressReporter('verify') : undefined
-      const r = await verifyImage(args.image, { onProgress: progress?.update, rebuildIndex: flags['rebuild-index'] })
+      const r = await unlessAborted(signal, verifyImage(args.image, { onProgress: progress?.update, rebuildIndex: flags['rebuild-index'] }))
       progress?.finish(r.bytesRead, r.fileBytes)
       if (flags.json) printJson(r)
       else if (r.ok) {

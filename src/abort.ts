@@ -1,40 +1,55 @@
-// What SIGINT and SIGTERM do to a running command: the work in progress has registered how to
-// undo what it started (remove a partial image or output file); those cleanups run, the
-// interruption is reported like every error (`snapctl: SNAP_ABORTED: ...`, or JSON where the
-// command reports errors in JSON), and the process exits with SNAP_ABORTED's status (9).
-// Handlers are installed by the first registration (or by the CLI for every command).
-import { ERROR_CODES, SnapError } from './errors.js'
+// Stopping the library's work from outside, through an AbortSignal (the command line turns
+// SIGINT and SIGTERM into one: commands/_run-command.ts). An operation that leaves something
+// behind (a partial image, a temporary output file) undoes it as soon as the signal aborts, even
+// while its work waits on a pipe that may never deliver again, and then rejects with
+// SNAP_ABORTED, whose `context.after` says what was undone. The library never installs signal
+// handlers, writes to the terminal or exits the process.
+import { SnapError } from './errors.js'
 
-/** Undoes something; may say what it did ("the partial image was removed"). */
-export type Cleanup = () => Promise<string | void> | string | void
+/** Undoes what an operation started; may say what it did ("the partial image was removed"). */
+export type Undo = () => Promise<string | void>
 
-const cleanups = new Set<Cleanup>()
-let reporter: (err: SnapError) => void = (e) => void process.stderr.write(`snapctl: ${e.code}: ${e.message}\n`)
-let installed = false
-let aborting = false
-
-/** Runs `fn` if a signal ends the process before the returned function is called. */
-export function onAbort(fn: Cleanup): () => void {
-  installAbortHandlers()
-  cleanups.add(fn)
-  return () => void cleanups.delete(fn)
+/**
+ * `work`'s outcome, unless `signal` aborts first: then `undo` runs and the result is SNAP_ABORTED.
+ * The work is not waited for (it may never end); whatever it does after the abort is ignored.
+ */
+export function unlessAborted<T>(signal: AbortSignal | undefined, work: Promise<T>, undo: Undo = async () => {}): Promise<T> {
+  if (!signal) return work
+  return new Promise<T>((resolve, reject) => {
+    let settled = false
+    const onAbort = (): void => {
+      if (settled) return
+      settled = true
+      work.catch(() => {})
+      undo().then(
+        (after) => reject(abortedError(signal, after || undefined)),
+        (e: unknown) => reject(abortedError(signal, `undoing it failed: ${(e as Error)?.message ?? String(e)}`)),
+      )
+    }
+    if (signal.aborted) return onAbort()
+    signal.addEventListener('abort', onAbort, { once: true })
+    work.then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort)
+        if (!settled) resolve(value)
+        settled = true
+      },
+      (err: unknown) => {
+        signal.removeEventListener('abort', onAbort)
+        if (!settled) reject(err)
+        settled = true
+      },
+    )
+  })
 }
 
-/** Installs the handlers now; `report` replaces how SNAP_ABORTED is printed. */
-export function installAbortHandlers(report?: (err: SnapError) => void): void {
-  if (report) reporter = report
-  if (installed) return
-  installed = true
-  for (const sig of ['SIGINT', 'SIGTERM'] as const) process.on(sig, () => void abort(sig))
+/** Throws SNAP_ABORTED if `signal` has aborted (before starting anything that needs undoing). */
+export function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw abortedError(signal)
 }
 
-async function abort(signal: NodeJS.Signals): Promise<void> {
-  if (aborting) return
-  aborting = true
-  const said: string[] = []
-  for (const r of await Promise.allSettled([...cleanups].map(async (f) => f()))) {
-    if (r.status === 'fulfilled' && typeof r.value === 'string') said.push(r.value)
-  }
-  reporter(new SnapError('SNAP_ABORTED', `interrupted by ${signal}${said.length ? `; ${said.join('; ')}` : ''}`))
-  process.exit(ERROR_CODES.SNAP_ABORTED)
+/** SNAP_ABORTED with the signal's reason ("interrupted by SIGINT") and what was undone. */
+function abortedError(signal: AbortSignal, after?: string): SnapError {
+  const why = signal.reason instanceof Error ? signal.reason.message : 'interrupted'
+  return new SnapError('SNAP_ABORTED', after === undefined ? why : `${why}; ${after}`, after === undefined ? {} : { after })
 }

@@ -6,7 +6,7 @@
 // page once into its open cluster and seals clusters asynchronously. We await only when the
 // writer says too much is in flight, so the loop costs one await per input chunk at most.
 
-import { onAbort } from './abort.js'
+import { throwIfAborted, unlessAborted } from './abort.js'
 import { ImageWriter, type ImageSummary } from './container/writer.js'
 import { SnapError } from './errors.js'
 import { readInput } from './input.js'
@@ -26,6 +26,8 @@ export interface CreateOptions {
   sync?: boolean
   /** called after every chunk read with the bytes read so far (and the input's size, if known) */
   onProgress?: (bytesIn: number, bytesTotal?: number) => void
+  /** stops the create: the partial image is removed and createImage rejects with SNAP_ABORTED */
+  signal?: AbortSignal
 }
 
 export interface CreateResult {
@@ -44,6 +46,7 @@ const LIBVIRT_FIXED_HEADER = 92
 
 export async function createImage(path: string, opts: CreateOptions = {}): Promise<CreateResult> {
   const started = performance.now()
+  throwIfAborted(opts.signal)
   // Paths first: a bad one must fail before QEMU's stream is read, not after.
   const bytesTotal = opts.from === undefined ? undefined : (await checkInputFile(opts.from, '--from')).size
   await checkOutputFile(path, 'the image')
@@ -53,19 +56,17 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     force: opts.force,
     sync: opts.sync,
   })
-  // Registered before the partial file exists: a signal while it is being made removes it too.
-  const offAbort = onAbort(async () => {
+  // Undone on abort even while the partial file is being made.
+  const undo = async (): Promise<string | undefined> => {
     const w = await opening.catch(() => null)
     await w?.abort()
     return w ? 'the partial image was removed' : undefined
-  })
-  let writer: ImageWriter
-  try {
-    writer = await opening
-  } catch (e) {
-    offAbort()
-    throw e
   }
+  return unlessAborted(opts.signal, opening.then((writer) => fill(writer, opts, bytesTotal, started)), undo)
+}
+
+/** Reads the stream into the image. */
+async function fill(writer: ImageWriter, opts: CreateOptions, bytesTotal: number | undefined, started: number): Promise<CreateResult> {
   try {
     const scratch = Buffer.alloc(4096)
     const sink: RamSink = {
@@ -83,6 +84,7 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     let bytesIn = 0
 
     for await (const chunk of readInput(opts.from)) {
+      throwIfAborted(opts.signal) // stop reading; the abort has removed the image already
       bytesIn += chunk.length
       const rest = prefix.push(chunk)
       if (rest !== null && rest.length > 0) parser.push(rest)
@@ -103,8 +105,6 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
   } catch (err) {
     await writer.abort()
     throw err
-  } finally {
-    offAbort()
   }
 }
 

@@ -6,7 +6,7 @@
 // Every cluster is checked (structure, checksum, decoded length) before any of its pages is
 // sent; a failed check stops the stream, so QEMU never receives a wrong page.
 
-import { onAbort } from './abort.js'
+import { unlessAborted } from './abort.js'
 import { ImageReader } from './container/reader.js'
 import { SnapError, isSnapError, type ErrorCode } from './errors.js'
 import { refuseWhileCreating } from './container/lock.js'
@@ -33,6 +33,8 @@ export interface LoadOptions {
   /** after every cluster: bytes of page data sent so far, of the image's total */
   onProgress?: (pageBytesSent: number, pageBytesTotal: number) => void
   log?: (msg: string) => void
+  /** stops the load: a --to file being written is removed and loadImage rejects with SNAP_ABORTED */
+  signal?: AbortSignal
 }
 
 /** Keys as in README, "Output keys". */
@@ -54,13 +56,16 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   const started = performance.now()
   await refuseWhileCreating(path)
   const reader = await ImageReader.open(path)
+  const opening = openOutput(opts.to, { force: opts.force })
+  opening.catch(() => {})
+  // Undone at once on abort (the work may be waiting on QEMU's pipe), even while the file is made.
+  return unlessAborted(opts.signal, writeStream(reader, opening, opts, started), async () => (await opening.catch(() => null))?.discard())
+}
+
+async function writeStream(reader: ImageReader, opening: Promise<Output>, opts: LoadOptions, started: number): Promise<LoadResult> {
   let out: Output | undefined
   let writer: ThreadedOutput | undefined
   let done = false
-  const opening = openOutput(opts.to, { force: opts.force })
-  opening.catch(() => {})
-  // Registered before the temporary file exists: a signal while it is being made removes it too.
-  const offAbort = onAbort(async () => (await opening.catch(() => null))?.discard())
   try {
     out = await opening
     const { runs, live } = await pageMapThroughIndex(reader, opts.log, opts.index)
@@ -126,7 +131,6 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
-    offAbort()
     writer?.abort()
     if (!done) await out?.discard()
     await reader.close()
