@@ -7,7 +7,7 @@ import { stat } from 'node:fs/promises'
 import { SnapError, fromSystemError, type ErrorCode } from './errors.js'
 import { refuseWhileCreating } from './container/lock.js'
 import { ImageReader } from './container/reader.js'
-import { ZERO_CLUSTER, type PageRun } from './container/trailer.js'
+import { clusterDeadBytes } from './container/locator.js'
 import { PageIndex } from './index/page-index.js'
 
 export interface Problem {
@@ -99,20 +99,9 @@ export async function verifyImage(path: string, opts: VerifyOptions = {}): Promi
 }
 
 async function checkClusters(reader: ImageReader, report: VerifyReport, onProgress?: (d: number, t: number) => void): Promise<void> {
-  const byCluster = new Map<number, PageRun[]>()
-  for (const r of reader.runs) {
-    if (r.cluster === ZERO_CLUSTER) {
-      report.zeroPages += r.pageCount
-      continue
-    }
-    report.storedPages += r.pageCount
-    const list = byCluster.get(r.cluster)
-    if (list) list.push(r)
-    else byCluster.set(r.cluster, [r])
-  }
-  report.pages = report.zeroPages + report.storedPages
+  const locator = reader.locator
   const blockPages = reader.blocks.map((b) => b.size / b.pageSize)
-  const seen = new Set<number>()
+  Object.assign(report, locator.totals())
   let done = reader.fileLength - reader.header.trailerOffset + 4096
   for await (const res of reader.clusterResults({ onRead: (n) => onProgress?.((done += n), reader.fileLength) })) {
     const c = res.cluster
@@ -123,30 +112,32 @@ async function checkClusters(reader: ImageReader, report: VerifyReport, onProgre
     const where = { cluster: c.seq, offset: c.offset }
     const pageCount = c.pages.length / 2
     report.storedBytes += c.storedLength
-    seen.clear()
-    let bad: string | null = null
-    for (let s = 0; s < pageCount && !bad; s++) {
-      const b = c.pages[2 * s]
-      const p = c.pages[2 * s + 1]
-      if (b >= blockPages.length || p >= blockPages[b]) bad = `slot ${s} names page ${p} of block ${b}, outside the RAM blocks`
-      else if (seen.has(b * 0x100000000 + p)) bad = `slot ${s} names page ${p} of block ${b} a second time`
-      seen.add(b * 0x100000000 + p)
-    }
-    let live = 0
-    for (const r of byCluster.get(c.seq) ?? []) {
-      live += r.pageCount
-      for (let i = 0; i < r.pageCount && !bad; i++) {
-        const s = r.firstSlot + i
-        if (s >= pageCount || c.pages[2 * s] !== r.blockId || c.pages[2 * s + 1] !== r.firstPage + i) {
-          bad = `the page map puts page ${r.firstPage + i} of block ${r.blockId} in slot ${s}, which holds another page`
-        }
+    report.deadBytes += clusterDeadBytes(c.storedLength, pageCount, locator.liveCount(c.seq))
+    let bad = pageListProblem(c.pages, blockPages)
+    if (!bad) {
+      try {
+        locator.liveSlots(c.seq, c.pages)
+      } catch (e) {
+        bad = (e as Error).message
       }
     }
     if (bad) report.problems.push({ code: 'SNAP_CORRUPT', message: `cluster ${c.seq} at offset ${c.offset}: ${bad}`, ...where })
     else report.clustersOk++
-    report.deadBytes += Math.floor((c.storedLength * Math.max(0, pageCount - live)) / pageCount)
   }
   report.bytesRead = reader.fileLength
+}
+
+/** A cluster's own page list: every page inside the RAM blocks, none twice. */
+function pageListProblem(pages: Uint32Array, blockPages: number[]): string | null {
+  const seen = new Set<number>()
+  for (let s = 0; s < pages.length / 2; s++) {
+    const b = pages[2 * s]
+    const p = pages[2 * s + 1]
+    if (b >= blockPages.length || p >= blockPages[b]) return `slot ${s} names page ${p} of block ${b}, outside the RAM blocks`
+    if (seen.has(b * 0x100000000 + p)) return `slot ${s} names page ${p} of block ${b} a second time`
+    seen.add(b * 0x100000000 + p)
+  }
+  return null
 }
 
 async function checkIndex(reader: ImageReader, report: VerifyReport, rebuild: boolean): Promise<void> {

@@ -4,14 +4,18 @@ import { readSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { crc32 } from 'node:zlib'
 import { SnapError, fromSystemError } from '../errors.js'
-import { streamReport, type StreamReport } from '../report.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type StreamCounters } from '../types.js'
+import type { DeviceState, RamBlock } from '../types.js'
 import {
-  CODEC_LZ4, clusterExtent, clusterHeaderBlock, decodeClusterHeader, decodePayload, decodePayloadSync, splitCluster, type ClusterLimits,
+  clusterExtent, clusterHeaderBlock, decodeClusterHeader, decodePayload, decodePayloadSync, splitCluster, type ClusterLimits,
 } from './cluster.js'
 import { FOOTER_SIZE, decodeFooter, type ImageFooter } from './footer.js'
 import { ALIGN, HEADER_SIZE, decodeHeader, type ImageHeader } from './header.js'
+import { RunLocator, type PageLocation } from './locator.js'
 import * as T from './trailer.js'
+
+import { imageSummary, type ImageSummaryInfo } from './summary.js'
+
+export type { PageLocation, ImageSummaryInfo }
 
 /** Trailers are read whole; one this large is not something snapctl wrote. */
 const MAX_TRAILER = 1024 * 1024 * 1024
@@ -44,12 +48,6 @@ export interface ClusterResult {
   error?: SnapError
 }
 
-export interface PageLocation {
-  state: PageState
-  cluster?: number
-  slot?: number
-}
-
 async function readAt(fh: FileHandle, pos: number, len: number): Promise<Buffer> {
   const buf = Buffer.allocUnsafe(len)
   let got = 0
@@ -72,8 +70,8 @@ const corrupt = (msg: string, details: Record<string, unknown> = {}): never => {
 
 export class ImageReader {
   readonly lim: ClusterLimits
-  private byCluster: Map<number, number[]> | null = null
   private infos: ClusterInfo[] | null = null
+  private runLocator: RunLocator | null = null
 
   private constructor(
     readonly path: string,
@@ -169,24 +167,15 @@ export class ImageReader {
     throw new SnapError('SNAP_NO_PAGE', `the image has no RAM block ${JSON.stringify(nameOrId)}`)
   }
 
-  /** Where a page is, per the page map (the spec's lookup, by binary search). */
+  /** Where every page is, per the trailer's page map (built on first use). */
+  get locator(): RunLocator {
+    this.runLocator ??= new RunLocator(this.blocks.map((b) => b.size / b.pageSize), this.runs, this.clusterOffsets.length)
+    return this.runLocator
+  }
+
+  /** Where a page is (the spec's lookup). */
   locate(block: number, page: number): PageLocation {
-    const runs = this.runs
-    let lo = 0
-    let hi = runs.length - 1
-    let found = -1
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1
-      const r = runs[mid]
-      if (r.blockId < block || (r.blockId === block && r.firstPage <= page)) {
-        found = mid
-        lo = mid + 1
-      } else hi = mid - 1
-    }
-    const r = runs[found]
-    if (!r || r.blockId !== block || page >= r.firstPage + r.pageCount) return { state: PAGE_NEVER_SENT }
-    if (r.cluster === T.ZERO_CLUSTER) return { state: PAGE_ZERO }
-    return { state: PAGE_DATA, cluster: r.cluster, slot: r.firstSlot + page - r.firstPage }
+    return this.locator.locate(block, page)
   }
 
   private extent(seq: number): [number, number] {
@@ -325,108 +314,13 @@ export class ImageReader {
     return out
   }
 
-  /** 1 for each slot of cluster `seq` the page map points at. */
-  liveMask(seq: number, pageCount?: number): Uint8Array {
-    if (!this.byCluster) {
-      this.byCluster = new Map()
-      this.runs.forEach((r, i) => {
-        if (r.cluster === T.ZERO_CLUSTER) return
-        const list = this.byCluster!.get(r.cluster)
-        if (list) list.push(i)
-        else this.byCluster!.set(r.cluster, [i])
-      })
-    }
-    const list = this.byCluster.get(seq) ?? []
-    const len = pageCount ?? list.reduce((m, i) => Math.max(m, this.runs[i].firstSlot + this.runs[i].pageCount), 0)
-    const mask = new Uint8Array(len)
-    for (const i of list) {
-      const r = this.runs[i]
-      mask.fill(1, r.firstSlot, Math.min(len, r.firstSlot + r.pageCount))
-    }
-    return mask
-  }
-
-  /** Live (mapped) pages per cluster. */
-  liveCounts(): Uint32Array {
-    const live = new Uint32Array(this.clusterOffsets.length)
-    for (const r of this.runs) if (r.cluster !== T.ZERO_CLUSTER) live[r.cluster] += r.pageCount
-    return live
-  }
-
   async summary(): Promise<ImageSummaryInfo> {
-    const infos = await this.clusterInfos()
-    const live = this.liveCounts()
-    let storedBytes = 0
-    let rawBytes = 0
-    let deadBytes = 0
-    let lz4 = 0
-    for (const c of infos) {
-      storedBytes += c.storedLength
-      rawBytes += c.pageCount * this.header.pageSize
-      deadBytes += Math.floor((c.storedLength * (c.pageCount - Math.min(live[c.seq], c.pageCount))) / c.pageCount)
-      if (c.codec === CODEC_LZ4) lz4++
-    }
-    const ramBlocks = this.blocks.map((b) => ({ id: b.id, name: b.name, size: b.size, pageSize: b.pageSize, ramPages: b.size / b.pageSize, pages: 0, storedPages: 0, zeroPages: 0 }))
-    for (const r of this.runs) {
-      const b = ramBlocks[r.blockId]
-      if (r.cluster === T.ZERO_CLUSTER) b.zeroPages += r.pageCount
-      else b.storedPages += r.pageCount
-      b.pages += r.pageCount
-    }
-    const sum = (k: 'pages' | 'storedPages' | 'zeroPages' | 'ramPages' | 'size'): number => ramBlocks.reduce((n, b) => n + b[k], 0)
-    const h = this.header
-    return {
-      version: h.version, uuid: h.uuid.toString('hex'), machine: this.device.machine, clusterSize: h.clusterSize, pageSize: h.pageSize,
-      compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 },
-      ramBytes: sum('size'), ramPages: sum('ramPages'), pages: sum('pages'), storedPages: sum('storedPages'), zeroPages: sum('zeroPages'),
-      ramBlocks, clusters: infos.length, fileBytes: this.fileLength, storedBytes, rawBytes, deadBytes,
-      compressionRatio: storedBytes > 0 ? Math.round((100 * rawBytes) / storedBytes) / 100 : 1,
-      deviceStateBytes: this.device.config.length + this.device.deviceSections.length + this.device.streamEnd.length,
-      createdAt: new Date(h.creationTime).toISOString(), generation: h.generation, source: this.streamInfo.source,
-      creator: typeof this.streamInfo.creator === 'string' ? this.streamInfo.creator : undefined,
-      features: { incompatible: Number(h.incompatibleFeatures), compatible: Number(h.compatibleFeatures), autoclear: Number(h.autoclearFeatures) },
-      stream: streamReport(this.streamInfo.counters as Partial<StreamCounters>),
-    }
+    return imageSummary(this)
   }
 
   async close(): Promise<void> {
     await this.fh.close().catch(() => {})
   }
-}
-
-/** Keys as in README, "Output keys". */
-export interface ImageSummaryInfo {
-  version: number
-  uuid: string
-  machine: string
-  clusterSize: number
-  pageSize: number
-  compression: 'lz4' | 'none'
-  codecs: { none: number; lz4: number }
-  /** the guest's RAM: bytes and pages of all its blocks (pages QEMU never sent included) */
-  ramBytes: number
-  ramPages: number
-  /** pages the image holds (storedPages + zeroPages) */
-  pages: number
-  storedPages: number
-  zeroPages: number
-  ramBlocks: Array<{ id: number; name: string; size: number; pageSize: number; ramPages: number; pages: number; storedPages: number; zeroPages: number }>
-  clusters: number
-  fileBytes: number
-  /** page data as stored (after compression), and decoded */
-  storedBytes: number
-  rawBytes: number
-  /** rawBytes / storedBytes, two decimals */
-  compressionRatio: number
-  deadBytes: number
-  deviceStateBytes: number
-  createdAt: string
-  generation: number
-  source: string
-  creator?: string
-  features: { incompatible: number; compatible: number; autoclear: number }
-  /** what QEMU's stream held when the image was made */
-  stream: StreamReport
 }
 
 /** QEMU_VM_CONFIGURATION: 0x07, be32 length, the machine type name. */

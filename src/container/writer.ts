@@ -18,7 +18,7 @@ import {
   encodeHeader, isPowerOfTwo,
 } from './header.js'
 import { holds, listPartials, lockedError, partialPath, runningCreates } from './lock.js'
-import { PageMap, ZERO_LOC } from './pagemap.js'
+import { LOC_NEVER_SENT, LOC_ZERO, PageMap } from './locator.js'
 import * as T from './trailer.js'
 import type * as PageIndexModule from '../index/page-index.js'
 
@@ -206,9 +206,9 @@ export class ImageWriter {
   readPage(block: number, page: number, into: Buffer): PageState {
     const map = this.check(block, page)
     const loc = map.loc[block][page]
-    if (loc === 0 || loc === ZERO_LOC) {
+    if (loc === LOC_NEVER_SENT || loc === LOC_ZERO) {
       into.fill(0, 0, PAGE_SIZE)
-      return loc === 0 ? PAGE_NEVER_SENT : PAGE_ZERO
+      return loc === LOC_NEVER_SENT ? PAGE_NEVER_SENT : PAGE_ZERO
     }
     const slot = map.slot[block][page]
     const raw = loc === this.seq + 1 ? this.buf : this.file.rawSync(loc - 1)
@@ -276,7 +276,7 @@ export class ImageWriter {
     const old = this.file
     const oldMap = this.map!
     const map = new PageMap(this.blocks.map((b) => b.size / PAGE_SIZE))
-    oldMap.loc.forEach((loc, b) => loc.forEach((l, p) => l === ZERO_LOC && map.setZero(b, p)))
+    oldMap.loc.forEach((loc, b) => loc.forEach((l, p) => l === LOC_ZERO && map.setZero(b, p)))
     this.old = old
     this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim)
     this.file.onEvict = (b) => this.recycle(b)
@@ -361,17 +361,11 @@ export class ImageWriter {
     // Renamed while still open, so that the partial is held (locked) until it has its name.
     await this.publish()
     await f.close()
-    let zeroPages = 0
-    let storedPages = 0
-    for (let b = 0; b < this.blocks.length; b++) {
-      const c = map.counts(b)
-      zeroPages += c.zeroPages
-      storedPages += c.storedPages
-    }
+    const { pages, zeroPages, storedPages } = map.totals()
     const summary: ImageSummary = {
       path: this.path, uuid: this.uuid.toString('hex'), clusters: f.offsets.length, fileBytes: fileLength,
       storedBytes: f.storedLengths.reduce((a, b) => a + b, 0), rawBytes: f.pageCounts.reduce((a, b) => a + b, 0) * PAGE_SIZE,
-      deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages: zeroPages + storedPages, zeroPages, storedPages,
+      deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages, zeroPages, storedPages,
       ramPages: this.blocks.reduce((n, b) => n + b.size / b.pageSize, 0), ramBytes: this.blocks.reduce((n, b) => n + b.size, 0),
       compacted, indexPath: `${this.path}.index`,
     }

@@ -4,6 +4,7 @@
 import { pack, unpack } from 'msgpackr'
 import { Reader, Writer } from '../bytes.js'
 import { SnapError } from '../errors.js'
+import { ZERO_CLUSTER, type PageRun } from '../container/trailer.js'
 
 export const INDEX_VERSION = 1
 export const P_META = 0x00
@@ -53,6 +54,20 @@ export function encodeRunValue(v: RunValue): Buffer {
 export function decodeRunValue(b: Buffer): RunValue {
   if (b.length !== 14 || b[0] !== INDEX_VERSION || (b[1] !== KIND_ZERO && b[1] !== KIND_DATA)) bad('run value')
   return { kind: b[1] as RunValue['kind'], pageCount: b.readUInt32BE(2), cluster: b.readUInt32BE(6), firstSlot: b.readUInt32BE(10) }
+}
+
+/** A page_map run as the index stores it (format-spec/index.md: a zero run has kind 1, cluster and slot 0xFFFFFFFF/0 as written). */
+export function runEntry(r: PageRun, pageSize: number): [Buffer, Buffer] {
+  const zero = r.cluster === ZERO_CLUSTER
+  return [runKey(r.blockId, r.firstPage * pageSize), encodeRunValue({ kind: zero ? KIND_ZERO : KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot })]
+}
+
+/** The page_map run an index entry stands for. */
+export function runFromEntry(key: Buffer, value: Buffer, pageSize: number): PageRun {
+  const k = decodeRunKey(key)
+  const v = decodeRunValue(value)
+  const zero = v.kind === KIND_ZERO
+  return { blockId: k.blockId, firstPage: k.byteOffset / pageSize, pageCount: v.pageCount, cluster: zero ? ZERO_CLUSTER : v.cluster, firstSlot: zero ? 0 : v.firstSlot }
 }
 
 // ---- 02: clusters --------------------------------------------------------------------------

@@ -5,9 +5,9 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
 import { Level } from 'level'
 import { SnapError, isSnapError } from '../errors.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type PageState, type RamBlock } from '../types.js'
+import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type RamBlock } from '../types.js'
 import type { DecodedCluster, ImageReader } from '../container/reader.js'
-import { ZERO_CLUSTER, type PageRun } from '../container/trailer.js'
+import { ZERO_CLUSTER, sameRun, slotHolds, type PageLocation, type PageRun } from '../container/locator.js'
 import * as K from './keys.js'
 
 type DB = Level<Buffer, Buffer>
@@ -114,8 +114,7 @@ export class PageIndex {
           const ps = src.pageSize
           for (const b of src.blocks) batch.put(K.nameKey(b.name), K.encodeNameValue(b.id))
           for (const r of src.runs) {
-            const zero = r.cluster === ZERO_CLUSTER
-            batch.put(K.runKey(r.blockId, r.firstPage * ps), K.encodeRunValue({ kind: zero ? K.KIND_ZERO : K.KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot }))
+            batch.put(...K.runEntry(r, ps))
             if (batch.length >= BATCH) await flush()
           }
           for (const c of src.clusters) {
@@ -239,26 +238,24 @@ export class PageIndex {
     return id
   }
 
-  async lookup(block: number | string, byteOffset: number): Promise<{ state: PageState; cluster?: number; slot?: number }> {
+  /** Where a page is, per the index (the same answer as the image's page locator). */
+  async lookup(block: number | string, byteOffset: number): Promise<PageLocation> {
     const id = await this.resolve(block)
     const b = this.reader.blocks[id]
     if (!Number.isSafeInteger(byteOffset) || byteOffset < 0 || byteOffset >= b.size) {
       throw new SnapError('SNAP_NO_PAGE', `offset ${byteOffset} is outside RAM block ${b.name} (${b.size} bytes)`)
     }
-    const ps = b.pageSize
-    const off = byteOffset - (byteOffset % ps)
+    const page = Math.floor(byteOffset / b.pageSize)
     let hit: Array<[Buffer, Buffer]>
     try {
-      hit = await this.db.iterator({ ...K.blockRunsUpTo(id, off), reverse: true, limit: 1 }).all()
+      hit = await this.db.iterator({ ...K.blockRunsUpTo(id, page * b.pageSize), reverse: true, limit: 1 }).all()
     } catch (e) {
       throw levelError(e, 'run')
     }
-    if (hit.length === 0) return { state: PAGE_NEVER_SENT }
-    const key = K.decodeRunKey(hit[0][0])
-    const v = K.decodeRunValue(hit[0][1])
-    if (key.blockId !== id || off >= key.byteOffset + v.pageCount * ps) return { state: PAGE_NEVER_SENT }
-    if (v.kind === K.KIND_ZERO) return { state: PAGE_ZERO }
-    return { state: PAGE_DATA, cluster: v.cluster, slot: v.firstSlot + (off - key.byteOffset) / ps }
+    const run = hit.length === 0 ? null : K.runFromEntry(hit[0][0], hit[0][1], b.pageSize)
+    if (!run || run.blockId !== id || page >= run.firstPage + run.pageCount) return { state: PAGE_NEVER_SENT }
+    if (run.cluster === ZERO_CLUSTER) return { state: PAGE_ZERO }
+    return { state: PAGE_DATA, cluster: run.cluster, slot: run.firstSlot + page - run.firstPage }
   }
 
   /** A page's bytes (a view into a cached decoded cluster), 'zero', or null if never sent. */
@@ -281,7 +278,7 @@ export class PageIndex {
     const ps = this.reader.header.pageSize
     const slot = loc.slot!
     // The index is a cache: never hand out a page the cluster does not name.
-    if (slot >= c.pages.length / 2 || c.pages[2 * slot] !== id || c.pages[2 * slot + 1] !== Math.floor(byteOffset / ps)) {
+    if (!slotHolds(c.pages, slot, id, Math.floor(byteOffset / ps))) {
       throw new SnapError('SNAP_INDEX_MISMATCH', `the page index points page ${byteOffset} of block ${id} at cluster ${seq} slot ${slot}, which holds another page`, { cluster: seq, offset: c.offset })
     }
     return c.raw.subarray(slot * ps, (slot + 1) * ps)
@@ -291,12 +288,7 @@ export class PageIndex {
     const ps = this.reader.header.pageSize
     try {
       const runs: PageRun[] = []
-      for (const [k, v] of await this.db.iterator(K.RUNS_RANGE).all()) {
-        const key = K.decodeRunKey(k)
-        const val = K.decodeRunValue(v)
-        const zero = val.kind === K.KIND_ZERO
-        runs.push({ blockId: key.blockId, firstPage: key.byteOffset / ps, pageCount: val.pageCount, cluster: zero ? ZERO_CLUSTER : val.cluster, firstSlot: zero ? 0 : val.firstSlot })
-      }
+      for (const [k, v] of await this.db.iterator(K.RUNS_RANGE).all()) runs.push(K.runFromEntry(k, v, ps))
       const clusters: IndexCluster[] = []
       for (const [k, v] of await this.db.iterator(K.CLUSTERS_RANGE).all()) {
         const seq = K.decodeClusterKey(k)
@@ -319,12 +311,7 @@ export class PageIndex {
     try {
       for await (const [k, v] of this.db.iterator(K.RUNS_RANGE)) {
         const r = runs[i++]
-        if (r === undefined) return false
-        const key = K.decodeRunKey(k)
-        const val = K.decodeRunValue(v)
-        const zero = val.kind === K.KIND_ZERO
-        if (key.blockId !== r.blockId || key.byteOffset !== r.firstPage * ps || val.pageCount !== r.pageCount) return false
-        if (zero ? r.cluster !== ZERO_CLUSTER : val.cluster !== r.cluster || val.firstSlot !== r.firstSlot) return false
+        if (r === undefined || !sameRun(K.runFromEntry(k, v, ps), r)) return false
       }
     } catch (e) {
       throw levelError(e, 'runs')
@@ -348,7 +335,7 @@ export class PageIndex {
     for (let i = 0; i < n; i++) {
       const a = all.runs[i]
       const b = reader.runs[i]
-      if (!a || !b || a.blockId !== b.blockId || a.firstPage !== b.firstPage || a.pageCount !== b.pageCount || a.cluster !== b.cluster || a.firstSlot !== b.firstSlot) {
+      if (!a || !b || !sameRun(a, b)) {
         return mismatch(`page map run ${i} differs`, { run: i, index: a ?? null, image: b ?? null })
       }
     }

@@ -1,7 +1,6 @@
 // What `save` and `restore` share about following one QEMU migration: its states, progress
 // figures, the image's page counts, and waits that a Ctrl-C (an AbortSignal) cuts short.
 import { ImageReader } from '../container/reader.js'
-import { ZERO_CLUSTER } from '../container/trailer.js'
 import { SnapError } from '../errors.js'
 import type { QmpClient } from './qmp.js'
 
@@ -89,12 +88,7 @@ export interface PageCounts {
 export async function imagePages(path: string): Promise<PageCounts> {
   const reader = await ImageReader.open(path)
   try {
-    let zeroPages = 0
-    let storedPages = 0
-    for (const r of reader.runs) {
-      if (r.cluster === ZERO_CLUSTER) zeroPages += r.pageCount
-      else storedPages += r.pageCount
-    }
+    const { zeroPages, storedPages } = reader.locator.totals()
     const d = reader.device
     return {
       ramBytes: reader.blocks.reduce((a, b) => a + b.size, 0),

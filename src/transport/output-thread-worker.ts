@@ -1,4 +1,4 @@
-// The thread behind ThreadedOutput (src/output-thread.ts): writes each chunk it is sent to the
+// The thread behind ThreadedOutput (src/transport/output-thread.ts): writes each chunk it is sent to the
 // fd with blocking writes, in order, and reports back (handing transferred buffers back).
 import { writeSync } from 'node:fs'
 import { parentPort, workerData } from 'node:worker_threads'

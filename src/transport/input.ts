@@ -2,7 +2,7 @@
 // file (a saved stream, or a libvirt save image whose QEMU stream starts after its header).
 
 import { open, type FileHandle } from 'node:fs/promises'
-import { fromSystemError } from './errors.js'
+import { fromSystemError } from '../errors.js'
 import { readThreaded } from './input-thread.js'
 
 const READ_SIZE = 4 << 20

@@ -1,6 +1,6 @@
 // Where load's stream goes: standard output (the pipe QEMU reads in `exec:` migration), a file,
 // or a device or pipe named by --to. The bytes themselves are written by the pipe-writer thread
-// (src/output-thread.ts); this opens the target and finishes or discards it.
+// (src/transport/output-thread.ts); this opens the target and finishes or discards it.
 //
 // A regular file is written like an image (format-spec/container.md, "Writing an image"): under
 // `.NAME.partial-PID` beside NAME, synced and renamed into place once complete, removed on
@@ -9,9 +9,9 @@
 
 import { constants as fsc, type Stats } from 'node:fs'
 import { open, unlink, type FileHandle } from 'node:fs/promises'
-import { partialPath } from './container/lock.js'
-import { SnapError, fromSystemError } from './errors.js'
-import { checkOutputFile, renameIntoPlace } from './paths.js'
+import { partialPath } from '../container/lock.js'
+import { SnapError, fromSystemError } from '../errors.js'
+import { checkOutputFile, renameIntoPlace } from '../paths.js'
 
 export interface Output {
   /** the file descriptor to write to (1 for standard output) */

@@ -4,7 +4,7 @@
 // takes the sum of both sides' work instead of the larger. Here a worker reads back to back
 // with blocking reads and hands over buffers of at least 256 KiB, up to 4 MiB ahead.
 import { Worker } from 'node:worker_threads'
-import { fromSystemError } from './errors.js'
+import { fromSystemError } from '../errors.js'
 
 const AHEAD = 4 << 20
 

@@ -1,4 +1,4 @@
-// The thread behind readThreaded (src/input-thread.ts): blocking reads of the input fd into
+// The thread behind readThreaded (src/transport/input-thread.ts): blocking reads of the input fd into
 // 1 MiB buffers, each handed to the main thread (transferred) once it holds 256 KiB or the
 // input ended. `queued` (shared) counts bytes handed over and not yet consumed; past the limit
 // this thread waits, so memory stays bounded.

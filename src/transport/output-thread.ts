@@ -8,14 +8,15 @@
 // back after they are written (for reuse); any other chunk is copied into the message.
 
 import { Worker } from 'node:worker_threads'
-import { SnapError, fromSystemError } from './errors.js'
+import { SnapError, fromSystemError } from '../errors.js'
+import type { StreamSink } from './types.js'
 
 /** Queued bytes beyond which write() waits: two 4 MiB chunks in the pipe's queue are plenty. */
 const QUEUE_LIMIT = 12 << 20
 
 type FromWorker = { written: number; buffer?: ArrayBuffer; length: number } | { error: string; code?: string }
 
-export class ThreadedOutput {
+export class ThreadedOutput implements StreamSink {
   bytes = 0
   private queued = 0
   private failure: SnapError | null = null
@@ -26,7 +27,7 @@ export class ThreadedOutput {
 
   constructor(
     fd: number,
-    private readonly what: string,
+    readonly what: string,
     /** whether the chunk's whole ArrayBuffer may be handed to the writer thread */
     private readonly transferable: (chunk: Buffer) => boolean = () => false,
     /** gets back each transferred chunk once written */

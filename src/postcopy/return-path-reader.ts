@@ -1,0 +1,119 @@
+// The return path of a lazy restore (QEMU's answers: PONG, REQ_PAGES, SHUT), read from any
+// Readable the transport gives (our stdin under `exec:`, a socket), parsed as it arrives.
+import type { Readable } from 'node:stream'
+import { SnapError } from '../errors.js'
+import { ReturnPathParser, type RpMessage } from '../stream/return-path.js'
+
+/** Reads and parses the return path as messages arrive. */
+export class ReturnPathReader {
+  private onMessage: ((m: RpMessage) => void) | null = null
+  onClose: ((err: unknown) => void) | null = null
+  /** messages that came before listen() */
+  private early: RpMessage[] = []
+  private readonly parser = new ReturnPathParser()
+  private readonly pongs = new Set<number>()
+  private closed = false
+  private closeError: unknown = null
+  /** bytes that came on the return path: none at all means no QEMU is at the other end */
+  private bytesIn = 0
+  private waiters: Array<() => void> = []
+
+  constructor(private readonly input: Readable) {
+    input.on('data', this.onData)
+    input.on('end', this.onEnd)
+    input.on('error', this.onError)
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    this.bytesIn += chunk.length
+    let msgs: RpMessage[]
+    try {
+      msgs = this.parser.push(chunk)
+    } catch (err) {
+      this.close(err)
+      return
+    }
+    for (const m of msgs) {
+      if (m.type === 'pong') this.pongs.add(m.value)
+      if (this.onMessage) this.onMessage(m)
+      else this.early.push(m)
+    }
+    this.wake()
+  }
+
+  private readonly onEnd = (): void => {
+    let err: unknown = null
+    try {
+      this.parser.end()
+    } catch (e) {
+      err = e
+    }
+    this.close(err)
+  }
+
+  private readonly onError = (err: Error): void => this.close(new SnapError('SNAP_RETURN_PATH', `reading the return path: ${err.message}`, { cause: err }))
+
+  private close(err: unknown): void {
+    if (this.closed) return
+    this.closed = true
+    this.closeError = err
+    this.onClose?.(err)
+    this.wake()
+  }
+
+  /** Take messages from now on (and those that came before); `onClose` at once if closed already. */
+  listen(onMessage: (m: RpMessage) => void, onClose: (err: unknown) => void): void {
+    this.onMessage = onMessage
+    this.onClose = onClose
+    const early = this.early
+    this.early = []
+    for (const m of early) onMessage(m)
+    if (this.closed) onClose(this.closeError)
+  }
+
+  wake(): void {
+    const w = this.waiters
+    this.waiters = []
+    for (const f of w) f()
+  }
+
+  private async waitFor(cond: () => boolean, ms: number): Promise<boolean> {
+    const deadline = Date.now() + ms
+    while (!cond()) {
+      const left = deadline - Date.now()
+      if (left <= 0) return false
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, left)
+        this.waiters.push(() => {
+          clearTimeout(t)
+          resolve()
+        })
+      })
+    }
+    return true
+  }
+
+  /** `onClosed(nothingCame)`: the error for a return path closed before the PONG. */
+  async waitPong(value: number, ms: number, onClosed: (nothingCame: boolean) => SnapError): Promise<void> {
+    const ok = await this.waitFor(() => this.pongs.has(value) || this.closed, ms)
+    if (this.pongs.has(value)) return
+    if (this.closed) throw this.closeError ?? onClosed(this.bytesIn === 0)
+    if (!ok) throw new SnapError('SNAP_RETURN_PATH', `no answer from the destination on the return path within ${ms} ms (is this running under migrate-incoming "exec:..."?)`)
+  }
+
+  /** Wait for the destination to close the return path, or until `abandon()` holds. */
+  async waitClosed(ms: number, abandon: () => boolean = () => false): Promise<void> {
+    if (!(await this.waitFor(() => this.closed || abandon(), ms))) {
+      throw new SnapError('SNAP_RETURN_PATH', `the destination did not close the return path within ${ms} ms after the stream ended`)
+    }
+    if (this.closeError) throw this.closeError
+  }
+
+  stop(): void {
+    this.input.off('data', this.onData)
+    this.input.off('end', this.onEnd)
+    this.input.off('error', this.onError)
+    this.input.pause()
+    this.input.destroy()
+  }
+}

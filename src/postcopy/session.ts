@@ -1,0 +1,351 @@
+// The lazy-restore session: the setup QEMU needs before it can run the VM, then the page
+// scheduler, which answers each page request ahead of the background push of every other page
+// (format-spec and src/postcopy.ts describe the stream). No page is sent twice (a `sent` byte
+// per page), and no page is sent before its cluster passed its checks and agreed with the page
+// map. The session sees the transport only as a StreamSink and a ReturnPathReader.
+import type { DecodedCluster, ImageReader } from '../container/reader.js'
+import { LOC_NEVER_SENT, LOC_ZERO, disagreement, slotHolds, type PageLocator, type RunLocator } from '../container/locator.js'
+import { SnapError } from '../errors.js'
+import * as enc from '../stream/encoder.js'
+import type { RpMessage } from '../stream/return-path.js'
+import type { StreamSink } from '../transport/types.js'
+import { percentiles } from './latency.js'
+import type { ReturnPathReader } from './return-path-reader.js'
+import { RECORD_OVERHEAD, SectionBuilder } from './sections.js'
+
+const PING_ADVISED = 2
+const PING_PACKAGE = 3
+/** bytes of background pages per section: small keeps request latency low */
+const CHUNK_BYTES = 256 << 10
+const CLUSTER_CACHE = 16
+
+export interface SessionOptions {
+  log?: (msg: string) => void
+  /** how long to wait for the destination's answers during setup and at the end */
+  timeoutMs: number
+  /** per block: target pages per destination host page (1, or 512 for 2 MiB huge pages) */
+  hostPages: number[]
+}
+
+/** Keys as in README, "Output keys". */
+export interface PostcopyStats {
+  /** from start to the device state written (the destination can start the VM then) */
+  deviceStateSeconds: number
+  requests: number
+  requestedPages: number
+  /** requests for pages that were already on their way in the background */
+  requestsAlreadySent: number
+  latencyMs: { p50: number; p99: number; max: number }
+  bytesPushed: number
+  bytesOut: number
+  /** pages the image holds (storedPages + zeroPages) */
+  pages: number
+  storedPages: number
+  zeroPages: number
+  /** page records written: every page with data, and the zero pages that were asked for */
+  pagesSent: number
+  seconds: number
+}
+
+export class Session {
+  private readonly pageSize: number
+  private readonly ramId: number
+  private readonly hostPages: number[]
+  private readonly sent: Uint8Array[]
+  private readonly byName: Map<string, number>
+  private readonly cache = new Map<number, DecodedCluster>()
+  private readonly urgent: Array<{ buf: Buffer; t0: number }> = []
+  private readonly background: Buffer[] = []
+  private pumping: Promise<void> | null = null
+  private wakeProducer: (() => void) | null = null
+  private failure: unknown = null
+  private requestChain: Promise<void> = Promise.resolve()
+  private lastBlock = -1
+  /** the END section and EOF are queued: no more page records */
+  private ended = false
+  private readonly latencies: number[] = []
+  private requests = 0
+  private requestedPages = 0
+  private requestsAlreadySent = 0
+  private bytesPushed = 0
+  private pages = 0
+  /** every page, O(1): a request is answered without a search */
+  private readonly locator: PageLocator
+
+  constructor(
+    private readonly reader: ImageReader,
+    /** the page map's runs by cluster: what the background push walks */
+    private readonly runs: RunLocator,
+    private readonly out: StreamSink,
+    private readonly rp: ReturnPathReader,
+    private readonly opts: SessionOptions,
+  ) {
+    this.pageSize = reader.header.pageSize
+    this.ramId = reader.device.ramSectionId
+    this.hostPages = opts.hostPages
+    this.locator = runs.pageLocator()
+    this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
+    this.byName = new Map(reader.blocks.map((b) => [b.name, b.id]))
+  }
+
+  async run(started: number, afterPush: () => Promise<void>): Promise<PostcopyStats> {
+    await this.setup()
+    const deviceStateSeconds = (performance.now() - started) / 1000
+    this.opts.log?.(`postcopy: device state sent after ${(deviceStateSeconds * 1000).toFixed(0)} ms; serving pages`)
+    // Messages and a close that came while the device state was being written are replayed
+    // here: a return path that closed or broke that early must fail the restore too.
+    this.rp.listen(
+      (m) => this.onMessage(m),
+      (err) => this.fail(err ?? new SnapError('SNAP_RETURN_PATH', 'the return path closed before every page was sent: the destination QEMU stopped')),
+    )
+    await this.pushEverything()
+    await this.requestChain
+    this.check()
+    this.rp.onClose = null
+    // Every data page is out. A request from now on is for a zero page (never pushed) and
+    // needs no answer: after EOF the destination stops trapping, and the page reads as zero.
+    // Answering would write after EOF, into a pipe QEMU may already have closed.
+    this.ended = true
+    await this.enqueue(Buffer.concat([enc.sectionEndHeader(this.ramId), enc.eosFooter(this.ramId), Buffer.from([0])]))
+    await this.drain()
+    await afterPush()
+    await this.rp.waitClosed(this.opts.timeoutMs, () => this.failure !== null)
+    this.check()
+    return {
+      deviceStateSeconds, requests: this.requests, requestedPages: this.requestedPages, requestsAlreadySent: this.requestsAlreadySent,
+      latencyMs: percentiles(this.latencies), bytesPushed: this.bytesPushed, bytesOut: this.out.bytes,
+      ...this.locator.totals(), pagesSent: this.pages, seconds: (performance.now() - started) / 1000,
+    }
+  }
+
+  /** Everything before the VM can run: ADVISE (answered), the block list, the device state packaged. */
+  private async setup(): Promise<void> {
+    const d = this.reader.device
+    const hostSizes = this.hostPages.map((n) => n * this.pageSize)
+    // QEMU's ram_pagesize_summary(): the OR of every block's page size.
+    const summary = hostSizes.reduce((a, b) => a | b, this.pageSize)
+    await this.out.write(
+      Buffer.concat([enc.fileHeader(d.config), enc.openReturnPath(), enc.ping(1), enc.postcopyAdvise(summary, this.pageSize), enc.ping(PING_ADVISED)]),
+    )
+    // A destination without the postcopy-ram capability fails on ADVISE and closes the channel.
+    await this.rp.waitPong(PING_ADVISED, this.opts.timeoutMs, (nothingCame) => nothingCame ? noDestination() :
+      new SnapError('SNAP_POSTCOPY_SETUP', 'the destination refused POSTCOPY_ADVISE: turn the postcopy-ram capability on at the destination (migrate-set-capabilities) before migrate-incoming, and back its RAM with anonymous memory, tmpfs or hugetlbfs'),
+    )
+    const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(PING_PACKAGE), enc.postcopyRun()])
+    await this.out.write(
+      Buffer.concat([
+        enc.ramStartSection({ sectionId: this.ramId, instanceId: d.ramInstanceId, version: d.ramVersion }, this.reader.blocks, hostSizes),
+        // QEMU 10 goes ADVISE -> DISCARD on the first discard; LISTEN straight from ADVISE leaves
+        // it in DISCARD and RUN is then refused. Discarding a page that never arrived is a no-op.
+        enc.postcopyRamDiscard(this.reader.blocks[0].name, [[0, hostSizes[0]]]),
+        enc.packaged(blob.length),
+        blob,
+      ]),
+    )
+  }
+
+  private check(): void {
+    if (this.failure) throw this.failure
+  }
+
+  private fail(err: unknown): void {
+    this.failure ??= err
+    this.wakeProducer?.()
+    this.rp.wake()
+  }
+
+  /**
+   * Every cluster in file order, skipping what was requested. Zero pages are not pushed: ADVISE
+   * made the destination discard all its RAM, so a page it never receives reads as zero after
+   * postcopy ends; one it touches before then it asks for, and gets a ZERO record (serve()).
+   */
+  private async pushEverything(): Promise<void> {
+    const capacity = CHUNK_BYTES + (32 << 10)
+    let section = this.newSection(capacity)
+    for await (const cluster of this.reader.clusters()) {
+      this.check()
+      this.cache.set(cluster.seq, cluster)
+      this.trimCache()
+      const list = cluster.pages
+      for (const slot of this.runs.liveSlots(cluster.seq, list, { offset: cluster.offset })) {
+        const b = list[2 * slot]
+        const p = list[2 * slot + 1]
+        if (this.hostPages[b] > 1 || this.sent[b][p] !== 0) continue // hugepages: whole host pages, below
+        this.sent[b][p] = 1
+        section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
+        this.pages++
+        this.bytesPushed += this.pageSize
+        if (section.size() >= CHUNK_BYTES) {
+          await this.enqueue(section.finish())
+          section = this.newSection(capacity)
+        }
+      }
+    }
+    // Pages QEMU never sent: the destination must not be left waiting on them if it asks,
+    // but pushing them is not needed (postcopy's end leaves untouched memory zero).
+    if (section.count > 0) await this.enqueue(section.finish())
+    await this.pushHostPages()
+  }
+
+  /**
+   * Hugepage-backed blocks: the destination places a host page once all its target pages have
+   * come, one after the other, so each host page goes in one section, whole (zero pages as ZERO
+   * records), and never split by an urgent answer. Host pages that are all zero stay unsent.
+   */
+  private async pushHostPages(): Promise<void> {
+    for (const block of this.reader.blocks) {
+      const n = this.hostPages[block.id]
+      if (n === 1) continue
+      for (let first = 0; first < block.size / this.pageSize; first += n) {
+        this.check()
+        if (this.sent[block.id][first] !== 0 || !this.hasData(block.id, first, n)) continue
+        const section = this.newSection(n * (this.pageSize + RECORD_OVERHEAD) + 64)
+        this.addHostPage(section, block.id, first, n)
+        this.bytesPushed += n * this.pageSize
+        await this.enqueue(section.finish())
+      }
+    }
+  }
+
+  private hasData(b: number, first: number, n: number): boolean {
+    for (let p = first; p < first + n; p++) {
+      const l = this.locator.where(b, p)
+      if (l !== LOC_NEVER_SENT && l !== LOC_ZERO) return true
+    }
+    return false
+  }
+
+  /** Every target page of one host page, in order; marks them sent. */
+  private addHostPage(section: SectionBuilder, b: number, first: number, n: number): void {
+    for (let p = first; p < first + n; p++) {
+      this.sent[b][p] = 1
+      this.pages++
+      this.addPage(section, b, p)
+    }
+  }
+
+  private newSection(capacity: number): SectionBuilder {
+    return new SectionBuilder(this.ramId, this.reader.blocks, capacity)
+  }
+
+  private onMessage(m: RpMessage): void {
+    if (m.type === 'req') {
+      const t0 = performance.now()
+      this.requests++
+      this.requestChain = this.requestChain.then(() => this.serve(m.block, m.offset, m.length, t0)).catch((err) => this.fail(err))
+    } else if (m.type === 'shut' && m.status !== 0) {
+      this.fail(new SnapError('SNAP_RETURN_PATH', `the destination QEMU reported an error (SHUT ${m.status}); see its log`))
+    }
+  }
+
+  private blockOf(name: string | null): number {
+    if (name === null) {
+      if (this.lastBlock < 0) throw new SnapError('SNAP_BAD_REQUEST', 'QEMU sent REQ_PAGES before naming a RAM block')
+      return this.lastBlock
+    }
+    const b = this.byName.get(name)
+    if (b === undefined) throw new SnapError('SNAP_BAD_REQUEST', `QEMU asked for a page of RAM block "${name}", which the image does not have`)
+    return (this.lastBlock = b)
+  }
+
+  private async serve(blockName: string | null, offset: number, length: number, t0: number): Promise<void> {
+    if (this.failure || this.ended) return
+    const b = this.blockOf(blockName)
+    const block = this.reader.blocks[b]
+    if (offset % this.pageSize !== 0 || length <= 0 || length % this.pageSize !== 0 || offset + length > block.size) {
+      throw new SnapError('SNAP_BAD_REQUEST', `QEMU asked for bytes ${offset}+${length} of RAM block "${block.name}" (${block.size} bytes): not whole pages inside the block`)
+    }
+    // Whole host pages (QEMU asks for them whole; a hugepage is sent whole or not at all).
+    const n = this.hostPages[b]
+    const from = Math.floor(offset / this.pageSize / n) * n
+    const to = Math.ceil((offset + length) / this.pageSize / n) * n
+    const section = this.newSection((to - from) * (this.pageSize + RECORD_OVERHEAD) + 64)
+    this.requestedPages += length / this.pageSize
+    for (let p = from; p < to; p += n) {
+      if (this.sent[b][p] === 0) this.addHostPage(section, b, p, n)
+    }
+    if (section.count === 0) {
+      this.requestsAlreadySent++
+      return
+    }
+    this.urgent.push({ buf: section.finish(), t0 })
+    this.pump()
+  }
+
+  /** A page's record: its data, checked against its cluster's page list, or ZERO. */
+  private addPage(section: SectionBuilder, b: number, p: number): void {
+    const l = this.locator.where(b, p)
+    if (l === LOC_NEVER_SENT || l === LOC_ZERO) {
+      section.zero(b, p) // zero, or never sent by QEMU: the destination had zeroes there too
+      return
+    }
+    const cluster = this.getCluster(l - 1)
+    const slot = this.locator.slotOf(b, p)
+    if (!slotHolds(cluster.pages, slot, b, p)) throw disagreement(b, p, cluster.seq, slot, { offset: cluster.offset })
+    section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
+  }
+
+  /** Read on this thread: a request must not queue behind bulk I/O in the thread pool. */
+  private getCluster(seq: number): DecodedCluster {
+    let c = this.cache.get(seq)
+    if (c === undefined) {
+      c = this.reader.readClusterSync(seq)
+      this.cache.set(seq, c)
+      this.trimCache()
+    }
+    return c
+  }
+
+  private trimCache(): void {
+    while (this.cache.size > CLUSTER_CACHE) this.cache.delete(this.cache.keys().next().value as number)
+  }
+
+  /** Queue background bytes; waits while two chunks are already waiting. */
+  private async enqueue(buf: Buffer): Promise<void> {
+    this.background.push(buf)
+    this.pump()
+    while (this.background.length > 2 && !this.failure) {
+      await new Promise<void>((resolve) => (this.wakeProducer = resolve))
+    }
+    this.check()
+  }
+
+  /** Writes urgent answers first, then background sections, one at a time. */
+  private pump(): void {
+    if (this.pumping) return
+    this.pumping = (async () => {
+      try {
+        for (;;) {
+          const u = this.urgent.shift()
+          if (u) {
+            await this.out.write(u.buf, () => this.latencies.push(performance.now() - u.t0))
+            continue
+          }
+          const bg = this.background.shift()
+          if (!bg) break
+          this.wakeProducer?.()
+          await this.out.write(bg)
+        }
+      } catch (err) {
+        this.fail(err)
+      } finally {
+        this.pumping = null
+        this.wakeProducer?.()
+      }
+    })()
+  }
+
+  private async drain(): Promise<void> {
+    while (this.pumping) await this.pumping
+    this.check()
+    await this.out.flush()
+  }
+}
+
+/**
+ * A destination QEMU answers the first PING before it looks at POSTCOPY_ADVISE (and fails it
+ * without the capability): a return path that closes with nothing on it never had a QEMU.
+ */
+function noDestination(): SnapError {
+  return new SnapError('SNAP_NO_DESTINATION', 'the return path (standard input) closed before anything came on it: no destination QEMU is there; run load --postcopy from the destination (migrate_incoming "exec:snapctl load --postcopy IMAGE")')
+}
