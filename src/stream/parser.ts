@@ -18,22 +18,40 @@ const MAX_RAM = 2 ** 44
 /** one bitset chunk per 2^18 pages (1 GiB) keeps the re-send tracking lazy */
 const SENT_CHUNK_BITS = 18
 
-// parser states: what the next `need` bytes are
-const S_MAGIC = 0, S_FIRST = 1, S_TOP = 2
-const S_CFG_LEN = 3, S_CFG_NAME = 4, S_CFG_NEXT = 5, S_SUB_LEN = 6, S_SUB_NAME = 7, S_SUB_VER = 8
-const S_SUB_TPB = 9, S_CAPS_COUNT = 10, S_CAP_LEN = 11, S_CAP_NAME = 12, S_UUID = 13
-const S_CMD = 14, S_START_HDR = 15, S_START_NAME = 16, S_PARTEND = 17
-const S_WORD = 18, S_REC_LEN = 19, S_REC_NAME = 20, S_ZERO = 21, S_PAGE = 22, S_XBZ_HDR = 23, S_XBZ_DATA = 24
-const S_MEM_LEN = 25, S_MEM_NAME = 26, S_FOOTER = 27, S_TAIL = 28
-
-const WHERE = [
-  'the file header', 'the configuration element', 'a top-level element', 'the configuration', 'the configuration',
-  'the configuration', 'a configuration subsection', 'a configuration subsection', 'a configuration subsection',
-  'a configuration subsection', 'a configuration subsection', 'a configuration subsection', 'a configuration subsection',
-  'a configuration subsection', 'a command', 'a section header', 'a section header', 'a section header',
-  'a ram record', 'a ram record', 'a ram record', 'a ram ZERO record', 'a ram PAGE record', 'a ram XBZRLE record',
-  'a ram XBZRLE record', 'the RAM block list', 'the RAM block list', 'a section footer', 'the device state',
-]
+// Parser states: what the next `need` bytes are. Each is declared with the part of the stream
+// it reads (for error messages, WHERE[state]): numbers keep the hot switch cheap, and the
+// declaration order makes them, so nothing has to be kept aligned by hand.
+const WHERE: string[] = []
+const state = (where: string): number => WHERE.push(where) - 1
+const S_MAGIC = state('the file header')
+const S_FIRST = state('the configuration element')
+const S_TOP = state('a top-level element')
+const S_CFG_LEN = state('the configuration')
+const S_CFG_NAME = state('the configuration')
+const S_CFG_NEXT = state('the configuration')
+const S_SUB_LEN = state('a configuration subsection')
+const S_SUB_NAME = state('a configuration subsection')
+const S_SUB_VER = state('a configuration subsection')
+const S_SUB_TPB = state('a configuration subsection')
+const S_CAPS_COUNT = state('a configuration subsection')
+const S_CAP_LEN = state('a configuration subsection')
+const S_CAP_NAME = state('a configuration subsection')
+const S_UUID = state('a configuration subsection')
+const S_CMD = state('a command')
+const S_START_HDR = state('a section header')
+const S_START_NAME = state('a section header')
+const S_PARTEND = state('a section header')
+const S_WORD = state('a ram record')
+const S_REC_LEN = state('a ram record')
+const S_REC_NAME = state('a ram record')
+const S_ZERO = state('a ram ZERO record')
+const S_PAGE = state('a ram PAGE record')
+const S_XBZ_HDR = state('a ram XBZRLE record')
+const S_XBZ_DATA = state('a ram XBZRLE record')
+const S_MEM_LEN = state('the RAM block list')
+const S_MEM_NAME = state('the RAM block list')
+const S_FOOTER = state('a section footer')
+const S_TAIL = state('the device state')
 
 const RETURN_PATH_HINT =
   'return path / postcopy capability on the source is not supported by create; turn off capabilities return-path and postcopy-ram'
