@@ -17,8 +17,8 @@ import { linuxCmdline, linuxGuest, SerialLog } from '../../tools/linux-guest.js'
 import { fillRam, filesEqual, type Vm } from '../../tools/vm.js'
 import { MiB, Workdir, execCreate, execLoad, parseJson, snapctl } from './helpers.js'
 
-export type Step = 'oracle' | 'parser' | 'create' | 'verify' | 'eager' | 'lazy'
-export const STEPS: Step[] = ['oracle', 'parser', 'create', 'verify', 'eager', 'lazy']
+export type Step = 'oracle' | 'parser' | 'create' | 'verify' | 'eager' | 'lazy' | 'restore'
+export const STEPS: Step[] = ['oracle', 'parser', 'create', 'verify', 'eager', 'lazy', 'restore']
 
 export interface CompatResult {
   name: string
@@ -107,6 +107,11 @@ class Side {
     return args
   }
 
+  /** a second QMP socket, for `snapctl restore --qmp` (the harness holds the first) */
+  get qmpSocket(): string {
+    return this.w.path(`${this.cfg.name}-${this.name}-snapctl.qmp`)
+  }
+
   async start(opts: { incoming: boolean; paused: boolean }): Promise<Vm> {
     const { cfg } = this
     const boot = cfg.boot === 'linux' && !opts.incoming ? linuxGuest() : undefined
@@ -119,7 +124,7 @@ class Side {
       kernel: boot?.kernel,
       initrd: boot?.initrd,
       append: boot ? linuxCmdline({ data: 16, hot: 4, check: 4 }) : undefined,
-      extraArgs: this.deviceArgs(opts.incoming),
+      extraArgs: [...this.deviceArgs(opts.incoming), '-qmp', `unix:${this.qmpSocket},server=on,wait=off`],
       timeoutMs: 30_000,
     })
   }
@@ -169,6 +174,15 @@ export async function runConfig(cfg: CompatConfig, w: Workdir, huge?: HugePages)
     await step(result, 'eager', async () => restoreInto(new Side(cfg, w, 'dst1', huge), src, (dst) => execLoad(dst, image)))
     await step(result, 'lazy', async () =>
       restoreInto(new Side(cfg, w, 'dst2', huge), src, (dst) => execLoad(dst, image, `--postcopy ${cfg.lazyArgs ?? ''}`, { capabilities: { 'postcopy-ram': true } })),
+    )
+    // The operator's command: checks the destination's RAM blocks against the image, sets
+    // postcopy-ram (and the host page sizes of hugepage blocks) by itself.
+    const dst3 = new Side(cfg, w, 'dst3', huge)
+    await step(result, 'restore', async () =>
+      restoreInto(dst3, src, async () => {
+        const r = await snapctl(['restore', image, '--qmp', dst3.qmpSocket, '--lazy', '--paused'])
+        if (r.code !== 0) throw new Error(`restore --lazy exit ${r.code}: ${r.stderr}`)
+      }),
     )
   } finally {
     await vm?.quit()
