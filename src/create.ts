@@ -9,7 +9,8 @@
 import { throwIfAborted, unlessAborted } from './abort.js'
 import { ImageWriter, type ImageSummary } from './container/writer.js'
 import { SnapError } from './errors.js'
-import { readInput } from './input.js'
+import { fdIncoming } from './transport/fd.js'
+import type { IncomingMigration } from './transport/types.js'
 import { checkInputFile, checkOutputFile } from './paths.js'
 import { libvirtHeaderLength, parseLibvirtHeader } from './stream/libvirt.js'
 import { StreamParser } from './stream/parser.js'
@@ -19,6 +20,8 @@ import type { RamSink, StreamCounters } from './types.js'
 export interface CreateOptions {
   /** read the stream from this file instead of standard input */
   from?: string
+  /** the transport from QEMU (default: standard input, or `from`): see src/transport/ */
+  input?: IncomingMigration
   clusterSize?: number
   compress?: 'lz4' | 'none'
   force?: boolean
@@ -83,7 +86,7 @@ async function fill(writer: ImageWriter, opts: CreateOptions, bytesTotal: number
     const prefix = new PrefixSplitter()
     let bytesIn = 0
 
-    for await (const chunk of readInput(opts.from)) {
+    for await (const chunk of (opts.input ?? fdIncoming(opts.from)).main) {
       throwIfAborted(opts.signal) // stop reading; the abort has removed the image already
       bytesIn += chunk.length
       const rest = prefix.push(chunk)
