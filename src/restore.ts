@@ -39,6 +39,8 @@ export interface RestoreResult {
   image: string
   /** migration stream bytes the load wrote */
   bytesOut: number
+  /** the same, under save's name for the bytes moved */
+  bytes: number
   seconds: number
   pages: number
   storedPages: number
@@ -48,6 +50,8 @@ export interface RestoreResult {
   postcopyActiveSeconds: number | null
   /** --lazy: from the start until the VM could run (device state loaded, POSTCOPY_RUN handled) */
   runnableSeconds: number | null
+  /** when the last page arrived (the migration completed), from the start; = seconds but for the final cont */
+  lastPageSeconds: number | null
   /** --lazy: pages the destination asked for ahead of the background push */
   requests: number | null
   vm: 'running' | 'paused'
@@ -84,6 +88,8 @@ class Restore {
   /** --lazy: the destination's hugepage blocks, for load --host-page-size */
   private hostPages: string | undefined
   private runnableAt: number | null = null
+  /** when query-migrate first said completed: the last page is in */
+  private completedAt: number | null = null
 
   constructor(
     private readonly path: string,
@@ -145,7 +151,7 @@ class Restore {
       now = await this.qmp.execute('query-status')
     }
     return {
-      image: this.path, bytesOut: stats.bytesOut ?? 0, seconds: (performance.now() - this.started) / 1000,
+      image: this.path, bytesOut: stats.bytesOut ?? 0, bytes: stats.bytesOut ?? 0, lastPageSeconds: this.completedAt === null ? null : (this.completedAt - this.started) / 1000, seconds: (performance.now() - this.started) / 1000,
       pages: this.counts.pages, storedPages: this.counts.storedPages, zeroPages: this.counts.zeroPages, lazy: this.opts.lazy === true,
       postcopyActiveSeconds: this.postcopyAt === null ? null : (this.postcopyAt - this.started) / 1000,
       runnableSeconds: this.runnableAt === null ? null : (this.runnableAt - this.started) / 1000,
@@ -183,7 +189,10 @@ class Restore {
       }
       const info = await this.qmp.execute<MigrateInfo>('query-migrate', undefined, { timeoutMs: QEMU_BLOCKED_MS })
       if (info.status === 'postcopy-active') await this.whenRunnable()
-      if (info.status === 'completed') return
+      if (info.status === 'completed') {
+        this.completedAt = performance.now()
+        return
+      }
       if (info.status === 'failed' || info.status === 'cancelled') {
         await peer.waitExit({ timeoutMs: 5000 })
         const peerError = await peer.error()

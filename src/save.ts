@@ -42,6 +42,8 @@ export interface SaveResult {
   image: string
   /** the image file's size */
   fileBytes: number
+  /** the same: the issue's and virsh's name for it */
+  bytes: number
   /** migration stream bytes the create read */
   bytesIn: number | null
   /** the RAM blocks' whole size */
@@ -49,6 +51,8 @@ export interface SaveResult {
   seconds: number
   /** how long the guest was stopped by the save (QEMU's figure with --live); null if it was not running */
   downtimeMs: number | null
+  /** the same in milliseconds, under the name QEMU's query-migrate gives it */
+  downtime: number | null
   pages: number
   zeroPages: number
   storedPages: number
@@ -159,9 +163,9 @@ class Save {
     const counts = await imagePages(this.path)
     const stats = await this.peer.stats<{ bytesIn?: number }>()
     return {
-      image: this.path, fileBytes: counts.fileBytes, bytesIn: stats?.bytesIn ?? null, ramBytes: counts.ramBytes,
+      image: this.path, fileBytes: counts.fileBytes, bytes: counts.fileBytes, bytesIn: stats?.bytesIn ?? null, ramBytes: counts.ramBytes,
       seconds: (performance.now() - this.started) / 1000,
-      downtimeMs, pages: counts.pages, zeroPages: counts.zeroPages, storedPages: counts.storedPages,
+      downtimeMs, downtime: downtimeMs, pages: counts.pages, zeroPages: counts.zeroPages, storedPages: counts.storedPages,
       live: this.opts.live === true, vm: resume ? 'running' : 'paused', capabilitiesOff,
     }
   }
