@@ -8,7 +8,6 @@
 
 import { unlessAborted } from './abort.js'
 import { ImageReader } from './container/reader.js'
-import { refuseWhileCreating } from './container/lock.js'
 import { refreshIndex } from './index/refresh.js'
 import { fdOutgoing } from './transport/fd.js'
 import type { OutgoingMigration, SinkOptions } from './transport/types.js'
@@ -54,8 +53,7 @@ export interface LoadResult {
 
 export async function loadImage(path: string, opts: LoadOptions = {}): Promise<LoadResult> {
   const started = performance.now()
-  await refuseWhileCreating(path)
-  const reader = await ImageReader.open(path)
+  const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
   const rec = new PageRecordWriter(reader.blocks)
   // Chunks of the record writer's own are handed to the sink whole and come back for reuse.
   const sink = { transferable: (c: Buffer) => rec.owns(c), returned: (c: Buffer) => rec.recycle(c) }

@@ -13,7 +13,6 @@
 // CONTINUE is never used: sections are built independently and may interleave.
 
 import { ImageReader } from './container/reader.js'
-import { refuseWhileCreating } from './container/lock.js'
 import { SnapError } from './errors.js'
 import { refreshIndex } from './index/refresh.js'
 import { ReturnPathReader } from './postcopy/return-path-reader.js'
@@ -46,8 +45,7 @@ function defaultTimeout(): number {
 
 export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Promise<PostcopyStats> {
   const started = performance.now()
-  await refuseWhileCreating(path)
-  const reader = await ImageReader.open(path)
+  const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
   let out: OutgoingMigration | undefined
   let rp: ReturnPathReader | undefined
   try {

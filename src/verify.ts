@@ -5,7 +5,6 @@
 // reported as missing (it is a cache: any load rebuilds it), and only `rebuildIndex` builds one.
 import { stat } from 'node:fs/promises'
 import { SnapError, fromSystemError, type ErrorCode } from './errors.js'
-import { refuseWhileCreating } from './container/lock.js'
 import { ImageReader } from './container/reader.js'
 import { clusterDeadBytes } from './container/locator.js'
 import { PageIndex } from './index/page-index.js'
@@ -76,10 +75,9 @@ export async function verifyImage(path: string, opts: VerifyOptions = {}): Promi
     return report
   }
   // The image (and its index) is about to be replaced: checking it now proves nothing.
-  await refuseWhileCreating(path)
   let reader: ImageReader
   try {
-    reader = await ImageReader.open(path)
+    reader = await ImageReader.open(path, { whileCreating: 'refuse' })
   } catch (e) {
     if (e instanceof SnapError && NOT_DAMAGE.includes(e.code)) throw e
     report.fileBytes = (await stat(path).catch(() => ({ size: 0 }))).size

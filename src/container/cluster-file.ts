@@ -3,10 +3,11 @@
 // on the libuv pool; offsets are assigned in order once a cluster's stored size is known, and
 // writes overlap. Recently written clusters' raw pages stay in an LRU so that XBZRLE deltas
 // against them need no read.
-import { closeSync, constants, fsyncSync, openSync, readSync } from 'node:fs'
+import { closeSync, constants, fsyncSync, openSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
 import { crc32 } from 'node:zlib'
 import { roundUp } from '../bytes.js'
+import { readFullySync } from './byte-source.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import { clusterExtent, decodePayloadSync, encodeClusterHeader, splitCluster, type ClusterHeader, type ClusterLimits } from './cluster.js'
 import { ALIGN, HEADER_SIZE } from './header.js'
@@ -171,12 +172,7 @@ export class ClusterFile {
   readSync(seq: number): { header: ClusterHeader; stored: Buffer } {
     const offset = this.offsets[seq]
     const buf = Buffer.allocUnsafe(clusterExtent(this.pageCounts[seq], this.storedLengths[seq]))
-    let got = 0
-    while (got < buf.length) {
-      const n = readSync(this.fh.fd, buf, got, buf.length - got, offset + got)
-      if (n === 0) break
-      got += n
-    }
+    const got = readFullySync(this.fh.fd, buf, offset)
     return splitCluster(buf.subarray(0, got), { cluster: seq, offset }, this.lim)
   }
 

@@ -1,13 +1,12 @@
 // Opens and reads an image: format-spec/container.md, "Reading an image". open() does steps
 // 1-4 in the spec's order; every cluster passes step 5 before any of its pages is handed out.
-import { readSync } from 'node:fs'
-import { open, type FileHandle } from 'node:fs/promises'
 import { crc32 } from 'node:zlib'
 import { SnapError, fromSystemError } from '../errors.js'
 import type { DeviceState, RamBlock } from '../types.js'
 import {
   clusterExtent, clusterHeaderBlock, decodeClusterHeader, decodePayload, decodePayloadSync, splitCluster, type ClusterLimits,
 } from './cluster.js'
+import { LocalFile, type ByteSource } from './byte-source.js'
 import { FOOTER_SIZE, decodeFooter, type ImageFooter } from './footer.js'
 import { ALIGN, HEADER_SIZE, decodeHeader, type ImageHeader } from './header.js'
 import { RunLocator, type PageLocation } from './locator.js'
@@ -48,22 +47,6 @@ export interface ClusterResult {
   error?: SnapError
 }
 
-async function readAt(fh: FileHandle, pos: number, len: number): Promise<Buffer> {
-  const buf = Buffer.allocUnsafe(len)
-  let got = 0
-  try {
-    while (got < len) {
-      const { bytesRead } = await fh.read(buf, got, len - got, pos + got)
-      if (bytesRead === 0) break
-      got += bytesRead
-    }
-  } catch (e) {
-    throw fromSystemError(e, 'reading the image')
-  }
-  if (got < len) throw new SnapError('SNAP_TRUNCATED', `the image ends at ${pos + got}, before ${pos + len}`, { offset: pos + got })
-  return buf
-}
-
 const corrupt = (msg: string, details: Record<string, unknown> = {}): never => {
   throw new SnapError('SNAP_CORRUPT', msg, details)
 }
@@ -74,8 +57,8 @@ export class ImageReader {
   private runLocator: RunLocator | null = null
 
   private constructor(
-    readonly path: string,
-    private readonly fh: FileHandle,
+    /** where the bytes come from: a local file today (byte-source.ts) */
+    readonly source: ByteSource,
     readonly fileLength: number,
     readonly header: ImageHeader,
     readonly footer: ImageFooter,
@@ -89,30 +72,26 @@ export class ImageReader {
     this.lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
   }
 
-  static async open(path: string): Promise<ImageReader> {
-    if (path.trim() === '') throw new SnapError('SNAP_BAD_PATH', 'the image path is empty')
-    let fh: FileHandle
+  /** A local image (checked as the spec says); or any other ByteSource, given open. */
+  static async open(path: string | ByteSource, opts: { whileCreating?: 'refuse' | 'allow' } = {}): Promise<ImageReader> {
+    const source = typeof path === 'string' ? await LocalFile.open(path, opts) : path
     try {
-      fh = await open(path, 'r')
+      return await ImageReader.check(source)
     } catch (e) {
-      throw fromSystemError(e, `opening ${path}`)
-    }
-    try {
-      return await ImageReader.check(path, fh)
-    } catch (e) {
-      await fh.close().catch(() => {})
-      throw fromSystemError(e, `reading ${path}`)
+      await source.close()
+      throw fromSystemError(e, `reading ${source.path}`)
     }
   }
 
-  private static async check(path: string, fh: FileHandle): Promise<ImageReader> {
-    const st = await fh.stat()
-    if (st.isDirectory()) throw new SnapError('SNAP_BAD_PATH', `${path} is a directory, not an image`)
-    if (!st.isFile()) throw new SnapError('SNAP_BAD_MAGIC', `${path} is not a regular file`)
-    const size = st.size
-    const header = decodeHeader(await readAt(fh, 0, Math.min(size, HEADER_SIZE)), size)
+  get path(): string {
+    return this.source.path
+  }
+
+  private static async check(src: ByteSource): Promise<ImageReader> {
+    const size = await src.size()
+    const header = decodeHeader(await src.read(0, Math.min(size, HEADER_SIZE)), size)
     const footerAt = size - FOOTER_SIZE
-    const footer = decodeFooter(await readAt(fh, footerAt, FOOTER_SIZE), footerAt)
+    const footer = decodeFooter(await src.read(footerAt, FOOTER_SIZE), footerAt)
     if (!footer.uuid.equals(header.uuid) || footer.trailerOffset !== header.trailerOffset ||
         footer.trailerLength !== header.trailerLength || footer.generation !== header.generation) {
       throw new SnapError('SNAP_INCOMPLETE', 'the footer does not belong to the header: the image was never finished', { offset: footerAt })
@@ -122,7 +101,7 @@ export class ImageReader {
       corrupt(`the trailer (${trailerOffset}, ${trailerLength} bytes) is not between the header and the footer`, { offset: trailerOffset })
     }
     if (trailerLength > MAX_TRAILER) throw new SnapError('SNAP_TOO_LARGE', `a trailer of ${trailerLength} bytes`, { offset: trailerOffset })
-    const trailer = await readAt(fh, trailerOffset, trailerLength)
+    const trailer = await src.read(trailerOffset, trailerLength)
     if (crc32(trailer) !== footer.trailerCrc) throw new SnapError('SNAP_CHECKSUM', 'the trailer checksum does not match', { offset: trailerOffset })
 
     const records = T.decodeTrailer(trailer, trailerOffset)
@@ -130,7 +109,7 @@ export class ImageReader {
     const blocks = T.decodeBlockTable(records.get(T.REC_BLOCK_TABLE)!, header.pageSize)
     const lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
     const dir = records.get(T.REC_CLUSTER_DIRECTORY)
-    const offsets = dir ? T.decodeClusterDirectory(dir) : await scanClusters(fh, trailerOffset, lim)
+    const offsets = dir ? T.decodeClusterDirectory(dir) : await scanClusters(src, trailerOffset, lim)
     if (offsets.length !== footer.clusterCount) corrupt(`the cluster directory has ${offsets.length} clusters, the footer says ${footer.clusterCount}`)
     const maxExtent = clusterExtent(lim.maxPages, header.clusterSize)
     for (let i = 0; i < offsets.length; i++) {
@@ -154,7 +133,7 @@ export class ImageReader {
       deviceSections: records.get(T.REC_DEVICE_SECTIONS)!,
       streamEnd: records.get(T.REC_STREAM_END)!,
     }
-    return new ImageReader(path, fh, size, header, footer, records, streamInfo, blocks, offsets, runs, device)
+    return new ImageReader(src, size, header, footer, records, streamInfo, blocks, offsets, runs, device)
   }
 
   blockId(nameOrId: string | number): number {
@@ -192,7 +171,7 @@ export class ImageReader {
 
   async readCluster(seq: number): Promise<DecodedCluster> {
     const [start, end] = this.checkedExtent(seq)
-    return this.decode(await readAt(this.fh, start, end - start), seq, start, false)
+    return this.decode(await this.source.read(start, end - start), seq, start, false)
   }
 
   /**
@@ -202,19 +181,10 @@ export class ImageReader {
    */
   readClusterSync(seq: number): DecodedCluster {
     const [start, end] = this.checkedExtent(seq)
-    const buf = Buffer.allocUnsafe(end - start)
-    let got = 0
-    try {
-      while (got < buf.length) {
-        const n = readSync(this.fh.fd, buf, got, buf.length - got, start + got)
-        if (n === 0) break
-        got += n
-      }
-    } catch (e) {
-      throw fromSystemError(e, 'reading the image')
-    }
+    if (!this.source.readSync) throw new SnapError('SNAP_INTERNAL', `${this.path} cannot be read synchronously`)
+    const buf = this.source.readSync(start, end - start)
     const where = { cluster: seq, offset: start }
-    const { header, stored } = splitCluster(buf.subarray(0, got), where, this.lim)
+    const { header, stored } = splitCluster(buf, where, this.lim)
     const raw = decodePayloadSync(header, stored, where)
     return { seq, offset: start, codec: header.codec, storedLength: header.storedLength, pages: header.pages, raw }
   }
@@ -249,7 +219,7 @@ export class ImageReader {
     const issue = () => {
       while (reads.length < 2 && next < chunks.length) {
         const c = chunks[next++]
-        const p = readAt(this.fh, c.start, c.end - c.start)
+        const p = this.source.read(c.start, c.end - c.start)
         p.catch(() => {})
         reads.push(p)
       }
@@ -295,10 +265,10 @@ export class ImageReader {
     const out: ClusterInfo[] = new Array(this.clusterOffsets.length)
     const one = async (seq: number) => {
       const [start, end] = this.extent(seq)
-      let buf = await readAt(this.fh, start, Math.min(ALIGN, end - start))
+      let buf = await this.source.read(start, Math.min(ALIGN, end - start))
       const pageCount = buf.readUInt32BE(16)
       const need = pageCount <= this.lim.maxPages ? clusterHeaderBlock(pageCount) : ALIGN
-      if (need > buf.length && need <= end - start) buf = await readAt(this.fh, start, need)
+      if (need > buf.length && need <= end - start) buf = await this.source.read(start, need)
       const h = decodeClusterHeader(buf, 0, { cluster: seq, offset: start }, this.lim)
       if (clusterExtent(h.pageCount, h.storedLength) !== end - start) {
         corrupt(`cluster ${seq} at offset ${start}: its extent does not match the directory`, { cluster: seq, offset: start })
@@ -319,7 +289,7 @@ export class ImageReader {
   }
 
   async close(): Promise<void> {
-    await this.fh.close().catch(() => {})
+    await this.source.close()
   }
 }
 
@@ -331,14 +301,14 @@ function machineFromConfig(config: Buffer): string | undefined {
 }
 
 /** Without a cluster directory (record 7 is optional), walk the cluster headers. */
-async function scanClusters(fh: FileHandle, trailerOffset: number, lim: ClusterLimits): Promise<number[]> {
+async function scanClusters(src: ByteSource, trailerOffset: number, lim: ClusterLimits): Promise<number[]> {
   const offsets: number[] = []
   for (let pos = HEADER_SIZE; pos < trailerOffset; ) {
     const where = { cluster: offsets.length, offset: pos }
-    let buf = await readAt(fh, pos, Math.min(ALIGN, trailerOffset - pos))
+    let buf = await src.read(pos, Math.min(ALIGN, trailerOffset - pos))
     if (buf.length >= 20 && buf.readUInt32BE(16) <= lim.maxPages) {
       const need = clusterHeaderBlock(buf.readUInt32BE(16))
-      if (need > buf.length && pos + need <= trailerOffset) buf = await readAt(fh, pos, need)
+      if (need > buf.length && pos + need <= trailerOffset) buf = await src.read(pos, need)
     }
     const h = decodeClusterHeader(buf, 0, where, lim)
     offsets.push(pos)

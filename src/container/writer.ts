@@ -17,6 +17,7 @@ import {
   ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
   encodeHeader, isPowerOfTwo,
 } from './header.js'
+import { localIndexPath } from './byte-source.js'
 import { holds, listPartials, lockedError, partialPath, runningCreates } from './lock.js'
 import { LOC_NEVER_SENT, LOC_ZERO, PageMap } from './locator.js'
 import * as T from './trailer.js'
@@ -367,7 +368,7 @@ export class ImageWriter {
       storedBytes: f.storedLengths.reduce((a, b) => a + b, 0), rawBytes: f.pageCounts.reduce((a, b) => a + b, 0) * PAGE_SIZE,
       deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages, zeroPages, storedPages,
       ramPages: this.blocks.reduce((n, b) => n + b.size / b.pageSize, 0), ramBytes: this.blocks.reduce((n, b) => n + b.size, 0),
-      compacted, indexPath: `${this.path}.index`,
+      compacted, indexPath: localIndexPath(this.path),
     }
     try {
       // From what we hold in memory: the image need not be read back.

@@ -9,6 +9,7 @@ import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type RamBlock } from '../types.j
 import type { DecodedCluster, ImageReader } from '../container/reader.js'
 import { ZERO_CLUSTER, sameRun, slotHolds, type PageLocation, type PageRun } from '../container/locator.js'
 import * as K from './keys.js'
+import { localIndexPath } from '../container/byte-source.js'
 
 type DB = Level<Buffer, Buffer>
 const BATCH = 4096
@@ -76,8 +77,9 @@ export class PageIndex {
 
   private constructor(private readonly db: DB, private readonly reader: ImageReader, readonly path: string) {}
 
+  /** A local image's index (the byte source decides where an index lives: see ByteSource.indexPath). */
   static indexPath(imagePath: string): string {
-    return `${imagePath}.index`
+    return localIndexPath(imagePath)
   }
 
   /**
@@ -154,7 +156,7 @@ export class PageIndex {
 
   /** Open the index if it is there and fresh; why it cannot be used otherwise. */
   private static async tryOpen(reader: ImageReader): Promise<PageIndex | IndexUnusable> {
-    const dir = PageIndex.indexPath(reader.path)
+    const dir = reader.source.indexPath ?? PageIndex.indexPath(reader.path)
     try {
       await stat(dir)
     } catch {
@@ -201,7 +203,7 @@ export class PageIndex {
   }
 
   static async open(reader: ImageReader, opts: OpenOptions = {}): Promise<PageIndex> {
-    const dir = PageIndex.indexPath(reader.path)
+    const dir = reader.source.indexPath ?? PageIndex.indexPath(reader.path)
     const first = await PageIndex.openExisting(reader)
     if (first instanceof PageIndex) return first
     if (first !== 'missing' && opts.rebuild === false) {
