@@ -21,6 +21,17 @@ function code(fn: () => unknown): string {
   }
   return 'none'
 }
+/** The error `fn` throws; fails the test if it throws none. */
+function thrown(fn: () => unknown): SnapError {
+  let err: unknown
+  try {
+    fn()
+  } catch (e) {
+    err = e
+  }
+  if (err === undefined) assert.unreachable('nothing was thrown')
+  return err as SnapError
+}
 async function acode(p: Promise<unknown>): Promise<string> {
   try {
     await p
@@ -116,13 +127,13 @@ test('cluster header: exact bytes and checks', () => {
   assert.is(flip(40, false), 'SNAP_CHECKSUM') // a page entry
   assert.is(flip(12, true, 0x04), 'SNAP_UNSUPPORTED_CODEC')
   assert.is(flip(25, true), 'SNAP_CORRUPT') // stored_length ≠ raw_length for codec 0
-  try {
-    flip(40, false)
-    decodeClusterHeader(Object.assign(Buffer.from(b), { 40: 9 }), 0, where, lim)
-  } catch (e) {
-    assert.is((e as SnapError).context.cluster, 5)
-    assert.is((e as SnapError).context.offset, 4096)
-  }
+  // The error says where: the cluster and the file offset it was read at.
+  const damaged = Buffer.from(b)
+  damaged[40] ^= 0x01
+  const e = thrown(() => decodeClusterHeader(damaged, 0, where, lim))
+  assert.is(e.code, 'SNAP_CHECKSUM')
+  assert.is(e.context.cluster, 5)
+  assert.is(e.context.offset, 4096)
 })
 
 test('payload codecs 0 and 1: exact bytes and round trips', async () => {

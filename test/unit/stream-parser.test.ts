@@ -112,8 +112,8 @@ test('header: bad magic, version 2, no configuration element', () => {
   expectError(s, 'SNAP_STREAM_BAD_MAGIC')
   const v2 = Buffer.from(main)
   v2[7] = 2
-  expectError(v2, 'SNAP_STREAM_VERSION', /obsolete/)
-  expectError(Buffer.concat([main.subarray(0, 8), Buffer.from(ramStartSection({ sectionId: 1, instanceId: 0, version: 4 }, BLOCKS))]), 'SNAP_STREAM_UNSUPPORTED', /configuration/)
+  expectError(v2, 'SNAP_STREAM_VERSION')
+  expectError(Buffer.concat([main.subarray(0, 8), Buffer.from(ramStartSection({ sectionId: 1, instanceId: 0, version: 4 }, BLOCKS))]), 'SNAP_STREAM_UNSUPPORTED')
 })
 
 const head = () => Buffer.concat([fileHeader(configElement()), ramStartSection({ sectionId: 1, instanceId: 0, version: 4 }, BLOCKS)])
@@ -170,7 +170,7 @@ test('the block list: totals must add up; absurd lengths are refused without all
   expectError(start(u64(0x100000, 0x4)), 'SNAP_STREAM_TOO_LARGE') // 2^52: past the RAM cap
   expectError(start(u64(0, 0x2004), name('a'), u64(0, 0x1000), name('b'), u64(0, 0x2000)), 'SNAP_STREAM_CORRUPT', /add up/)
   expectError(start(u64(0, 0x2004), name('a'), u64(0, 0x1000), name('a'), u64(0, 0x1000)), 'SNAP_STREAM_CORRUPT', /twice/)
-  expectError(start(u64(0, 0x2004), name('a'), u64(0, 0x1800)), 'SNAP_STREAM_UNSUPPORTED', /multiple/)
+  expectError(start(u64(0, 0x2004), name('a'), u64(0, 0x1800)), 'SNAP_STREAM_UNSUPPORTED')
   expectError(start(u64(0, 0x0004)), 'SNAP_STREAM_CORRUPT')
   expectError(start(u64(0, 0x1004), name('a'), u64(0x200000, 0)), 'SNAP_STREAM_TOO_LARGE')
   const bigName = Buffer.concat([Buffer.from([0x51, 0x45, 0x56, 0x4d, 0, 0, 0, 3, 0x07]), u32(0xffffffff)])
