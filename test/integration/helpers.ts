@@ -1,16 +1,12 @@
 // Shared by the real-QEMU suites: how to run snapctl as QEMU's exec: peer and as a command,
 // and how to wait for an exec: child to really finish (QEMU may say `completed` before that).
-import { spawn } from 'node:child_process'
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
-import { dirname, join, resolve } from 'node:path'
-import { fileURLToPath } from 'node:url'
+import { join } from 'node:path'
 import { Vm, requireQemu, waitExitStatus, type VmOptions } from '../../tools/vm.js'
+import { SNAPCTL, type RunResult } from '../snapctl.js'
 
-const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
-export const SNAPCTL_BIN = join(ROOT, 'bin/run.js')
-/** The command line QEMU's exec: runs (through /bin/sh -c). */
-export const SNAPCTL = `${process.execPath} ${SNAPCTL_BIN}`
+export { SNAPCTL, SNAPCTL_BIN, snapctl, type RunResult } from '../snapctl.js'
 export const MiB = 1 << 20
 
 /** Fails loudly (never skips) when QEMU is missing or too old. */
@@ -37,34 +33,6 @@ export class Workdir {
     await Promise.all(this.vms.map((vm) => vm.quit().catch(() => {})))
     rmSync(this.dir, { recursive: true, force: true })
   }
-}
-
-export interface RunResult {
-  code: number | null
-  stdout: Buffer
-  stderr: string
-}
-
-/** Runs snapctl as a command; resolves with its exit code and output (never rejects on status). */
-export function snapctl(args: string[], opts: { input?: Buffer; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
-  return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, [SNAPCTL_BIN, ...args], {
-      stdio: ['pipe', 'pipe', 'pipe'],
-      env: { ...process.env, ...opts.env },
-    })
-    const out: Buffer[] = []
-    let err = ''
-    child.stdout.on('data', (d: Buffer) => out.push(d))
-    child.stderr.on('data', (d: Buffer) => (err += d.toString()))
-    child.on('error', reject)
-    child.stdin.on('error', () => {})
-    child.stdin.end(opts.input)
-    const timer = setTimeout(() => child.kill('SIGKILL'), 300_000)
-    child.on('close', (code) => {
-      clearTimeout(timer)
-      resolvePromise({ code, stdout: Buffer.concat(out), stderr: err })
-    })
-  })
 }
 
 /** `exec:` URI that runs snapctl with `args` and records its exit status in `statusFile`. */

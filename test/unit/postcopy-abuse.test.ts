@@ -1,7 +1,8 @@
 // `snapctl load --postcopy` against a fake destination that abuses the return path (framing in
 // reference §5.3): garbage, bad requests, malformed messages, a channel closed early, a silent
 // peer. Each must end in a prompt exit with the right code, never a hang; a well-behaved fake
-// destination gets exit 0, so the harness itself is shown to work.
+// destination gets exit 0, so the harness itself is shown to work. No QEMU: the destination is a
+// script on the other end of the pipes.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { spawn } from 'node:child_process'
@@ -10,12 +11,13 @@ import { fileURLToPath } from 'node:url'
 import { ImageReader } from '../../src/container/reader.js'
 import * as enc from '../../src/stream/encoder.js'
 import { encodeRpMessage, type RpMessage } from '../../src/stream/return-path.js'
-import { SNAPCTL_BIN, Workdir, snapctl } from './helpers.js'
+import { SNAPCTL_BIN, snapctl } from '../snapctl.js'
+import { tempDir } from './container-helpers.js'
 
-const w = new Workdir('rp')
+const w = tempDir('rp')
 test.after(() => w.cleanup())
 const fixture = join(dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/qemu10-pc-16M.stream')
-const image = w.path('vm.snap')
+const image = join(w.dir, 'vm.snap')
 let block = { name: '', size: 0 }
 let streamEnd = Buffer.alloc(0)
 
