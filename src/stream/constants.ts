@@ -101,3 +101,23 @@ export const QEMU_SAVE_VERSION = 2
 export const QEMU_SAVE_HEADER_SIZE = 92
 // libvirt src/qemu/qemu_saveimage_format.h: QEMU_SAVE_FORMAT_*
 export const QEMU_SAVE_FORMAT_NAMES = ['raw', 'gzip', 'bzip2', 'xz', 'lzop', 'zstd', 'sparse'] as const
+
+// migration/multifd.h, multifd.c: the multifd channels' packets (reference §4; qemu-multifd-peer.md §2-§4)
+export const MULTIFD_MAGIC = 0x11223344
+export const MULTIFD_VERSION = 1
+/** MultiFDInit_t: the first bytes of every multifd channel */
+export const MULTIFD_INIT_SIZE = 64
+export const MULTIFD_FLAG_SYNC = 0x01
+/** MULTIFD_FLAG_COMPRESSION_MASK: zlib 0x02, zstd 0x04, qpl 0x08, uadk 0x10, qatzip 0x20 */
+export const MULTIFD_FLAG_COMPRESSION_MASK = 0x3e
+export const MULTIFD_FLAG_DEVICE_STATE = 0x40
+/** MULTIFD_PACKET_SIZE: a RAM packet holds at most this many bytes of pages */
+export const MULTIFD_PACKET_SIZE = 512 * 1024
+/** pages a packet's offset[] has room for: MULTIFD_PACKET_SIZE / page size */
+export const MULTIFD_PAGE_COUNT = MULTIFD_PACKET_SIZE / TARGET_PAGE_SIZE
+/** MultiFDPacket_t without offset[] */
+export const MULTIFD_PACKET_FIXED = 320
+/** a RAM packet's header: 320 + 8 × 128 = 1344 bytes */
+export const MULTIFD_PACKET_HEADER_SIZE = MULTIFD_PACKET_FIXED + 8 * MULTIFD_PAGE_COUNT
+/** include/exec/ramblock.h: RAMBlock idstr[256] */
+export const MULTIFD_RAMBLOCK_NAME = 256

@@ -1,4 +1,4 @@
-// The two fuzz targets. `parser`: QEMU migration streams (the real fixture and synthetic ones
+// The fuzz targets (`multifd`, at the end: one multifd channel through its parser). `parser`: QEMU migration streams (the real fixture and synthetic ones
 // with XBZRLE, re-sends, a libvirt header) mutated and fed in random pieces through the same
 // path `create` uses (libvirt prefix -> StreamParser -> sink, XBZRLE applied). `image`: small
 // real images mutated by region (header, cluster headers, payloads, trailer records, footer),
@@ -19,6 +19,8 @@ import { StreamParser } from '../../src/stream/parser.js'
 import { xbzrleDecode, xbzrleEncode } from '../../src/stream/xbzrle.js'
 import { makeLibvirtHeader } from '../../src/stream/libvirt.js'
 import * as enc from '../../src/stream/encoder.js'
+import { MultifdChannelParser, type ChannelSink } from '../../src/multifd/channel-parser.js'
+import { encodeInit, encodePacketHeader } from '../../src/multifd/packet.js'
 import { ERROR_CODES } from '../../src/errors.js'
 import type { DeviceState, RamBlockDecl, RamSink } from '../../src/types.js'
 import { caseRng, int, mutate, pick, pieces, type Rand, type Region } from './mutate.js'
@@ -326,5 +328,89 @@ export async function imageTarget(classify: Classify): Promise<Target> {
   } catch (e) {
     rmSync(dir, { recursive: true, force: true })
     throw e
+  }
+}
+
+// ---- multifd -----------------------------------------------------------------------------
+
+const MULTIFD_BLOCKS: RamBlockDecl[] = [{ name: 'mem', size: 300 * PAGE }, { name: 'pc.bios', size: 4 * PAGE }]
+
+/** One multifd channel as QEMU 10 sends it: initial packet, SYNC, data packets (normal + zero pages), SYNC. */
+function synthChannel(seed: number): Buffer {
+  const rand = caseRng(seed, 0)
+  const parts: Buffer[] = [encodeInit({ uuid: Buffer.alloc(16, seed), id: seed % 4 })]
+  let num = 0
+  const sync = () => encodePacketHeader({ flags: 1, pagesAlloc: 0, normalPages: 0, zeroPages: 0, packetNum: BigInt(num++), ramblock: '', offsets: [] })
+  parts.push(sync())
+  for (let k = 0; k < 4; k++) {
+    const b = rand() < 0.8 ? 0 : 1
+    const pages = MULTIFD_BLOCKS[b].size / PAGE
+    const n = 1 + int(rand, Math.min(pages, k === 0 ? 128 : 12))
+    const chosen = new Set<number>()
+    while (chosen.size < n) chosen.add(int(rand, pages))
+    const list = [...chosen]
+    const normal = list.filter(() => rand() < 0.7)
+    const zero = list.filter((p) => !normal.includes(p))
+    parts.push(encodePacketHeader({ flags: 0, pagesAlloc: 128, normalPages: normal.length, zeroPages: zero.length, packetNum: BigInt(num++), ramblock: MULTIFD_BLOCKS[b].name, offsets: [...normal, ...zero].map((p) => p * PAGE) }))
+    for (const _ of normal) parts.push(pageOf(rand))
+    if (rand() < 0.3) parts.push(sync())
+  }
+  parts.push(sync())
+  return Buffer.concat(parts)
+}
+
+/** Checks what the channel parser hands out, as create relies on it. */
+class CheckingChannelSink implements ChannelSink {
+  private last = 0
+  init(i: { uuid: Buffer; id: number }): void {
+    if (i.uuid.length !== 16 || i.id < 0 || i.id > 255) throw new Error('sink: bad initial packet')
+  }
+  page(block: number, page: number, data: Uint8Array, epoch: number): void {
+    this.check(block, page, epoch)
+    if (data.length !== PAGE) throw new Error(`sink: a page of ${data.length} bytes`)
+  }
+  zero(block: number, page: number, epoch: number): void {
+    this.check(block, page, epoch)
+  }
+  sync(n: number): void {
+    if (n !== this.last + 1) throw new Error(`sink: SYNC ${n} after ${this.last}`)
+    this.last = n
+  }
+  private check(block: number, page: number, epoch: number): void {
+    const b = MULTIFD_BLOCKS[block]
+    if (!b || !Number.isInteger(page) || page < 0 || page >= b.size / PAGE) throw new Error(`sink: page ${page} of block ${block} is outside the blocks`)
+    if (epoch !== this.last) throw new Error(`sink: epoch ${epoch} after SYNC ${this.last}`)
+  }
+}
+
+export function multifdTarget(classify: Classify): Target {
+  const corpus = [synthChannel(1), synthChannel(2), synthChannel(3)]
+  return {
+    prepare(n, rand) {
+      const base = int(rand, corpus.length)
+      let input = corpus[base]
+      const whats: string[] = []
+      for (let i = 0, k = 1 + int(rand, 3); i < k; i++) {
+        // Half aimed at the initial packet and the first headers, where the small fields are.
+        const m = mutate(input, rand, rand() < 0.5 ? { start: 0, end: 64 + 2 * 1344 } : undefined)
+        input = m.out
+        whats.push(m.what)
+      }
+      return { input, what: `channel ${base}: ${whats.join('; ')}` }
+    },
+    async run(p, rand) {
+      try {
+        const parser = new MultifdChannelParser(new CheckingChannelSink(), { waitCap: 4 << 20 })
+        const late = rand() < 0.3 // the block list after the data, as when the main channel lags
+        if (!late) parser.setBlocks(MULTIFD_BLOCKS)
+        for (const piece of pieces(p.input, rand)) parser.push(piece)
+        if (late) parser.setBlocks(MULTIFD_BLOCKS)
+        parser.end()
+        return ['ok']
+      } catch (e) {
+        return [classify('channel', e)]
+      }
+    },
+    cleanup() {},
   }
 }

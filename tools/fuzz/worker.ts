@@ -5,10 +5,10 @@
 import { parentPort, workerData } from 'node:worker_threads'
 import { ERROR_CODES, SnapError } from '../../src/errors.js'
 import { caseRng } from './mutate.js'
-import { imageTarget, parserTarget, type Target } from './targets.js'
+import { imageTarget, multifdTarget, parserTarget, type Target } from './targets.js'
 
 export interface WorkerInput {
-  target: 'parser' | 'image'
+  target: 'parser' | 'image' | 'multifd'
   seed: number
   from: number
   to: number
@@ -52,7 +52,8 @@ function classify(stage: string, e: unknown): string {
   throw new Unexpected(`${stage}: ${detail}`)
 }
 
-const target: Target = input.target === 'parser' ? parserTarget(classify) : await imageTarget(classify)
+const target: Target =
+  input.target === 'parser' ? parserTarget(classify) : input.target === 'multifd' ? multifdTarget(classify) : await imageTarget(classify)
 post({ type: 'ready' })
 try {
   for (let n = input.from; n < input.to; n++) {
