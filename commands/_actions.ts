@@ -18,7 +18,8 @@ import type { ParsedFlags } from './_spec.js'
 
 export async function runCreate(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
   const from = flags.from as string | undefined
-  if (from === undefined && isatty(0)) {
+  const listen = flags.listen as string | undefined
+  if (from === undefined && listen === undefined && isatty(0)) {
     throw new SnapError('SNAP_TERMINAL', 'standard input is a terminal: create reads a QEMU migration stream there; run it from QEMU (migrate "exec:snapctl create IMAGE") or give --from FILE')
   }
   const statsPath = flags.stats as string | undefined
@@ -32,6 +33,8 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
     clusterSize,
     force: flags.force === true,
     sync: flags.sync === true,
+    listen,
+    timeoutMs: parseTimeout(flags.timeout),
     onProgress: progress ? (done, total) => progress.update(done, total) : undefined,
     signal,
   })
@@ -40,10 +43,11 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
   const stats = {
     pages: s.pages, storedPages: s.storedPages, zeroPages: s.zeroPages, ramPages: s.ramPages,
     bytesIn: r.bytesIn, bytesOut: s.fileBytes, seconds: r.seconds, source: r.source, stream: streamReport(r.counters),
+    ...(listen !== undefined ? { channels: r.channels, epochs: r.epochs } : {}),
   }
   if (statsPath !== undefined) await writeStats(statsPath, stats, 'the image was saved')
   if (flags.json) printJson({ ...s, stats, source: r.source })
-  else if (from !== undefined || flags.progress) {
+  else if (from !== undefined || listen !== undefined || flags.progress) {
     process.stderr.write(`${image}: ${s.pages} pages (${s.storedPages} with data, ${s.zeroPages} zero), ${formatBytes(r.bytesIn)} in, ${formatBytes(s.fileBytes)} written in ${r.seconds.toFixed(2)} s\n`)
   }
   return 0
@@ -89,6 +93,14 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
   }
   if (statsPath !== undefined) await writeStats(statsPath, stats, 'the restore succeeded')
   return 0
+}
+
+/** --timeout MS (a whole number of milliseconds, 0 for none), or undefined for the default. */
+export function parseTimeout(v: unknown): number | undefined {
+  if (v === undefined) return undefined
+  const n = Number(v)
+  if (typeof v !== 'string' || !/^\d+$/.test(v) || !Number.isSafeInteger(n)) throw new SnapError('SNAP_USAGE', `--timeout ${String(v)}: give a whole number of milliseconds`)
+  return n
 }
 
 /** Writes --stats; a failure now (the path was checked first) is a warning, not a failed command. */

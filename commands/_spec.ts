@@ -18,15 +18,18 @@ export interface CommandSpec {
 }
 
 export const CREATE: CommandSpec = {
-  description: 'Save a QEMU migration stream (stdin, or --from FILE) into an image',
+  description: 'Save a QEMU migration stream (stdin, --from FILE, or --listen unix:PATH with multifd channels) into an image',
   examples: [
     `(qemu) migrate "exec:<%= config.bin %> create /var/lib/snaps/vm1.snap"`,
     '<%= config.bin %> create vm1.snap --from saved.stream',
     '<%= config.bin %> create vm1.snap --from /var/lib/libvirt/qemu/save/vm1.save',
+    '<%= config.bin %> create vm1.snap --listen unix:/run/vm1.mig   # then (qemu) migrate unix:/run/vm1.mig, multifd on or off',
   ],
   image: 'the image to write',
   flags: {
-    from: { type: 'string', description: 'read the stream from FILE: a `migrate file:` stream or a libvirt save image' },
+    from: { type: 'string', description: 'read the stream from FILE: a `migrate file:` stream or a libvirt save image', exclusive: ['listen'] },
+    listen: { type: 'string', description: 'listen on unix:PATH for QEMU (migrate unix:PATH), with any number of multifd channels' },
+    timeout: { type: 'string', description: 'with --listen: give up (SNAP_CHANNEL_TIMEOUT) when QEMU does not connect or a connection stays silent this many ms (0: wait for ever; default $SNAPCTL_CHANNEL_TIMEOUT_MS, else 60000)' },
     compress: { type: 'string', options: ['lz4', 'none'], default: 'lz4', description: 'cluster compression' },
     'cluster-size': { type: 'string', default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' },
     force: { type: 'boolean', description: 'replace an existing image' },

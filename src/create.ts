@@ -27,6 +27,15 @@ export interface CreateOptions {
   force?: boolean
   /** make the image durable (fdatasync, directory fsync) before create returns */
   sync?: boolean
+  /**
+   * listen on this unix socket (`unix:PATH`) for QEMU's migration, with any number of multifd
+   * channels (src/multifd/receive.ts), instead of reading standard input or `from`
+   */
+  listen?: string
+  /** with `listen`: bound on each wait for QEMU, in ms (0: none; default $SNAPCTL_CHANNEL_TIMEOUT_MS, else 60 s) */
+  timeoutMs?: number
+  /** with `listen`: called once the socket is listening */
+  onListening?: (path: string) => void
   /** called after every chunk read with the bytes read so far (and the input's size, if known) */
   onProgress?: (bytesIn: number, bytesTotal?: number) => void
   /** stops the create: the partial image is removed and createImage rejects with SNAP_ABORTED */
@@ -41,6 +50,9 @@ export interface CreateResult {
   /** the input's size, where known (--from FILE) */
   bytesTotal?: number
   seconds: number
+  /** with `listen`: the multifd channels QEMU opened, and the SYNC epochs */
+  channels?: number
+  epochs?: number
 }
 
 /** The libvirt header is at most this long (92 bytes + XML + cookie + padding). */
@@ -65,7 +77,22 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     await w?.abort()
     return w ? 'the partial image was removed' : undefined
   }
-  return unlessAborted(opts.signal, opening.then((writer) => fill(writer, opts, bytesTotal, started)), undo)
+  const work = opening.then((writer) => (opts.listen !== undefined ? fillFromSocket(writer, opts.listen, opts, started) : fill(writer, opts, bytesTotal, started)))
+  return unlessAborted(opts.signal, work, undo)
+}
+
+/** The stream from a unix socket, with multifd channels (src/multifd/receive.ts). */
+async function fillFromSocket(writer: ImageWriter, listen: string, opts: CreateOptions, started: number): Promise<CreateResult> {
+  try {
+    const { receiveOverSocket } = await import('./multifd/receive.js')
+    const r = await receiveOverSocket(writer, { listen, timeoutMs: opts.timeoutMs, onListening: opts.onListening, signal: opts.signal, onProgress: (n) => opts.onProgress?.(n) })
+    const image = await writer.finish(r.device, { source: 'qemu', counters: r.counters, compatibleFeatures: r.counters.xbzrlePages > 0 ? 1 : 0 })
+    const seconds = (performance.now() - started) / 1000
+    return { image, counters: r.counters, source: 'qemu', bytesIn: r.bytesIn, seconds, channels: r.channels, epochs: r.epochs }
+  } catch (err) {
+    await writer.abort()
+    throw err
+  }
 }
 
 /** Reads the stream into the image. */

@@ -25,6 +25,8 @@ export interface RamSink {
   page(block: number, page: number, data: Uint8Array): void
   /** An XBZRLE delta against the page's current content (apply in stream order). */
   xbzrle(block: number, page: number, encoded: Uint8Array): void
+  /** A MULTIFD_FLUSH: the k-th pairs with every multifd channel's k-th SYNC (src/multifd/receive.ts). */
+  multifdFlush?(): void
 }
 
 /** Everything in a stream that is not RAM pages, kept byte for byte (see container.md, trailer records 4-6). */

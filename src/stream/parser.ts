@@ -478,7 +478,8 @@ export class StreamParser {
         this.state = S_FOOTER
         return
       case C.RAM_SAVE_FLAG_MULTIFD_FLUSH:
-        this.state = S_WORD // a multifd barrier; nothing to do on the main channel
+        this.sink.multifdFlush?.() // a multifd barrier: the channels' pages after it are newer
+        this.state = S_WORD
         return
       case C.RAM_SAVE_FLAG_MEM_SIZE:
         if (!this.inStart || this.blocks !== null || this.memTotal > 0) throw this.err('SNAP_STREAM_CORRUPT', 'MEM_SIZE record outside the ram START section')
