@@ -56,7 +56,8 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
 // stdout is the migration stream here: nothing else may ever be written to it.
 export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
   const to = flags.to as string | undefined
-  if (to === undefined && isatty(1)) {
+  const connect = flags.connect as string | undefined
+  if (to === undefined && connect === undefined && isatty(1)) {
     throw new SnapError('SNAP_TERMINAL', 'standard output is a terminal: load writes a binary QEMU migration stream there; run it from QEMU (migrate_incoming "exec:snapctl load IMAGE") or give --to FILE')
   }
   if (flags.postcopy && isatty(0)) {
@@ -72,6 +73,17 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     // Nothing to undo: it writes to QEMU only.
     stats = await unlessAborted(signal, loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes }))
+  } else if (connect !== undefined) {
+    const { loadOverSocket } = await import('../src/multifd/send.js')
+    const progress = flags.progress ? progressReporter('load') : undefined
+    const channels = flags.channels === undefined ? 0 : Number(flags.channels)
+    if (!/^\d+$/.test(String(flags.channels ?? '0')) || channels > 255) throw new SnapError('SNAP_USAGE', `--channels ${String(flags.channels)}: a number from 1 to 255`)
+    const r = await loadOverSocket(image, {
+      connect, channels, uuid: flags.uuid as string | undefined, timeoutMs: parseTimeout(flags.timeout), log, signal,
+      onProgress: progress ? (done, all) => progress.update(done, all) : undefined,
+    })
+    progress?.finish(r.storedPages * 4096, r.storedPages * 4096)
+    stats = r
   } else {
     const { loadImage } = await import('../src/load.js')
     const progress = flags.progress ? progressReporter('load') : undefined

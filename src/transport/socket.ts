@@ -132,9 +132,15 @@ export class SocketSink implements StreamSink {
     socket.on('close', () => (this.closed = true))
   }
 
-  async write(chunk: Buffer, onWritten?: () => void): Promise<void> {
+  private ending = false
+
+  private check(): void {
     if (this.failure) throw this.failure
-    if (this.closed) throw new SnapError('SNAP_IO', `${this.what}: the destination closed the connection (did the destination QEMU fail?)`)
+    if (this.closed && !this.ending) throw new SnapError('SNAP_IO', `${this.what}: the destination closed the connection (did the destination QEMU fail?)`)
+  }
+
+  async write(chunk: Buffer, onWritten?: () => void): Promise<void> {
+    this.check()
     const n = chunk.length
     const ok = this.socket.write(chunk, () => {
       this.bytes += n
@@ -143,7 +149,15 @@ export class SocketSink implements StreamSink {
     if (!ok) await this.drained()
   }
 
+  private waiting: Promise<void> | null = null
+
+  /** One wait for 'drain' shared by every writer that found the buffer full. */
   private drained(): Promise<void> {
+    this.waiting ??= this.waitDrain().finally(() => (this.waiting = null))
+    return this.waiting
+  }
+
+  private waitDrain(): Promise<void> {
     return within(
       new Promise<void>((resolve, reject) => {
         const done = (): void => {
@@ -165,14 +179,19 @@ export class SocketSink implements StreamSink {
   }
 
   async flush(): Promise<void> {
-    if (this.failure) throw this.failure
-    if (this.socket.writableLength > 0) await new Promise<void>((r) => this.socket.write(Buffer.alloc(0), () => r()))
-    if (this.failure) throw this.failure
+    this.check()
+    if (this.socket.writableLength > 0) {
+      // 'drain' comes only after a write that filled the buffer: wait for an empty write's callback.
+      const out = new Promise<void>((r) => this.socket.write(Buffer.alloc(0), () => r()))
+      await within(out, this.stallMs, `${this.what}: the destination read nothing`, () => this.socket.destroy())
+    }
+    this.check()
   }
 
   /** flush, then half-close: the destination sees the end of the stream. */
   async close(): Promise<void> {
     await this.flush()
+    this.ending = true
     await new Promise<void>((r) => this.socket.end(() => r()))
   }
 

@@ -52,6 +52,30 @@ test('a paused 256 MiB VM saved with 4 multifd channels: one dense image, every 
   await dst.quit()
 })
 
+/** `snapctl load IMAGE --connect unix:SOCK --channels N` into a fresh destination with multifd-channels N. */
+async function connectLoad(name: string, image: string, channels: number, extra: string[] = [], memMiB = 256): Promise<{ dst: Vm; r: RunResult; status: string }> {
+  const dst = await w.vm({ name, memMiB, incoming: 'defer', keepMem: true })
+  const sock = w.path(`${name}.sock`)
+  await dst.migrateIncoming(`unix:${sock}`, {
+    capabilities: channels > 0 ? { multifd: true } : {},
+    parameters: channels > 0 ? { 'multifd-channels': channels } : {},
+  })
+  await waitFor(sock)
+  const r = await snapctl(['load', image, '--connect', `unix:${sock}`, '--channels', String(channels), ...extra])
+  const info = await dst.waitMigration({ timeoutMs: 60_000, until: ['completed', 'failed', 'cancelled'] }).catch(() => ({ status: 'stuck' }))
+  return { dst, r, status: info.status }
+}
+
+for (const n of [1, 2, 8]) {
+  test(`the 4-channel image restored over ${n} multifd channel(s): byte-identical`, async () => {
+    const { dst, r, status } = await connectLoad(`dst-${n}`, paused, n)
+    assert.is(r.code, 0, r.stderr)
+    assert.is(status, 'completed')
+    assert.equal(await filesEqual(sourceRam, dst.memPath), { equal: true })
+    await dst.quit()
+  })
+}
+
 test('a live save of a dirtying guest over 2 multifd channels restores its final RAM (pages resolved by SYNC epoch)', async () => {
   const src = await w.vm({ name: 'live-src', memMiB: 64, kernel: buildGuest(), paused: false, append: 'hot=4 sweep=4' })
   for (let i = 0; (await src.readGuest(0x7004, 4)).readUInt32LE(0) === 0; i++) {

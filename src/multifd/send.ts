@@ -1,0 +1,211 @@
+// `load --connect unix:PATH --channels N`: restore an image into a destination QEMU waiting in
+// `migrate-incoming unix:PATH` with multifd on and multifd-channels N (qemu-multifd-peer.md
+// §1.4, §4.3, §7.3). Whatever N the image was saved with: the image has no channels.
+//
+//   main:  QEVM 3 | config | ram START (blocks) FLUSH EOS | ram PART (zero pages) FLUSH EOS
+//          | [SWITCHOVER_START] | ram END EOS | device sections | EOF, VMDESC   (then half-close)
+//   ch i:  initial packet (id i) | SYNC | data packets ... | SYNC             (then close)
+//
+// The first SYNC on every channel pairs with the FLUSH in START (QEMU's channel threads apply
+// pages as soon as they connect, before its load setup has run: without it the destination
+// crashed); the last pairs with the FLUSH in PART, which holds the destination's main thread
+// until every page is in, so the device state is loaded after the RAM. Zero pages go as ZERO
+// records on the main channel: a packet's zero list does not clear pages a destination already
+// holds. Clusters are read ahead and decoded on the libuv pool; each packet (≤128 pages of one
+// block, usually one run of a cluster's raw bytes, sent without a copy) goes to the channel
+// with the least queued.
+
+import type { Socket } from 'node:net'
+import { unlessAborted } from '../abort.js'
+import { ImageReader } from '../container/reader.js'
+import { SnapError } from '../errors.js'
+import { refreshIndex } from '../index/refresh.js'
+import { MULTIFD_PAGE_COUNT, RAM_SAVE_FLAG_MULTIFD_FLUSH, TARGET_PAGE_SIZE } from '../stream/constants.js'
+import {
+  PageRecordWriter, eosFooter, fileHeader, ramStartSection, sectionEndHeader, sectionPartHeader, switchoverStart,
+} from '../stream/encoder.js'
+import { SocketSink, channelTimeout, connectWith, unixPath, within } from '../transport/socket.js'
+import { encodeInit, encodePacketHeader } from './packet.js'
+
+const PAGE = TARGET_PAGE_SIZE
+/** Bytes queued on every channel beyond which the sender waits for one to drain. */
+const CHANNEL_QUEUE = 4 << 20
+
+export interface ConnectOptions {
+  /** `unix:PATH` of the destination's migrate-incoming */
+  connect: string
+  /** the destination's multifd-channels (0: a plain `unix:` stream without multifd) */
+  channels: number
+  /** the destination VM's uuid (`-uuid`, query-uuid): its multifd channels require it; default all zero */
+  uuid?: string
+  /** bound on each wait for the destination, in ms (0: none; default $SNAPCTL_CHANNEL_TIMEOUT_MS, else 60 s) */
+  timeoutMs?: number
+  /** false: leave the page index alone */
+  index?: boolean
+  onProgress?: (pageBytesSent: number, pageBytesTotal: number) => void
+  log?: (msg: string) => void
+  signal?: AbortSignal
+}
+
+export interface ConnectResult {
+  pages: number
+  storedPages: number
+  zeroPages: number
+  pagesSent: number
+  clusters: number
+  /** multifd packets sent, over `channels` channels */
+  packets: number
+  channels: number
+  bytesOut: number
+  seconds: number
+}
+
+/** `xxxxxxxx-xxxx-…` or 32 hex digits → 16 bytes. */
+export function parseUuid(s: string | undefined): Buffer {
+  if (s === undefined) return Buffer.alloc(16)
+  const hex = s.replace(/-/g, '')
+  if (!/^[0-9a-fA-F]{32}$/.test(hex)) throw new SnapError('SNAP_USAGE', `--uuid ${s}: not a uuid`)
+  return Buffer.from(hex, 'hex')
+}
+
+export async function loadOverSocket(path: string, opts: ConnectOptions): Promise<ConnectResult> {
+  const started = performance.now()
+  const n = opts.channels
+  if (!(Number.isInteger(n) && n >= 0 && n <= 255)) throw new SnapError('SNAP_USAGE', `--channels ${n}: from 1 to 255 (the destination's multifd-channels)`)
+  const uuid = parseUuid(opts.uuid)
+  const sockPath = unixPath(opts.connect)
+  const timeoutMs = channelTimeout(opts.timeoutMs)
+  const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
+  const sockets: Socket[] = []
+  const work = (async (): Promise<ConnectResult> => {
+    try {
+      if (opts.index !== false) await refreshIndex(reader, opts.log)
+      const d = reader.device
+      // The first bytes go with connect(): a silent connection freezes the destination's main loop.
+      const main = new SocketSink(await connectWith(sockPath, fileHeader(d.config), 'the main channel', timeoutMs), 'the main channel', timeoutMs)
+      sockets.push(main.socket)
+      const chans: SocketSink[] = []
+      for (let i = 0; i < n; i++) {
+        const s = await connectWith(sockPath, encodeInit({ uuid, id: i }), `multifd channel ${i}`, timeoutMs)
+        sockets.push(s)
+        chans.push(new SocketSink(s, `multifd channel ${i}`, timeoutMs))
+      }
+      const r = await send(reader, main, chans, opts, timeoutMs)
+      return { ...r, channels: n, seconds: (performance.now() - started) / 1000 }
+    } finally {
+      for (const s of sockets) s.destroy()
+      await reader.close()
+    }
+  })()
+  return unlessAborted(opts.signal, work, async () => {
+    for (const s of sockets) s.destroy()
+  })
+}
+
+const flushWord = (): Buffer => {
+  const b = Buffer.alloc(8)
+  b.writeUInt32BE(RAM_SAVE_FLAG_MULTIFD_FLUSH, 4)
+  return b
+}
+
+async function send(reader: ImageReader, main: SocketSink, chans: SocketSink[], opts: ConnectOptions, timeoutMs: number): Promise<Omit<ConnectResult, 'channels' | 'seconds'>> {
+  const d = reader.device
+  const id = d.ramSectionId
+  const multifd = chans.length > 0
+  const rec = new PageRecordWriter(reader.blocks)
+  const start = ramStartSection({ sectionId: id, instanceId: d.ramInstanceId, version: d.ramVersion }, reader.blocks)
+  const locator = reader.locator
+  const { zeroPages, storedPages } = locator.totals()
+
+  // Main, up to the FLUSH that waits for the channels' last SYNC: not awaited until they are done.
+  if (multifd) {
+    rec.raw(start.subarray(0, start.length - 13))
+    rec.raw(flushWord())
+    rec.raw(eosFooter(id))
+  } else rec.raw(start)
+  rec.raw(sectionPartHeader(id))
+  locator.forEachZero((b, p) => rec.zero(b, p))
+  if (multifd) {
+    rec.raw(flushWord()) // pairs with the channels' last SYNC
+    rec.raw(eosFooter(id))
+  }
+  const mainWrites: Array<Promise<void>> = []
+  const pushMain = (bufs: Buffer[]): void => {
+    for (const b of bufs) {
+      const w = main.write(b)
+      w.catch(() => {})
+      mainWrites.push(w)
+    }
+  }
+  pushMain(multifd ? rec.flush() : rec.take())
+
+  let pages = 0
+  let clusters = 0
+  let packets = 0
+  const sync = (): Buffer => encodePacketHeader({ flags: 1, pagesAlloc: 0, normalPages: 0, zeroPages: 0, packetNum: BigInt(packets++), ramblock: '', offsets: [] })
+  for (const c of chans) void c.write(sync()).catch(() => {})
+
+  const emit = async (block: number, list: Uint32Array, raw: Buffer, slots: number[]): Promise<void> => {
+    if (!multifd) {
+      for (const s of slots) rec.page(block, list[2 * s + 1], raw.subarray(s * PAGE, (s + 1) * PAGE))
+      pushMain(rec.take())
+      return
+    }
+    const name = reader.blocks[block].name
+    const contiguous = slots[slots.length - 1] - slots[0] === slots.length - 1
+    const payload = contiguous ? raw.subarray(slots[0] * PAGE, (slots[slots.length - 1] + 1) * PAGE) : Buffer.concat(slots.map((s) => raw.subarray(s * PAGE, (s + 1) * PAGE)))
+    const header = encodePacketHeader({
+      flags: 0, pagesAlloc: MULTIFD_PAGE_COUNT, normalPages: slots.length, zeroPages: 0, packetNum: BigInt(packets++), ramblock: name,
+      offsets: slots.map((s) => list[2 * s + 1] * PAGE),
+    })
+    let best = chans[0]
+    for (const c of chans) if (c.socket.writableLength < best.socket.writableLength) best = c
+    void best.write(header).catch(() => {})
+    const written = best.write(payload)
+    written.catch(() => {}) // what fails is thrown by the next flush
+    if (best.socket.writableLength > CHANNEL_QUEUE) await written
+  }
+
+  for await (const cluster of reader.clusters({ readAhead: 2 * chans.length + 2, asyncDecode: true })) {
+    const slots = locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
+    if (slots.length === 0) continue
+    clusters++
+    const list = cluster.pages
+    // Runs of one block, at most a packet's worth.
+    for (let i = 0; i < slots.length; ) {
+      const block = list[2 * slots[i]]
+      let j = i + 1
+      while (j < slots.length && j - i < MULTIFD_PAGE_COUNT && list[2 * slots[j]] === block) j++
+      await emit(block, list, cluster.raw, slots.slice(i, j))
+      i = j
+    }
+    pages += slots.length
+    for (const c of [main, ...chans]) if (c.socket.destroyed) await c.flush() // throws the peer's error at once
+    opts.onProgress?.(pages * PAGE, storedPages * PAGE)
+  }
+  for (const c of chans) void c.write(sync()).catch(() => {})
+  // The channels stay open until the destination closes them: an EOF on a channel before the
+  // main channel's last FLUSH fails the destination's load.
+  await Promise.all(chans.map((c) => c.flush()))
+
+  if (!multifd) rec.raw(eosFooter(id))
+  if (d.switchoverStart) rec.raw(switchoverStart())
+  if (d.ramEnd) {
+    rec.raw(sectionEndHeader(id))
+    rec.raw(eosFooter(id))
+  }
+  rec.raw(d.deviceSections)
+  rec.raw(d.streamEnd)
+  pushMain(rec.flush())
+  await Promise.all(mainWrites)
+  const bytesOut = main.bytes + chans.reduce((a, c) => a + c.bytes, 0)
+  // Half-close (the destination waits for more after the VMDESC otherwise), then wait for it to
+  // close: it has read everything.
+  await main.close()
+  await within(
+    new Promise<void>((resolve) => (main.socket.closed ? resolve() : main.socket.once('close', () => resolve()))),
+    timeoutMs,
+    'the destination did not finish the migration',
+  )
+  return { pages: pages + zeroPages, storedPages: pages, zeroPages, pagesSent: pages + zeroPages, clusters, packets, bytesOut }
+}
