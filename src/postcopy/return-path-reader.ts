@@ -16,6 +16,8 @@ export class ReturnPathReader {
   private closeError: unknown = null
   /** bytes that came on the return path: none at all means no QEMU is at the other end */
   private bytesIn = 0
+  /** QEMU said SHUT(0): its incoming side finished well, so a close after it is the normal end */
+  shutOk = false
   private waiters: Array<() => void> = []
 
   constructor(private readonly input: Readable) {
@@ -35,6 +37,7 @@ export class ReturnPathReader {
     }
     for (const m of msgs) {
       if (m.type === 'pong') this.pongs.add(m.value)
+      if (m.type === 'shut' && m.status === 0) this.shutOk = true
       if (this.onMessage) this.onMessage(m)
       else this.early.push(m)
     }
@@ -107,6 +110,11 @@ export class ReturnPathReader {
       throw new SnapError('SNAP_RETURN_PATH', `the destination did not close the return path within ${ms} ms after the stream ended`)
     }
     if (this.closeError) throw this.closeError
+    // A destination that finished says SHUT(0) before it closes (reference §5.3); a close
+    // without it, however late this process noticed it, is a destination that stopped.
+    if (this.closed && !this.shutOk) {
+      throw new SnapError('SNAP_RETURN_PATH', 'the return path closed without QEMU\'s SHUT: the destination stopped before the restore finished')
+    }
   }
 
   stop(): void {

@@ -249,12 +249,14 @@ export class Session {
   }
 
   private async serve(blockName: string | null, offset: number, length: number, t0: number): Promise<void> {
-    if (this.failure || this.ended) return
+    if (this.failure) return
     const b = this.blockOf(blockName)
     const block = this.reader.blocks[b]
     if (offset % this.pageSize !== 0 || length <= 0 || length % this.pageSize !== 0 || offset + length > block.size) {
       throw new SnapError('SNAP_BAD_REQUEST', `QEMU asked for bytes ${offset}+${length} of RAM block "${block.name}" (${block.size} bytes): not whole pages inside the block`)
     }
+    // A bad request is an error even after the end is queued; a good one then needs no answer.
+    if (this.ended) return
     // Whole host pages (QEMU asks for them whole; a hugepage is sent whole or not at all).
     const n = this.hostPages[b]
     const from = Math.floor(offset / this.pageSize / n) * n
