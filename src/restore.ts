@@ -33,6 +33,12 @@ export interface RestoreOptions {
   log?: (msg: string) => void
   /** QMP connect and command timeout (default 10 s) */
   timeoutMs?: number
+  /**
+   * multifd with this many channels: migrate-incoming unix:SOCKET and `snapctl load --connect
+   * --channels N` (issue 13); absent: one `exec:` pipe. Not with `lazy` (QEMU 10.0 refuses
+   * postcopy with multifd).
+   */
+  channels?: number
 }
 
 export interface RestoreResult {
@@ -123,7 +129,9 @@ class Restore {
   async run(peer: Peer): Promise<RestoreResult> {
     try {
       this.checkAbort()
-      const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram'] : [], {})
+      const n = this.opts.channels
+      if (n && this.opts.lazy) throw new SnapError('SNAP_USAGE', '--channels cannot go with --lazy: QEMU 10.0 does not do postcopy with multifd')
+      const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram'] : n ? ['multifd'] : [], n ? { 'multifd-channels': n } : {})
       if (changes.off.length > 0) this.log(`migration capabilities off for the restore (restored afterwards): ${changes.off.join(', ')}`)
       // During an incoming migration stop and cont only set whether QEMU starts the VM itself:
       // at the end of an eager restore, at POSTCOPY_RUN of a lazy one.
@@ -131,7 +139,12 @@ class Restore {
       this.checkAbort()
       const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
       if (this.hostPages) args.push('--host-page-size', this.hostPages)
-      await this.migrateIncoming(peer.uri(args))
+      if (n) {
+        // The destination listens; its multifd channels check our uuid against its own.
+        const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
+        await this.migrateIncoming(`unix:${peer.socket}`)
+        peer.start([...args, '--connect', `unix:${peer.socket}`, '--channels', String(n), '--uuid', UUID])
+      } else await this.migrateIncoming(peer.uri(args))
       this.incoming = true
       await this.follow(peer)
       const status = await peer.waitExit({ startMs: 5000 })

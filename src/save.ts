@@ -36,6 +36,11 @@ export interface SaveOptions {
   log?: (msg: string) => void
   /** QMP connect and command timeout (default 10 s) */
   timeoutMs?: number
+  /**
+   * multifd with this many channels, over a unix socket to `snapctl create --listen` (issue 13);
+   * absent: one `exec:` pipe
+   */
+  channels?: number
 }
 
 export interface SaveResult {
@@ -129,7 +134,8 @@ class Save {
     let done: MigrateInfo
     try {
       this.checkAbort()
-      const changes = await this.settings.apply([], { 'max-bandwidth': UNLIMITED_BANDWIDTH, mode: 'normal' })
+      const n = this.opts.channels
+      const changes = await this.settings.apply(n ? ['multifd'] : [], { 'max-bandwidth': UNLIMITED_BANDWIDTH, mode: 'normal', ...(n ? { 'multifd-channels': n } : {}) })
       capabilitiesOff = changes.off
       if (changes.off.length > 0) this.log(`migration capabilities off for the save (restored afterwards): ${changes.off.join(', ')}`)
       this.checkAbort()
@@ -141,7 +147,12 @@ class Save {
       const args = ['create', tmp, '--compress', this.opts.compress ?? 'lz4', '--cluster-size', String(this.opts.clusterSize ?? 1 << 20)]
       if (this.opts.sync) args.push('--sync')
       this.migrateIssued = true
-      await this.qmp.execute('migrate', { uri: this.peer.uri(args) })
+      if (n) {
+        // QEMU connects to the create, which must listen first.
+        this.peer.start([...args, '--listen', `unix:${this.peer.socket}`])
+        if (!(await this.peer.waitSocket())) throw (await this.peer.error()) ?? new SnapError('SNAP_INTERNAL', 'snapctl create --listen did not start listening')
+      }
+      await this.qmp.execute('migrate', { uri: n ? `unix:${this.peer.socket}` : this.peer.uri(args) })
       this.migrating = true
       done = await this.follow()
       this.migrating = false

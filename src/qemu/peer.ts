@@ -9,6 +9,8 @@
 // `pid` (the peer's process id: liveness, and its byte counters in /proc/PID/io), `status`
 // (its exit status, written once it has exited), `stderr` (its one-line error, with the stable
 // code) and `stats` (its counters, as `--stats` writes them).
+import { spawn } from 'node:child_process'
+import { existsSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import { dirname, join, resolve } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -43,6 +45,30 @@ export class Peer {
     const argv = [process.execPath, BIN, ...args, '--stats', this.statsFile]
     const inner = `echo $$ > ${shellQuote(this.pidFile)} && exec ${argv.map(shellQuote).join(' ')}`
     return `exec:/bin/sh -c ${shellQuote(inner)} 2>${shellQuote(this.stderrFile)}; echo $? > ${shellQuote(this.statusFile)}`
+  }
+
+  /** Where a peer over a unix socket (`--channels`) listens or connects: in this private directory. */
+  get socket(): string {
+    return join(this.dir, 'migration.sock')
+  }
+
+  /**
+   * Runs the same command as uri(args) as our own child rather than QEMU's: for the unix socket
+   * transport (multifd channels), where QEMU connects or listens instead of running it.
+   */
+  start(args: string[]): void {
+    const child = spawn('/bin/sh', ['-c', this.uri(args).slice('exec:'.length)], { stdio: 'ignore' })
+    child.on('error', () => {})
+    child.unref()
+  }
+
+  /** Waits for the socket to exist (a listening create); false after `timeoutMs` or once the peer exited. */
+  async waitSocket(timeoutMs = 20_000): Promise<boolean> {
+    for (const end = Date.now() + timeoutMs; Date.now() < end; await sleep(10)) {
+      if (existsSync(this.socket)) return true
+      if ((await this.exitStatus()) !== undefined) return false
+    }
+    return false
   }
 
   /** The peer's process id, once it has started. */

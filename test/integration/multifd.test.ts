@@ -76,6 +76,22 @@ for (const n of [1, 2, 8]) {
   })
 }
 
+test('snapctl save --channels 4 and restore --channels 2 over QMP: byte-identical', async () => {
+  const qmp = (name: string): string[] => ['-qmp', `unix:${w.path(`${name}-snapctl.qmp`)},server=on,wait=off`] // a second QMP socket for snapctl
+  const src = await w.vm({ name: 'qmp-src', memMiB: 256, memPath: sourceRam, extraArgs: qmp('qmp-src') })
+  const image = w.path('qmp.snap')
+  const saved = await snapctl(['save', image, '--qmp', w.path('qmp-src-snapctl.qmp'), '--channels', '4', '--json'])
+  assert.is(saved.code, 0, `save: ${saved.stderr} ${saved.stdout}`)
+  const caps = await src.qmp.execute<Array<{ capability: string; state: boolean }>>('query-migrate-capabilities')
+  assert.is(caps.find((c) => c.capability === 'multifd')?.state, false, 'multifd put back')
+  const dst = await w.vm({ name: 'qmp-dst', memMiB: 256, incoming: 'defer', keepMem: true, extraArgs: qmp('qmp-dst') })
+  const restored = await snapctl(['restore', image, '--qmp', w.path('qmp-dst-snapctl.qmp'), '--channels', '2', '--paused', '--json'])
+  assert.is(restored.code, 0, `restore: ${restored.stderr}`)
+  assert.equal(await filesEqual(sourceRam, dst.memPath), { equal: true })
+  await src.quit()
+  await dst.quit()
+})
+
 test('a live save of a dirtying guest over 2 multifd channels restores its final RAM (pages resolved by SYNC epoch)', async () => {
   const src = await w.vm({ name: 'live-src', memMiB: 64, kernel: buildGuest(), paused: false, append: 'hot=4 sweep=4' })
   for (let i = 0; (await src.readGuest(0x7004, 4)).readUInt32LE(0) === 0; i++) {
