@@ -2,7 +2,13 @@
 // back (`load --connect --channels N`), against real QEMU 10 under TCG, and bad peers.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { existsSync } from 'node:fs'
+import { existsSync, readFileSync, readdirSync } from 'node:fs'
+import { createConnection } from 'node:net'
+import { encodeInit, encodePacketHeader } from '../../src/multifd/packet.js'
+import { eosFooter, fileHeader, ramStartSection, sectionEndHeader, sectionPartHeader } from '../../src/stream/encoder.js'
+import { StreamParser } from '../../src/stream/parser.js'
+import type { RamBlockDecl } from '../../src/types.js'
+import { FIXTURE } from '../../tools/fuzz/targets.js'
 import { buildGuest, fillRam, filesEqual, type Vm } from '../../tools/vm.js'
 import { MiB, Workdir, execLoad, parseJson, snapctl, type RunResult } from './helpers.js'
 
@@ -122,6 +128,122 @@ test('a live save of a dirtying guest over 2 multifd channels restores its final
   assert.equal(await filesEqual(src.memPath, dst.memPath), { equal: true })
   await dst.quit()
   await src.quit()
+})
+
+// ---- bad peers -----------------------------------------------------------------------------
+
+const PAGE = 4096
+const BLOCKS: RamBlockDecl[] = [{ name: 'mem', size: 64 * PAGE }]
+const device = (() => {
+  const parser = new StreamParser({ blocks() {}, zero() {}, page() {}, xbzrle() {} })
+  parser.push(readFileSync(FIXTURE))
+  return parser.end()
+})()
+const FLUSH = Buffer.from('0000000000000200', 'hex')
+
+/** What a QEMU with multifd sends (qemu-multifd-peer.md §4.3), for `channels` channels: each part editable. */
+function streams(channels = 2): { main: Buffer[]; chans: Buffer[][] } {
+  const id = device.ramSectionId
+  const start = ramStartSection({ sectionId: id, instanceId: device.ramInstanceId, version: device.ramVersion }, BLOCKS)
+  const main = [
+    fileHeader(device.config), start.subarray(0, start.length - 13), FLUSH, eosFooter(id),
+    sectionPartHeader(id), FLUSH, eosFooter(id), sectionEndHeader(id), eosFooter(id), device.deviceSections, device.streamEnd,
+  ]
+  const sync = (): Buffer => encodePacketHeader({ flags: 1, pagesAlloc: 0, normalPages: 0, zeroPages: 0, packetNum: 0n, ramblock: '', offsets: [] })
+  const chans = Array.from({ length: channels }, (_, i) => {
+    const pages = [0, 1, 2, 3].map((k) => i * 8 + k)
+    const header = encodePacketHeader({ flags: 0, pagesAlloc: 128, normalPages: 4, zeroPages: 0, packetNum: 1n, ramblock: 'mem', offsets: pages.map((p) => p * PAGE) })
+    return [encodeInit({ uuid: Buffer.alloc(16), id: i }), sync(), header, Buffer.alloc(4 * PAGE, i + 1), sync()]
+  })
+  return { main, chans }
+}
+
+let fakes = 0
+/** `create --listen` fed by a fake QEMU; asserts that nothing is left behind, returns the error code. */
+async function fakeSave(edit: (s: { main: Buffer[] | null; chans: Buffer[][] }) => void, env: NodeJS.ProcessEnv = {}): Promise<string> {
+  const k = ++fakes
+  const image = w.path(`fake-${k}.snap`)
+  const sock = `${image}.sock`
+  const child = snapctl(['create', image, '--listen', `unix:${sock}`, '--json'], { env })
+  await waitFor(sock)
+  const s: { main: Buffer[] | null; chans: Buffer[][] } = streams()
+  edit(s)
+  const conns = [...(s.main ? [s.main] : []), ...s.chans].map((parts) => {
+    const c = createConnection({ path: sock })
+    c.on('error', () => {})
+    if (parts.length > 0) c.end(Buffer.concat(parts)) // none: connected and silent
+    return c
+  })
+  const r = await child
+  for (const c of conns) c.destroy()
+  assert.not.ok(existsSync(image), 'no image')
+  assert.equal(readdirSync(w.dir).filter((f) => f.startsWith(`.fake-${k}.snap`) || f === `fake-${k}.snap.index` || f === `fake-${k}.snap.sock`), [], 'nothing left behind')
+  return r.code === 0 ? 'ok' : (JSON.parse(r.stdout.toString()).error?.code ?? `exit ${r.code}`)
+}
+
+test('a fake QEMU with 2 channels makes an image (the bad peers below differ from it in one thing)', async () => {
+  const image = w.path('fake-good.snap')
+  const sock = `${image}.sock`
+  const child = snapctl(['create', image, '--listen', `unix:${sock}`, '--json'])
+  await waitFor(sock)
+  for (const parts of [streams().main, ...streams().chans]) createConnection({ path: sock }).end(Buffer.concat(parts))
+  const r = parseJson(await child)
+  assert.is(r.stats.channels, 2)
+  assert.is(r.storedPages, 8)
+})
+
+test('bad peers: each a clear error with a stable code, no image left, nothing hangs', async () => {
+  const cut = (b: Buffer, n: number): Buffer => b.subarray(0, b.length - n)
+  // a channel that closes in the middle of a packet, and one that closes before its last SYNC
+  assert.is(await fakeSave((s) => (s.chans[1] = [s.chans[1][0], s.chans[1][1], s.chans[1][2], cut(s.chans[1][3], 100)])), 'SNAP_MULTIFD_TRUNCATED')
+  assert.is(await fakeSave((s) => s.chans[0].pop()), 'SNAP_MULTIFD_TRUNCATED')
+  // a wrong VM uuid on one channel
+  assert.is(await fakeSave((s) => (s.chans[1][0] = encodeInit({ uuid: Buffer.alloc(16, 7), id: 1 }))), 'SNAP_MULTIFD_UUID')
+  // a packet naming an unknown block, an offset past the block's end
+  assert.is(await fakeSave((s) => (s.chans[0][2] = encodePacketHeader({ flags: 0, pagesAlloc: 128, normalPages: 4, zeroPages: 0, packetNum: 1n, ramblock: 'pc.nope', offsets: [0, 1, 2, 3].map((p) => p * PAGE) }))), 'SNAP_MULTIFD_BAD_PAGE')
+  assert.is(await fakeSave((s) => s.chans[0][2].writeUInt32BE(64 * PAGE, 320 + 4)), 'SNAP_MULTIFD_BAD_PAGE')
+  // page counts beyond the packet's size; an oversized length
+  assert.is(await fakeSave((s) => s.chans[0][2].writeUInt32BE(200, 32)), 'SNAP_MULTIFD_CORRUPT')
+  assert.is(await fakeSave((s) => s.chans[0][2].writeUInt32BE(0xffffffff, 12)), 'SNAP_MULTIFD_TOO_LARGE')
+  assert.is(await fakeSave((s) => s.chans[0][2].writeUInt32BE(0x7fffffff, 20)), 'SNAP_MULTIFD_TOO_LARGE')
+  // wrong magic on a channel's packet
+  assert.is(await fakeSave((s) => s.chans[0][2].writeUInt32BE(0x11223345, 0)), 'SNAP_MULTIFD_BAD_MAGIC')
+  // a channel that never connects: QEMU then never writes the main channel (the main connects, silent)
+  const quick = { SNAPCTL_CHANNEL_TIMEOUT_MS: '700' }
+  assert.is(await fakeSave((s) => ((s.main = []), (s.chans = [])), quick), 'SNAP_CHANNEL_TIMEOUT')
+  // nobody connects at all
+  assert.is(await fakeSave((s) => ((s.main = null), (s.chans = [])), quick), 'SNAP_CHANNEL_TIMEOUT')
+})
+
+/** migrate-incoming unix:SOCK with multifd and N channels, keeping QEMU alive on failure (to read why). */
+async function incoming(vm: Vm, sock: string, n: number): Promise<void> {
+  await vm.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'multifd', state: true }] })
+  await vm.qmp.execute('migrate-set-parameters', { 'multifd-channels': n })
+  await vm.qmp.execute('migrate-incoming', { uri: `unix:${sock}`, 'exit-on-error': false })
+}
+
+test('load --connect to a destination with another -uuid fails with a code; too few channels time out; nothing hangs', async () => {
+  const dst = await w.vm({ name: 'uuid-dst', memMiB: 256, incoming: 'defer', extraArgs: ['-uuid', '6f1c2a9e-0011-2233-4455-66778899aabb'] })
+  const sock = w.path('uuid-dst.sock')
+  await incoming(dst, sock, 2)
+  await waitFor(sock)
+  const r = await snapctl(['load', paused, '--connect', `unix:${sock}`, '--channels', '2'], { env: { SNAPCTL_CHANNEL_TIMEOUT_MS: '5000' } })
+  assert.is(r.code, 6, r.stderr)
+  assert.match(r.stderr, /snapctl: SNAP_IO: /)
+  assert.is((await dst.waitMigration({ timeoutMs: 10_000 })).status, 'failed')
+  await dst.quit()
+
+  // 2 channels for a destination that waits for 4: it never starts loading, our writes stall
+  const few = await w.vm({ name: 'few-dst', memMiB: 256, incoming: 'defer' })
+  const fsock = w.path('few-dst.sock')
+  await incoming(few, fsock, 4)
+  await waitFor(fsock)
+  const started = Date.now()
+  const r2 = await snapctl(['load', paused, '--connect', `unix:${fsock}`, '--channels', '2', '--timeout', '1500'])
+  assert.is(r2.code, 4, r2.stderr)
+  assert.match(r2.stderr, /snapctl: SNAP_CHANNEL_TIMEOUT: /)
+  assert.ok(Date.now() - started < 20_000)
+  few.kill()
 })
 
 test.run()
