@@ -164,16 +164,12 @@ export class MultifdChannelParser {
   private peek(n: number): Buffer {
     const first = this.queue[0]
     if (first.length >= n) return first.subarray(0, n)
-    const parts: Buffer[] = []
+    // Straddles chunks: copy just these n bytes (joining whole 64 KiB socket chunks here
+    // doubled the bytes copied per channel).
+    const out = Buffer.allocUnsafe(n)
     let got = 0
-    let i = 0
-    while (got < n) {
-      parts.push(this.queue[i])
-      got += this.queue[i++].length
-    }
-    const joined = Buffer.concat(parts)
-    this.queue.splice(0, i, joined)
-    return joined.subarray(0, n)
+    for (let i = 0; got < n; i++) got += this.queue[i].copy(out, got, 0, Math.min(this.queue[i].length, n - got))
+    return out
   }
 
   private skip(n: number): void {

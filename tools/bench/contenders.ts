@@ -27,6 +27,8 @@ export interface SampleFiles {
   rusage: string
   /** snapctl only, RSS probe runs: `/usr/bin/time -f %M` output */
   time: string
+  /** unix-socket contenders: the migration socket */
+  sock: string
 }
 
 export interface Contender {
@@ -35,9 +37,15 @@ export interface Contender {
   exec: boolean
   /** runs snapctl, so its peak RSS is of interest */
   snapctl: boolean
+  /**
+   * a unix: contender with multifd (issue 13): `target` is a command the bench runs itself,
+   * beside QEMU (a save's listening create starts before `migrate`, off the clock; a restore's
+   * load starts after `migrate-incoming`, on it), its exit status in f.done as for exec:
+   */
+  socket?: boolean
   caps: Capabilities
-  /** the shell command (exec:) or the path (file:) */
-  target: (f: SampleFiles, probe: RssProbe) => string
+  /** the shell command (exec:, socket) or the path (file:); `channels`: the multifd channels of the run */
+  target: (f: SampleFiles, probe: RssProbe, channels: number) => string
 }
 
 export interface RestoreContender extends Contender {
@@ -51,6 +59,7 @@ export type RssProbe = 'rusage' | 'time'
 const NONE: Capabilities = { 'mapped-ram': false, multifd: false }
 const MAPPED: Capabilities = { 'mapped-ram': true, multifd: false }
 const MAPPED_MULTIFD: Capabilities = { 'mapped-ram': true, multifd: true }
+const MULTIFD: Capabilities = { 'mapped-ram': false, multifd: true }
 
 export const SAVE: readonly Contender[] = [
   { id: 'snapctl-lz4', exec: true, snapctl: true, caps: NONE, target: (f, p) => snapctl(p, f, ['create', f.out, '--force']) },
@@ -59,6 +68,8 @@ export const SAVE: readonly Contender[] = [
   { id: 'file', exec: false, snapctl: false, caps: NONE, target: (f) => f.out },
   { id: 'mapped-ram', exec: false, snapctl: false, caps: MAPPED, target: (f) => f.out },
   { id: 'mapped-ram+multifd', exec: false, snapctl: false, caps: MAPPED_MULTIFD, target: (f) => f.out },
+  // `snapctl save --channels N`: QEMU's multifd over unix: into create --listen (N = --multifd-channels)
+  { id: 'snapctl-channels', exec: false, socket: true, snapctl: true, caps: MULTIFD, target: (f, p) => snapctl(p, f, ['create', f.out, '--listen', `unix:${f.sock}`, '--force']) },
 ]
 
 export const RESTORE: readonly RestoreContender[] = [
@@ -67,12 +78,23 @@ export const RESTORE: readonly RestoreContender[] = [
   { id: 'file', from: 'file', exec: false, snapctl: false, caps: NONE, target: (f) => f.out },
   { id: 'mapped-ram', from: 'mapped-ram', exec: false, snapctl: false, caps: MAPPED, target: (f) => f.out },
   { id: 'mapped-ram+multifd', from: 'mapped-ram+multifd', exec: false, snapctl: false, caps: MAPPED_MULTIFD, target: (f) => f.out },
+  // `snapctl restore --channels N`: load --connect over N multifd channels
+  {
+    id: 'snapctl-channels', from: 'snapctl-channels', exec: false, socket: true, snapctl: true, caps: MULTIFD,
+    target: (f, p, n) => snapctl(p, f, ['load', f.out, '--connect', `unix:${f.sock}`, '--channels', String(n)]),
+  },
 ]
 
 /** The migration URI of one sample. exec: commands report their exit status in f.done. */
-export function migrationUri(c: Contender, f: SampleFiles, probe: RssProbe): string {
-  if (!c.exec) return `file:${c.target(f, probe)}`
-  return `exec:${c.target(f, probe)} 2>${sh(f.err)}; echo $? >${sh(f.done)}`
+export function migrationUri(c: Contender, f: SampleFiles, probe: RssProbe, channels = 1): string {
+  if (c.socket) return `unix:${f.sock}`
+  if (!c.exec) return `file:${c.target(f, probe, channels)}`
+  return `exec:${peerCommand(c, f, probe, channels)}`
+}
+
+/** The shell command of an exec: or socket contender, reporting its exit status in f.done. */
+export function peerCommand(c: Contender, f: SampleFiles, probe: RssProbe, channels: number): string {
+  return `${c.target(f, probe, channels)} 2>${sh(f.err)}; echo $? >${sh(f.done)}`
 }
 
 function snapctl(probe: RssProbe, f: SampleFiles, args: string[]): string {

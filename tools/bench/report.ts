@@ -123,6 +123,26 @@ export function checkTargets(results: ContenderResult[], startupMs: number | und
   ratioTarget('save LZ4 vs exec-cat', get('save', 'snapctl-lz4'), 1.1)
   ratioTarget('save none vs exec-cat', get('save', 'snapctl-none'), 1.05)
   ratioTarget('restore vs exec-cat', get('restore', 'snapctl-load'), 1.1)
+  // Issue 13: snapctl over N multifd channels against QEMU's file: + mapped-ram + multifd, same N.
+  const versus = (name: string, phase: Phase, id: string, other: string, limit: number): void => {
+    const a = get(phase, id)
+    const b = get(phase, other)
+    const ok = a?.medianS !== undefined && b?.medianS !== undefined && !a.error && !b.error
+    const v = ok ? a!.medianS! / b!.medianS! : undefined
+    targets.push({
+      name, limit: `<= ${limit.toFixed(2)}x`,
+      figure: v === undefined ? (a?.error || b?.error ? 'failed' : 'not measured') : `${v.toFixed(2)}x (${f3(a!.medianS)} s / ${f3(b!.medianS)} s)`,
+      pass: v === undefined ? (a?.error ? false : null) : v <= limit,
+    })
+  }
+  versus('save --channels N vs mapped-ram+multifd', 'save', 'snapctl-channels', 'mapped-ram+multifd', 1.0)
+  versus('restore --channels N vs mapped-ram+multifd', 'restore', 'snapctl-channels', 'mapped-ram+multifd', 1.0)
+  const chImage = get('save', 'snapctl-channels')?.disk
+  const mmDisk = get('save', 'mapped-ram+multifd')?.disk
+  if (chImage && mmDisk) {
+    const v = chImage.alloc / mmDisk.alloc
+    targets.push({ name: 'allocated bytes (--channels N) vs mapped-ram+multifd', limit: '<= 0.50x', figure: `${v.toFixed(3)}x (${mib(chImage.alloc)} MiB / ${mib(mmDisk.alloc)} MiB)`, pass: v <= 0.5 })
+  } else targets.push({ name: 'allocated bytes (--channels N) vs mapped-ram+multifd', limit: '<= 0.50x', figure: 'not measured', pass: null })
 
   const lz4 = get('save', 'snapctl-lz4')?.disk
   const stream = get('save', 'exec-cat')?.disk

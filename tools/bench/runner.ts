@@ -6,12 +6,13 @@
 // Restore: from `migrate-incoming` to the destination's `completed`; the destination was started
 //          (paused, -incoming defer) before the clock started. Then its RAM file must equal the
 //          source's byte for byte, or the whole run fails.
+import { spawn } from 'node:child_process'
 import { existsSync, lstatSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { QmpError } from '../qmp.js'
 import { Vm, filesEqual } from '../vm.js'
-import { migrationUri, type Capabilities, type Contender, type RssProbe, type SampleFiles } from './contenders.js'
+import { migrationUri, peerCommand, type Capabilities, type Contender, type RssProbe, type SampleFiles } from './contenders.js'
 
 export interface DiskUse {
   /** st_blocks × 512, summed over every file the contender wrote (image and index) */
@@ -62,6 +63,7 @@ export function sampleFiles(work: string, id: string, phase: 'save' | 'restore')
     err: `${base}.stderr`,
     rusage: `${base}.rusage.json`,
     time: `${base}.time`,
+    sock: `${base}.sock`,
   }
 }
 
@@ -74,14 +76,15 @@ export function removeOutputs(work: string, f: SampleFiles): void {
 }
 
 export function removeSideFiles(f: SampleFiles): void {
-  for (const p of [f.done, f.err, f.rusage, f.time]) rmSync(p, { force: true })
+  for (const p of [f.done, f.err, f.rusage, f.time, f.sock]) rmSync(p, { force: true })
 }
 
 export async function runSave(ctx: BenchContext, c: Contender, probe: RssProbe = 'rusage'): Promise<Omit<Sample, 'rep' | 'order'>> {
   const f = sampleFiles(ctx.work, c.id, 'save')
   removeOutputs(ctx.work, f)
   removeSideFiles(f)
-  const uri = migrationUri(c, f, probe)
+  const uri = migrationUri(c, f, probe, ctx.multifdChannels)
+  if (c.socket) await startPeer(c, f, probe, ctx.multifdChannels, true)
   if (ctx.sourceMigrated && ctx.refusesRemigrate) {
     await ctx.restartSource()
     ctx.sourceMigrated = false
@@ -112,7 +115,7 @@ export async function runSave(ctx: BenchContext, c: Contender, probe: RssProbe =
       await ctx.src.qmp.execute('migrate_cancel').catch(() => {})
       throw err
     }),
-    c.exec ? waitDoneFile(f, ctx.timeoutMs) : Promise.resolve(undefined),
+    c.exec || c.socket ? waitDoneFile(f, ctx.timeoutMs) : Promise.resolve(undefined),
   ])
   if (ended.status === 'completed') ctx.sourceMigrated = true
   if (ended.status !== 'completed') {
@@ -139,7 +142,8 @@ export async function runRestore(ctx: BenchContext, c: Contender, from: string, 
     await setOptions(dst, c.caps, ctx.multifdChannels)
     const watch = watchMigration(dst, ctx.timeoutMs)
     const t0 = performance.now()
-    await dst.qmp.execute('migrate-incoming', { uri: migrationUri(c, f, probe) })
+    await dst.qmp.execute('migrate-incoming', { uri: migrationUri(c, f, probe, ctx.multifdChannels) })
+    if (c.socket) await startPeer(c, f, probe, ctx.multifdChannels, false)
     const ended = await watch.done
     if (ended.status !== 'completed') {
       throw new Error(`${c.id}: incoming migration ${ended.status}: ${await migrationError(dst)}${childStderr(f)}\n  QEMU: ${tail(dst.stderr)}`)
@@ -147,7 +151,7 @@ export async function runRestore(ctx: BenchContext, c: Contender, from: string, 
     const seconds = (ended.at - t0) / 1000
     const q = await dst.qmp.execute<{ status?: string }>('query-migrate')
     if (q.status !== 'completed') throw new Error(`${c.id}: MIGRATION event said completed, query-migrate says ${q.status}`)
-    if (c.exec) {
+    if (c.exec || c.socket) {
       const exited = await waitDoneFile(f, ctx.timeoutMs)
       if (exited.status !== 0) throw new Error(`${c.id}: the exec: command exited with status ${exited.status}${childStderr(f)}`)
     }
@@ -158,6 +162,17 @@ export async function runRestore(ctx: BenchContext, c: Contender, from: string, 
     return { seconds, ...readUsage(f, probe) }
   } finally {
     await dst.quit({ timeoutMs: 5000 }).catch(() => dst.kill())
+  }
+}
+
+/** Runs a socket contender's command; a listening one (a save's create) until its socket is there. */
+async function startPeer(c: Contender, f: SampleFiles, probe: RssProbe, channels: number, listens: boolean): Promise<void> {
+  const child = spawn('/bin/sh', ['-c', peerCommand(c, f, probe, channels)], { stdio: 'ignore' })
+  child.on('error', () => {})
+  child.unref()
+  if (!listens) return
+  for (const end = performance.now() + 20_000; !existsSync(f.sock); await sleep(5)) {
+    if (performance.now() > end || existsSync(f.done)) throw new Error(`${c.id}: the listening command did not start${childStderr(f)}`)
   }
 }
 
