@@ -49,6 +49,7 @@ if [ "${need_qemu:-0}" = 1 ] || [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 [ "$(qemu_major)" -ge 9 ] || { echo "setup: QEMU >= 9 is required, found $(qemu-system-x86_64 --version 2>/dev/null | head -1)" >&2; exit 1; }
 echo "setup: $(qemu-system-x86_64 --version | head -1)" >&2
+bash tools/rgw/rgw.sh install >&2   # Ceph's RADOS Gateway (ceph-mon, ceph-osd, radosgw): the S3 server of the object-storage tests
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund >&2
