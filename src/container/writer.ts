@@ -10,8 +10,9 @@ import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import { renameIntoPlace } from '../paths.js'
 import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
-import { CODEC_LZ4, CODEC_NONE, decodePayload } from './cluster.js'
+import { CODEC_LZ4, CODEC_NONE } from './cluster.js'
 import { ClusterFile, fsyncDir, writeFully, type Stored } from './cluster-file.js'
+import { copyLive, copyZeros } from './compaction.js'
 import { FOOTER_SIZE, encodeFooter } from './footer.js'
 import {
   ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
@@ -277,40 +278,19 @@ export class ImageWriter {
     const old = this.file
     const oldMap = this.map!
     const map = new PageMap(this.blocks.map((b) => b.size / PAGE_SIZE))
-    oldMap.loc.forEach((loc, b) => loc.forEach((l, p) => l === LOC_ZERO && map.setZero(b, p)))
+    copyZeros(oldMap, map)
     this.old = old
     this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim)
     this.file.onEvict = (b) => this.recycle(b)
     this.map = map
     this.seq = 0
-    const n = old.pageCounts.length
-    const full: number[] = []
-    const partial: number[] = []
-    for (let c = 0; c < n; c++) {
-      const live = oldMap.liveCount(c)
-      if (live === old.pageCounts[c]) full.push(c)
-      else if (live > 0) partial.push(c)
-    }
-    for (const c of full) {
-      const { header, stored } = old.readSync(c)
-      if (crc32(stored) !== header.dataCrc) {
-        throw new SnapError('SNAP_CHECKSUM', `cluster ${c} changed on disk while the image was written`, { cluster: c, offset: old.offsets[c] })
-      }
-      const seq = this.seq++
-      for (let i = 0; i < header.pageCount; i++) map.setData(header.pages[2 * i], header.pages[2 * i + 1], seq, i)
-      this.file.enqueue(seq, header.pages, header.pageCount, null, Promise.resolve({ codec: header.codec, stored }))
-      await this.file.waitBelow(MAX_INFLIGHT)
-    }
-    for (const c of partial) {
-      const { header, stored } = old.readSync(c)
-      const raw = old.cached(c) ?? (await decodePayload(header, stored, { cluster: c, offset: old.offsets[c] }))
-      for (let i = 0; i < header.pageCount; i++) {
-        const b = header.pages[2 * i]
-        const p = header.pages[2 * i + 1]
-        if (oldMap.loc[b][p] === c + 1 && oldMap.slot[b][p] === i) this.putPage(b, p, raw.subarray(i * PAGE_SIZE, (i + 1) * PAGE_SIZE))
-      }
-      await this.file.waitBelow(MAX_INFLIGHT)
-    }
+    await copyLive(old, oldMap, {
+      file: this.file,
+      map,
+      nextSeq: () => this.seq++,
+      putPage: (b, p, data) => this.putPage(b, p, data),
+      maxInflight: MAX_INFLIGHT,
+    })
     this.seal()
     await this.file.flush()
     this.old = null
