@@ -1,0 +1,145 @@
+// The exact bytes a restore writes for a tiny image made here with the container writer (two
+// blocks; data pages, a page written twice, zero pages, pages never sent): `loadImage` compared
+// byte for byte with the stream built from the encoder, and the lazy restore's session driven
+// in-process with a fake return path, its setup checked byte for byte and a requested page
+// answered ahead of the background push.
+import { test } from 'uvu'
+import * as assert from 'uvu/assert'
+import { PassThrough } from 'node:stream'
+import { join } from 'node:path'
+import { ImageWriter } from '../../src/container/writer.js'
+import { loadImage } from '../../src/load.js'
+import { loadPostcopy } from '../../src/postcopy.js'
+import * as enc from '../../src/stream/encoder.js'
+import { encodeRpMessage } from '../../src/stream/return-path.js'
+import type { OutgoingMigration, StreamSink } from '../../src/transport/types.js'
+import type { RamBlockDecl } from '../../src/types.js'
+import { counters, device, tempDir } from './container-helpers.js'
+
+const PS = 4096
+const t = tempDir('restore-bytes')
+test.after(() => t.cleanup())
+const image = join(t.dir, 'tiny.snap')
+const d = device()
+const ID = d.ramSectionId
+const BLOCKS: RamBlockDecl[] = [
+  { name: 'pc.ram', size: 8 * PS },
+  { name: 'pc.bios', size: 2 * PS },
+]
+const page = (fill: number): Buffer => Buffer.alloc(PS, fill)
+
+test.before(async () => {
+  const w = await ImageWriter.create(image, { clusterSize: 65536 })
+  w.setBlocks(BLOCKS)
+  w.putZero(0, 0)
+  w.putPage(0, 1, page(0x11))
+  w.putPage(0, 2, page(0x22)) // replaced below, in its slot of the open cluster
+  w.putPage(1, 0, page(0x33))
+  w.putZero(0, 5)
+  w.putPage(0, 2, page(0x44))
+  w.putZero(1, 1)
+  // 0:3, 0:4, 0:6, 0:7 never sent
+  await w.finish(d, { source: 'qemu', counters: counters() })
+})
+
+/** A sink that keeps a copy of everything written, and calls `onWrite` after each write. */
+function capture(onWrite: (all: () => Buffer) => void = () => {}): { sink: StreamSink; all: () => Buffer } {
+  const chunks: Buffer[] = []
+  let bytes = 0
+  const all = () => Buffer.concat(chunks)
+  const sink: StreamSink = {
+    what: 'a test sink',
+    get bytes() {
+      return bytes
+    },
+    write: async (chunk, onWritten) => {
+      chunks.push(Buffer.from(chunk))
+      bytes += chunk.length
+      onWritten?.()
+      onWrite(all)
+    },
+    flush: async () => {},
+    close: async () => {},
+    abort: () => {},
+  }
+  return { sink, all }
+}
+
+const migration = (main: StreamSink, returnPath: PassThrough | null): OutgoingMigration => ({
+  main, channels: [], returnPath, finish: async () => {}, discard: async () => {},
+})
+
+test('load writes exactly the stream the encoder builds', async () => {
+  const out = capture()
+  const r = await loadImage(image, { open: async () => migration(out.sink, null), index: false })
+  const want = new enc.PageRecordWriter(BLOCKS)
+  want.raw(enc.fileHeader(d.config))
+  want.raw(enc.ramStartSection({ sectionId: ID, instanceId: d.ramInstanceId, version: d.ramVersion }, BLOCKS))
+  want.raw(enc.sectionPartHeader(ID))
+  want.zero(0, 0) // zero pages first, in block and page order
+  want.zero(0, 5)
+  want.zero(1, 1)
+  want.page(0, 1, page(0x11)) // then the live slots, in cluster order
+  want.page(0, 2, page(0x44))
+  want.page(1, 0, page(0x33))
+  want.raw(enc.eosFooter(ID))
+  want.raw(enc.sectionEndHeader(ID)) // ramEnd
+  want.raw(enc.eosFooter(ID))
+  want.raw(d.deviceSections)
+  want.raw(d.streamEnd)
+  const expected = Buffer.concat(want.flush())
+  assert.ok(out.all().equals(expected), `the stream differs from the expected ${expected.length} bytes (got ${out.all().length})`)
+  assert.is(r.pagesSent, 6)
+  assert.is(r.bytesOut, expected.length)
+})
+
+/** One PART section of a lazy restore (every record names its block). */
+function part(records: Array<[number, number, Buffer]>): Buffer {
+  const w = new enc.PageRecordWriter(BLOCKS)
+  w.raw(enc.sectionPartHeader(ID))
+  for (const [b, p, data] of records) {
+    w.forgetBlock()
+    w.page(b, p, data)
+  }
+  w.raw(enc.eosFooter(ID))
+  return Buffer.concat(w.flush())
+}
+
+test('postcopy: the setup, then a requested page ahead of the push, then the end', async () => {
+  const setup1 = Buffer.concat([enc.fileHeader(d.config), enc.openReturnPath(), enc.ping(1), enc.postcopyAdvise(PS, PS), enc.ping(2)])
+  const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(3), enc.postcopyRun()])
+  const setup2 = Buffer.concat([
+    enc.ramStartSection({ sectionId: ID, instanceId: d.ramInstanceId, version: d.ramVersion }, BLOCKS),
+    enc.postcopyRamDiscard('pc.ram', [[0, PS]]),
+    enc.packaged(blob.length),
+    blob,
+  ])
+  const answer = part([[0, 2, page(0x44)]])
+  const push = part([[0, 1, page(0x11)], [1, 0, page(0x33)]]) // 0:2 was sent already
+  const end = Buffer.concat([enc.sectionEndHeader(ID), enc.eosFooter(ID), Buffer.from([0])])
+  const expected = Buffer.concat([setup1, setup2, answer, push, end])
+
+  const rp = new PassThrough()
+  let ponged = false
+  let shut = false
+  const out = capture((all) => {
+    const sofar = all()
+    // The destination answers ADVISE's PING, and asks for page 0:2 in the same breath.
+    if (!ponged && sofar.length >= setup1.length) {
+      ponged = true
+      rp.write(Buffer.concat([encodeRpMessage({ type: 'pong', value: 2 }), encodeRpMessage({ type: 'req', block: 'pc.ram', offset: 2 * PS, length: PS })]))
+    }
+    if (!shut && sofar.length >= expected.length) {
+      shut = true
+      rp.end(encodeRpMessage({ type: 'shut', status: 0 }))
+    }
+  })
+  const stats = await loadPostcopy(image, { open: async () => migration(out.sink, rp), timeoutMs: 5000 })
+  const got = out.all()
+  assert.ok(got.subarray(0, setup1.length).equals(setup1), 'header, configuration, OPEN_RETURN_PATH, PING 1, ADVISE, PING 2')
+  assert.ok(got.subarray(setup1.length, setup1.length + setup2.length).equals(setup2), 'ram START, DISCARD, PACKAGED[LISTEN, devices, PING 3, RUN]')
+  assert.ok(got.subarray(setup1.length + setup2.length).equals(Buffer.concat([answer, push, end])), 'the answer, then the push, then END and EOF')
+  assert.is(stats.requests, 1)
+})
+
+test.run()
