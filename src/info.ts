@@ -2,6 +2,7 @@
 // (format-spec/container.md). An unfinished image is reported (complete: false), not refused.
 import { open, stat } from 'node:fs/promises'
 import { isSnapError } from './errors.js'
+import { isS3Url } from './s3/client.js'
 import { lockedError, runningCreates } from './container/lock.js'
 import { ImageReader, type ImageSummaryInfo } from './container/reader.js'
 import { HEADER_SIZE, decodeHeader } from './container/header.js'
@@ -18,19 +19,19 @@ export type ImageInfo =
  * replaced: it is still described, with `createRunning`; with none there yet, SNAP_LOCKED.
  */
 export async function imageInfo(path: string): Promise<ImageInfo> {
-  const running = await runningCreates(path)
+  const running = isS3Url(path) ? [] : await runningCreates(path)
   const pids = running.length > 0 ? { createRunning: [...new Set(running.map((p) => p.pid))] } : {}
   let reader: ImageReader
   try {
     reader = await ImageReader.open(path)
   } catch (e) {
     if (running.length > 0 && isSnapError(e, 'SNAP_NOT_FOUND')) throw lockedError(path, running)
-    if (isSnapError(e, 'SNAP_INCOMPLETE')) return { ...(await incomplete(path, e.message)), ...pids }
+    if (isSnapError(e, 'SNAP_INCOMPLETE') && !isS3Url(path)) return { ...(await incomplete(path, e.message)), ...pids }
     throw e
   }
   try {
     const summary = await reader.summary()
-    const indexPresent = await stat(PageIndex.indexPath(path)).then(() => true, () => false)
+    const indexPresent = await stat(reader.source.indexPath ?? PageIndex.indexPath(path)).then(() => true, () => false)
     // How the device state was proven whole: re-checked from its stored bytes (cheap: kilobytes).
     const deviceCheck = describeDeviceCheck(reader.device.deviceSections, reader.device.streamEnd)
     return { format: 'snapctl', complete: true, path, indexPresent, deviceCheck, ...summary, ...pids }

@@ -14,6 +14,7 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { refuseWhileCreating } from './container/lock.js'
+import { isS3Url } from './s3/client.js'
 import { SnapError, fromSystemError, isSnapError } from './errors.js'
 import { RateMeter, abortedError, imagePages, pause, type MigrateInfo, type PageCounts, type ProgressListener } from './qemu/migration.js'
 import { Peer } from './qemu/peer.js'
@@ -67,8 +68,8 @@ export interface RestoreResult {
 const QEMU_BLOCKED_MS = 3600_000
 
 export async function restoreVm(image: string, opts: RestoreOptions): Promise<RestoreResult> {
-  const path = resolve(image)
-  await refuseWhileCreating(path)
+  const path = isS3Url(image) ? image : resolve(image)
+  if (!isS3Url(path)) await refuseWhileCreating(path)
   const counts = await imagePages(path)
   const qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 10_000, waitForSocketMs: 500 })
   let work: string | undefined

@@ -42,7 +42,10 @@ export interface VerifyReport {
 }
 
 /** Errors that are not about the image's content: raised, not listed. */
-const NOT_DAMAGE: ErrorCode[] = ['SNAP_NOT_FOUND', 'SNAP_BAD_PATH', 'SNAP_IO', 'SNAP_LOCKED', 'SNAP_INTERNAL']
+const NOT_DAMAGE: ErrorCode[] = [
+  'SNAP_NOT_FOUND', 'SNAP_BAD_PATH', 'SNAP_IO', 'SNAP_LOCKED', 'SNAP_INTERNAL',
+  'SNAP_OBJECT_CONFIG', 'SNAP_OBJECT_DENIED', 'SNAP_OBJECT_NOT_FOUND', 'SNAP_OBJECT_UNAVAILABLE',
+]
 
 function problem(e: unknown, where: { cluster?: number; offset?: number } = {}): Problem {
   const err = fromSystemError(e, 'verify')

@@ -7,6 +7,8 @@ import {
   clusterExtent, clusterHeaderBlock, decodeClusterHeader, decodePayload, decodePayloadSync, splitCluster, type ClusterLimits,
 } from './cluster.js'
 import { LocalFile, type ByteSource } from './byte-source.js'
+import { S3Source } from './s3-source.js'
+import { isS3Url } from '../s3/client.js'
 import { FOOTER_SIZE, decodeFooter, type ImageFooter } from './footer.js'
 import { ALIGN, HEADER_SIZE, decodeHeader, type ImageHeader } from './header.js'
 import { RunLocator, type PageLocation } from './locator.js'
@@ -72,9 +74,9 @@ export class ImageReader {
     this.lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
   }
 
-  /** A local image (checked as the spec says); or any other ByteSource, given open. */
+  /** A local image or `s3://BUCKET/KEY` (checked as the spec says); or any other ByteSource, given open. */
   static async open(path: string | ByteSource, opts: { whileCreating?: 'refuse' | 'allow' } = {}): Promise<ImageReader> {
-    const source = typeof path === 'string' ? await LocalFile.open(path, opts) : path
+    const source = typeof path !== 'string' ? path : isS3Url(path) ? await S3Source.open(path) : await LocalFile.open(path, opts)
     try {
       return await ImageReader.check(source)
     } catch (e) {

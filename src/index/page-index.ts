@@ -29,6 +29,8 @@ export interface IndexCluster {
 /** What an index is built from: an open image (sourceOf) or the writer that just made it. */
 export interface IndexSource {
   imagePath: string
+  /** where the index goes when not beside a local image (the byte source's indexPath) */
+  indexDir?: string
   pageSize: number
   blocks: RamBlock[]
   runs: PageRun[]
@@ -93,13 +95,13 @@ export class PageIndex {
 
   static async sourceOf(reader: ImageReader): Promise<IndexSource> {
     return {
-      imagePath: reader.path, pageSize: reader.header.pageSize, blocks: reader.blocks, runs: reader.runs,
+      imagePath: reader.path, indexDir: reader.source.indexPath ?? undefined, pageSize: reader.header.pageSize, blocks: reader.blocks, runs: reader.runs,
       clusters: await reader.clusterInfos(), stamp: PageIndex.stamp(reader),
     }
   }
 
   static async buildFrom(src: IndexSource): Promise<void> {
-    const dir = PageIndex.indexPath(src.imagePath)
+    const dir = src.indexDir ?? PageIndex.indexPath(src.imagePath)
     const tmp = `${dir}.tmp-${process.pid}-${++builds}`
     try {
       await withUmask(async () => {

@@ -1,0 +1,194 @@
+// An image in object storage (`s3://BUCKET/KEY`) behind the byte-source seam (byte-source.ts):
+// ranged GETs of 1 MiB blocks of the object, fetched in parallel, the first one unconditional and
+// every later one pinned to its ETag with If-Match, so that a replaced object fails with
+// SNAP_OBJECT_CHANGED and never yields bytes from two versions. ImageReader checks everything above
+// this exactly as for a local file. readSync (lazy restore answers page requests on its own
+// thread) blocks on a worker thread that does the GET (s3-sync-worker.ts).
+import { GetObjectCommand } from '@aws-sdk/client-s3'
+import { createHash } from 'node:crypto'
+import { mkdirSync } from 'node:fs'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Worker } from 'node:worker_threads'
+import { SnapError } from '../errors.js'
+import { parseS3Url, s3Client, s3Error, withRetry, type S3Location } from '../s3/client.js'
+import type { ByteSource } from './byte-source.js'
+
+export const BLOCK = 1 << 20
+/** blocks kept in memory (the header, footer and trailer, chunk boundaries, read-ahead) */
+const MEM_BLOCKS = 64
+/** ranged GETs in flight at once */
+const PARALLEL = 8
+const SYNC_TIMEOUT_MS = 10 * 60_000
+
+export interface S3SourceOptions {
+  /** where the page index (and, with step 4, fetched blocks) live; default a private dir in tmpdir */
+  cacheDir?: string
+}
+
+/** A GET's body as one Buffer, and what the object said about itself. */
+export async function getRange(loc: S3Location, start: number, end: number, etag: string | undefined): Promise<{ buf: Buffer; etag?: string; total?: number }> {
+  const r = await s3Client().send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key, Range: `bytes=${start}-${end - 1}`, IfMatch: etag }))
+  const buf = Buffer.from(await r.Body!.transformToByteArray())
+  const m = /\/(\d+)$/.exec(r.ContentRange ?? '')
+  return { buf, etag: r.ETag, total: m ? Number(m[1]) : r.ContentLength }
+}
+
+export class S3Source implements ByteSource {
+  readonly path: string
+  readonly indexPath: string
+  private readonly mem = new Map<number, Buffer>()
+  private readonly inflight = new Map<number, Promise<Buffer>>()
+  private active = 0
+  private readonly waiting: Array<() => void> = []
+  private worker: Worker | undefined
+  /** bytes fetched from object storage */
+  bytesFetched = 0
+  requests = 0
+
+  private constructor(readonly loc: S3Location, readonly etag: string, private readonly length: number, cacheDir: string) {
+    this.path = loc.url
+    const id = createHash('sha256').update(`${process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL ?? ''}\0${loc.bucket}\0${loc.key}`).digest('hex').slice(0, 32)
+    mkdirSync(join(cacheDir, 'index'), { recursive: true, mode: 0o700 })
+    this.indexPath = join(cacheDir, 'index', `${id}.index`)
+  }
+
+  /** The first block, unconditionally: the object's size and the ETag every later read is pinned to. */
+  static async open(url: string, opts: S3SourceOptions = {}): Promise<S3Source> {
+    const loc = parseS3Url(url)
+    const first = await withRetry(loc, `reading ${url}`, () => getRange(loc, 0, BLOCK, undefined)).catch((e) => {
+      if ((e as SnapError).context?.status === 416) return { buf: Buffer.alloc(0), etag: '""', total: 0 } // an empty object
+      throw e
+    })
+    if (!first.etag || first.total === undefined) throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${url}: the store sent no ETag or size with a ranged GET`)
+    const cacheDir = opts.cacheDir ?? process.env.SNAPCTL_CACHE_DIR ?? join(tmpdir(), `snapctl-${process.getuid?.() ?? 'user'}`)
+    const src = new S3Source(loc, first.etag, first.total, cacheDir)
+    src.remember(0, first.buf)
+    src.bytesFetched += first.buf.length
+    src.requests++
+    return src
+  }
+
+  async size(): Promise<number> {
+    return this.length
+  }
+
+  private blockLength(i: number): number {
+    return Math.min(BLOCK, this.length - i * BLOCK)
+  }
+
+  private remember(i: number, buf: Buffer): void {
+    this.mem.delete(i)
+    this.mem.set(i, buf)
+    while (this.mem.size > MEM_BLOCKS) this.mem.delete(this.mem.keys().next().value as number)
+  }
+
+  private async slot(): Promise<void> {
+    while (this.active >= PARALLEL) await new Promise<void>((r) => this.waiting.push(r))
+    this.active++
+  }
+
+  private release(): void {
+    this.active--
+    this.waiting.shift()?.()
+  }
+
+  private checked(i: number, got: { buf: Buffer; etag?: string }): Buffer {
+    if (got.etag !== undefined && got.etag !== this.etag) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path} was replaced while it was being read: its ETag changed`, { offset: i * BLOCK })
+    if (got.buf.length !== this.blockLength(i)) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path}: a ranged GET at ${i * BLOCK} returned ${got.buf.length} bytes, not ${this.blockLength(i)}`, { offset: i * BLOCK })
+    return got.buf
+  }
+
+  /** Block i, from memory or one pinned ranged GET (one fetch however many ask at once). */
+  private block(i: number): Promise<Buffer> {
+    const have = this.mem.get(i)
+    if (have) {
+      this.remember(i, have)
+      return Promise.resolve(have)
+    }
+    let p = this.inflight.get(i)
+    if (p) return p
+    p = (async () => {
+      await this.slot()
+      try {
+        const start = i * BLOCK
+        const got = await withRetry(this.loc, `reading ${this.path} at ${start}`, () => getRange(this.loc, start, start + this.blockLength(i), this.etag))
+        const buf = this.checked(i, got)
+        this.bytesFetched += buf.length
+        this.requests++
+        this.remember(i, buf)
+        return buf
+      } finally {
+        this.release()
+        this.inflight.delete(i)
+      }
+    })()
+    this.inflight.set(i, p)
+    return p
+  }
+
+  private range(pos: number, len: number): [number, number] {
+    if (pos < 0 || len < 0 || pos + len > this.length) {
+      throw new SnapError('SNAP_TRUNCATED', `the image ends at ${this.length}, before ${pos + len}`, { offset: Math.min(pos, this.length) })
+    }
+    return [Math.floor(pos / BLOCK), Math.floor((pos + len - 1) / BLOCK)]
+  }
+
+  private assemble(pos: number, len: number, first: number, blocks: Buffer[]): Buffer {
+    const off = pos - first * BLOCK
+    if (blocks.length === 1) return blocks[0].subarray(off, off + len)
+    return Buffer.concat(blocks).subarray(off, off + len)
+  }
+
+  async read(pos: number, len: number): Promise<Buffer> {
+    if (len === 0) return Buffer.alloc(0)
+    const [a, b] = this.range(pos, len)
+    const parts: Array<Promise<Buffer>> = []
+    for (let i = a; i <= b; i++) parts.push(this.block(i))
+    parts.forEach((p) => p.catch(() => {}))
+    return this.assemble(pos, len, a, await Promise.all(parts))
+  }
+
+  /** Lazy restore's page requests: from memory, or a GET done by the worker while this thread waits. */
+  readSync(pos: number, len: number): Buffer {
+    if (len === 0) return Buffer.alloc(0)
+    const [a, b] = this.range(pos, len)
+    const blocks: Buffer[] = []
+    for (let i = a; i <= b; i++) {
+      let buf = this.mem.get(i)
+      if (!buf) {
+        buf = this.checked(i, this.fetchSync(i))
+        this.bytesFetched += buf.length
+        this.requests++
+      }
+      this.remember(i, buf)
+      blocks.push(buf)
+    }
+    return this.assemble(pos, len, a, blocks)
+  }
+
+  private fetchSync(i: number): { buf: Buffer; etag?: string } {
+    this.worker ??= new Worker(new URL('./s3-sync-worker.js', import.meta.url), { workerData: { loc: this.loc, etag: this.etag } })
+    this.worker.unref()
+    const len = this.blockLength(i)
+    const sab = new SharedArrayBuffer(8 + Math.max(len, 4096))
+    const state = new Int32Array(sab, 0, 2)
+    this.worker.postMessage({ start: i * BLOCK, end: i * BLOCK + len, sab })
+    if (Atomics.wait(state, 0, 0, SYNC_TIMEOUT_MS) === 'timed-out') throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${this.path}: a ranged GET at ${i * BLOCK} took longer than ${SYNC_TIMEOUT_MS / 1000} s`)
+    const n = state[1]
+    const bytes = Buffer.from(new Uint8Array(sab, 8, n))
+    if (state[0] !== 1) {
+      const e = JSON.parse(bytes.toString('utf8')) as { code: SnapError['code']; message: string }
+      throw new SnapError(e.code, e.message)
+    }
+    return { buf: bytes }
+  }
+
+  async close(): Promise<void> {
+    this.mem.clear()
+    await this.worker?.terminate()
+    this.worker = undefined
+  }
+}
+
+export { s3Error }
