@@ -2,7 +2,7 @@
 // (format-spec/container.md). An unfinished image is reported (complete: false), not refused.
 import { open, stat } from 'node:fs/promises'
 import { isSnapError } from './errors.js'
-import { isS3Url } from './s3/client.js'
+import { isS3Url } from './s3/url.js'
 import { lockedError, runningCreates } from './container/lock.js'
 import { ImageReader, type ImageSummaryInfo } from './container/reader.js'
 import { HEADER_SIZE, decodeHeader } from './container/header.js'

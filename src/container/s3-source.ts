@@ -20,6 +20,8 @@ const MEM_BLOCKS = 64
 /** ranged GETs in flight at once */
 const PARALLEL = 8
 const SYNC_TIMEOUT_MS = 10 * 60_000
+/** reads up to this size that miss memory are fetched exactly, not as their whole block */
+const SMALL = 64 * 1024
 
 export interface S3SourceOptions {
   /** where the page index (and, with step 4, fetched blocks) live; default a private dir in tmpdir */
@@ -143,10 +145,29 @@ export class S3Source implements ByteSource {
   async read(pos: number, len: number): Promise<Buffer> {
     if (len === 0) return Buffer.alloc(0)
     const [a, b] = this.range(pos, len)
+    if (len <= SMALL && a === b && !this.mem.has(a) && !this.inflight.has(a)) return this.exact(pos, len)
     const parts: Array<Promise<Buffer>> = []
     for (let i = a; i <= b; i++) parts.push(this.block(i))
     parts.forEach((p) => p.catch(() => {}))
     return this.assemble(pos, len, a, await Promise.all(parts))
+  }
+
+  /**
+   * A small read (a cluster header for the index or info, the footer) by itself: fetching its
+   * whole block would fetch the whole image twice when the index is built before a restore.
+   */
+  private async exact(pos: number, len: number): Promise<Buffer> {
+    await this.slot()
+    try {
+      const got = await withRetry(this.loc, `reading ${this.path} at ${pos}`, () => getRange(this.loc, pos, pos + len, this.etag))
+      if (got.etag !== undefined && got.etag !== this.etag) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path} was replaced while it was being read: its ETag changed`, { offset: pos })
+      if (got.buf.length !== len) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path}: a ranged GET at ${pos} returned ${got.buf.length} bytes, not ${len}`, { offset: pos })
+      this.bytesFetched += len
+      this.requests++
+      return got.buf
+    } finally {
+      this.release()
+    }
   }
 
   /** Lazy restore's page requests: from memory, or a GET done by the worker while this thread waits. */
