@@ -72,79 +72,129 @@ class EpochFilter {
   }
 }
 
+/** A deferred promise: `done` settles it from outside. */
+function signal(): { promise: Promise<void>; done: () => void } {
+  let done!: () => void
+  const promise = new Promise<void>((r) => (done = r))
+  return { promise, done }
+}
+
 export async function receiveOverSocket(writer: ImageWriter, opts: ListenOptions): Promise<ListenResult> {
-  const timeoutMs = channelTimeout(opts.timeoutMs)
-  const filter = new EpochFilter()
-  const channels: Array<{ parser: MultifdChannelParser; init: MultifdInit | null }> = []
-  const sockets = new Set<Socket>()
-  let flushes = 0
-  let blocks: RamBlockDecl[] | null = null
-  let bytesIn = 0
-  let failure: unknown = null
-  let mainSeen = false
-  const scratch = Buffer.alloc(4096)
+  return new Receiver(writer, opts).run()
+}
 
-  const sink: RamSink = {
-    blocks: (list) => {
-      writer.setBlocks(list)
-      filter.setBlocks(list)
-      blocks = list
-      for (const c of channels) c.parser.setBlocks(list)
-    },
-    zero: (b, p) => filter.admit(b, p, flushes) && writer.putZero(b, p),
-    page: (b, p, data) => filter.admit(b, p, flushes) && writer.putPage(b, p, data),
-    xbzrle: (b, p, encoded) => {
-      if (!filter.admit(b, p, flushes)) return
-      writer.readPage(b, p, scratch)
-      xbzrleDecode(encoded, scratch)
-      writer.putPage(b, p, scratch)
-    },
-    multifdFlush: () => void flushes++,
+/** One `create --listen`: the connections, their parsers, and the rules that tie them together. */
+class Receiver {
+  private readonly timeoutMs: number
+  private readonly filter = new EpochFilter()
+  private readonly channels: Array<{ parser: MultifdChannelParser; init: MultifdInit | null }> = []
+  private readonly sockets = new Set<Socket>()
+  private readonly pumps: Array<Promise<void>> = []
+  private readonly parser: StreamParser
+  private readonly scratch = Buffer.alloc(4096)
+  private flushes = 0
+  private blocks: RamBlockDecl[] | null = null
+  private bytesIn = 0
+  private failure: unknown = null
+  private mainSeen = false
+  private readonly connected = signal()
+  private readonly mainArrived = signal()
+  private readonly mainEnded = signal()
+  private reject: (e: unknown) => void = () => {}
+  /** rejects with the first failure of any connection */
+  private readonly failed = new Promise<never>((_, reject) => (this.reject = reject))
+
+  constructor(
+    private readonly writer: ImageWriter,
+    private readonly opts: ListenOptions,
+  ) {
+    this.timeoutMs = channelTimeout(opts.timeoutMs)
+    this.failed.catch(() => {})
+    this.parser = new StreamParser(this.mainSink())
   }
-  const parser = new StreamParser(sink)
 
-  let fail: (e: unknown) => void = () => {}
-  const failed = new Promise<never>((_, reject) => (fail = (e) => reject(e)))
-  failed.catch(() => {})
-  const stop = (e: unknown): void => {
-    if (failure) return
-    failure = e
-    for (const s of sockets) s.destroy()
-    fail(e)
-  }
-  const onAbort = (): void => stop(new SnapError('SNAP_ABORTED', 'interrupted'))
-  opts.signal?.addEventListener('abort', onAbort, { once: true })
-
-  const pump = async (conn: IncomingConnection, push: (b: Buffer) => void): Promise<void> => {
-    for await (const chunk of conn.chunks) {
-      if (failure) return
-      bytesIn += chunk.length
-      push(chunk)
-      if (writer.needsDrain()) await writer.drain()
-      opts.onProgress?.(bytesIn)
+  /** The main channel's pages: epoch = the MULTIFD_FLUSHes seen before them. */
+  private mainSink(): RamSink {
+    const { writer, filter } = this
+    return {
+      blocks: (list) => {
+        writer.setBlocks(list)
+        filter.setBlocks(list)
+        this.blocks = list
+        for (const c of this.channels) c.parser.setBlocks(list)
+      },
+      zero: (b, p) => filter.admit(b, p, this.flushes) && writer.putZero(b, p),
+      page: (b, p, data) => filter.admit(b, p, this.flushes) && writer.putPage(b, p, data),
+      xbzrle: (b, p, encoded) => {
+        if (!filter.admit(b, p, this.flushes)) return
+        writer.readPage(b, p, this.scratch)
+        xbzrleDecode(encoded, this.scratch)
+        writer.putPage(b, p, this.scratch)
+      },
+      multifdFlush: () => void this.flushes++,
     }
   }
 
-  let mainDone!: () => void
-  const mainEnded = new Promise<void>((r) => (mainDone = r))
-  let firstConnection!: () => void
-  const connected = new Promise<void>((r) => (firstConnection = r))
-  let mainConnected!: () => void
-  const mainArrived = new Promise<void>((r) => (mainConnected = r))
-  const pumps: Array<Promise<void>> = []
+  private stop(e: unknown): void {
+    if (this.failure) return
+    this.failure = e
+    for (const s of this.sockets) s.destroy()
+    this.reject(e)
+  }
 
-  const serve = async (socket: Socket): Promise<void> => {
-    const conn = await classify(socket, timeoutMs)
-    if (conn.kind === 'main') {
-      if (mainSeen) throw new SnapError('SNAP_MULTIFD_CORRUPT', 'a second main migration channel connected')
-      mainSeen = true
-      mainConnected()
-      await pump(conn, (b) => parser.push(b))
-      if (failure) return
-      mainDone()
-      return
+  private race<T>(p: Promise<T>, what?: string): Promise<T> {
+    return Promise.race([what === undefined ? p : within(p, this.timeoutMs, what), this.failed])
+  }
+
+  async run(): Promise<ListenResult> {
+    const onAbort = (): void => this.stop(new SnapError('SNAP_ABORTED', 'interrupted'))
+    this.opts.signal?.addEventListener('abort', onAbort, { once: true })
+    const listener = await MigrationListener.listen(this.opts.listen, (socket) => this.accept(socket))
+    try {
+      this.opts.onListening?.(listener.path)
+      throwIfAborted(this.opts.signal)
+      // QEMU connects the main channel first, then the others; it writes nothing on the main
+      // channel before all are connected, so a channel that never connects shows as silence.
+      await this.race(this.connected.promise, 'no migration connected')
+      await this.race(this.mainArrived.promise, 'the main migration channel did not connect')
+      await this.race(this.mainEnded.promise)
+      await listener.close()
+      const device = this.parser.end()
+      // QEMU closes every channel right after the main one: each must end cleanly, soon.
+      await this.race(Promise.all(this.pumps), 'a multifd channel did not close after the main channel ended')
+      if (this.failure) throw this.failure
+      this.checkSyncs()
+      return { device, counters: this.counters(), bytesIn: this.bytesIn, channels: this.channels.length, epochs: this.flushes }
+    } catch (e) {
+      this.stop(e)
+      throw this.failure ?? e
+    } finally {
+      this.opts.signal?.removeEventListener('abort', onAbort)
+      for (const s of this.sockets) s.destroy()
+      await listener.close().catch(() => {})
     }
-    const id = channels.length
+  }
+
+  private accept(socket: Socket): void {
+    this.sockets.add(socket)
+    socket.on('error', () => {})
+    this.connected.done()
+    if (this.failure) return void socket.destroy()
+    this.pumps.push(this.serve(socket).catch((e) => this.stop(e)))
+  }
+
+  private async serve(socket: Socket): Promise<void> {
+    const conn = await classify(socket, this.timeoutMs)
+    if (conn.kind !== 'main') return this.serveChannel(conn)
+    if (this.mainSeen) throw new SnapError('SNAP_MULTIFD_CORRUPT', 'a second main migration channel connected')
+    this.mainSeen = true
+    this.mainArrived.done()
+    await this.pump(conn, (b) => this.parser.push(b))
+    if (!this.failure) this.mainEnded.done()
+  }
+
+  private async serveChannel(conn: IncomingConnection): Promise<void> {
+    const { filter, writer, channels } = this
     const entry: (typeof channels)[number] = { parser: null as unknown as MultifdChannelParser, init: null }
     entry.parser = new MultifdChannelParser(
       {
@@ -160,59 +210,43 @@ export async function receiveOverSocket(writer: ImageWriter, opts: ListenOptions
         zero: (b, p, epoch) => filter.admit(b, p, epoch) && writer.putZero(b, p),
         sync: () => {},
       },
-      { what: `multifd channel ${id}` },
+      { what: `multifd channel ${channels.length}` },
     )
     channels.push(entry)
-    if (blocks) entry.parser.setBlocks(blocks)
-    await pump(conn, (b) => entry.parser.push(b))
-    if (failure) return
-    entry.parser.end()
+    if (this.blocks) entry.parser.setBlocks(this.blocks)
+    await this.pump(conn, (b) => entry.parser.push(b))
+    if (!this.failure) entry.parser.end()
   }
 
-  const listener = await MigrationListener.listen(opts.listen, (socket) => {
-    sockets.add(socket)
-    socket.on('error', () => {})
-    firstConnection()
-    if (failure) return void socket.destroy()
-    const p = serve(socket).catch((e) => stop(e))
-    pumps.push(p)
-  })
-  try {
-    opts.onListening?.(listener.path)
-    throwIfAborted(opts.signal)
-    // QEMU connects the main channel first, then the others; it writes nothing on the main
-    // channel before all are connected, so a channel that never connects shows as silence.
-    await Promise.race([within(connected, timeoutMs, 'no migration connected'), failed])
-    await Promise.race([within(mainArrived, timeoutMs, 'the main migration channel did not connect'), failed])
-    await Promise.race([mainEnded, failed])
-    await listener.close()
-    const device = parser.end()
-    // QEMU closes every channel right after the main one: each must end cleanly, soon.
-    await Promise.race([within(Promise.all(pumps), timeoutMs, 'a multifd channel did not close after the main channel ended'), failed])
-    if (failure) throw failure
-    if (flushes > 0) {
-      if (channels.length === 0) throw new SnapError('SNAP_MULTIFD_TRUNCATED', `the main channel synchronised multifd channels ${flushes} times, but no channel connected`)
-      for (const [i, c] of channels.entries()) {
-        // Every FLUSH pairs with one SYNC on every channel: fewer means the channel stopped early.
-        if (c.parser.counters.syncs !== flushes) {
-          throw new SnapError('SNAP_MULTIFD_TRUNCATED', `multifd channel ${c.init?.id ?? i} sent ${c.parser.counters.syncs} SYNC packets for the main channel's ${flushes} flushes: it closed early`)
-        }
+  private async pump(conn: IncomingConnection, push: (b: Buffer) => void): Promise<void> {
+    for await (const chunk of conn.chunks) {
+      if (this.failure) return
+      this.bytesIn += chunk.length
+      push(chunk)
+      if (this.writer.needsDrain()) await this.writer.drain()
+      this.opts.onProgress?.(this.bytesIn)
+    }
+  }
+
+  /** Every FLUSH pairs with one SYNC on every channel: fewer means the channel stopped early. */
+  private checkSyncs(): void {
+    if (this.flushes === 0) return
+    if (this.channels.length === 0) throw new SnapError('SNAP_MULTIFD_TRUNCATED', `the main channel synchronised multifd channels ${this.flushes} times, but no channel connected`)
+    for (const [i, c] of this.channels.entries()) {
+      if (c.parser.counters.syncs !== this.flushes) {
+        throw new SnapError('SNAP_MULTIFD_TRUNCATED', `multifd channel ${c.init?.id ?? i} sent ${c.parser.counters.syncs} SYNC packets for the main channel's ${this.flushes} flushes: it closed early`)
       }
     }
-    const counters: StreamCounters = { ...parser.counters }
-    for (const c of channels) {
+  }
+
+  private counters(): StreamCounters {
+    const counters: StreamCounters = { ...this.parser.counters }
+    for (const c of this.channels) {
       counters.pages += c.parser.counters.pages
       counters.zeroPages += c.parser.counters.zeroPages
     }
-    counters.resentPages += filter.resent + filter.stale
-    counters.bytesIn = bytesIn
-    return { device, counters, bytesIn, channels: channels.length, epochs: flushes }
-  } catch (e) {
-    stop(e)
-    throw failure ?? e
-  } finally {
-    opts.signal?.removeEventListener('abort', onAbort)
-    for (const s of sockets) s.destroy()
-    await listener.close().catch(() => {})
+    counters.resentPages += this.filter.resent + this.filter.stale
+    counters.bytesIn = this.bytesIn
+    return counters
   }
 }
