@@ -109,103 +109,141 @@ const flushWord = (): Buffer => {
 }
 
 async function send(reader: ImageReader, main: SocketSink, chans: SocketSink[], opts: ConnectOptions, timeoutMs: number): Promise<Omit<ConnectResult, 'channels' | 'seconds'>> {
-  const d = reader.device
-  const id = d.ramSectionId
-  const multifd = chans.length > 0
-  const rec = new PageRecordWriter(reader.blocks)
-  const start = ramStartSection({ sectionId: id, instanceId: d.ramInstanceId, version: d.ramVersion }, reader.blocks)
-  const locator = reader.locator
-  const { zeroPages, storedPages } = locator.totals()
+  return new Sender(reader, main, chans, opts, timeoutMs).run()
+}
 
-  // Main, up to the FLUSH that waits for the channels' last SYNC: not awaited until they are done.
-  if (multifd) {
-    rec.raw(start.subarray(0, start.length - 13))
-    rec.raw(flushWord())
-    rec.raw(eosFooter(id))
-  } else rec.raw(start)
-  rec.raw(sectionPartHeader(id))
-  locator.forEachZero((b, p) => rec.zero(b, p))
-  if (multifd) {
-    rec.raw(flushWord()) // pairs with the channels' last SYNC
-    rec.raw(eosFooter(id))
+/** One `load --connect`: the main channel's records, the channels' packets, and their order. */
+class Sender {
+  private readonly id: number
+  private readonly multifd: boolean
+  private readonly rec: PageRecordWriter
+  private readonly mainWrites: Array<Promise<void>> = []
+  private pages = 0
+  private clusters = 0
+  private packets = 0
+
+  constructor(
+    private readonly reader: ImageReader,
+    private readonly main: SocketSink,
+    private readonly chans: SocketSink[],
+    private readonly opts: ConnectOptions,
+    private readonly timeoutMs: number,
+  ) {
+    this.id = reader.device.ramSectionId
+    this.multifd = chans.length > 0
+    this.rec = new PageRecordWriter(reader.blocks)
   }
-  const mainWrites: Array<Promise<void>> = []
-  const pushMain = (bufs: Buffer[]): void => {
+
+  async run(): Promise<Omit<ConnectResult, 'channels' | 'seconds'>> {
+    const { zeroPages, storedPages } = this.reader.locator.totals()
+    this.prologue()
+    for (const c of this.chans) void c.write(this.sync()).catch(() => {})
+    await this.pushClusters(storedPages)
+    for (const c of this.chans) void c.write(this.sync()).catch(() => {})
+    // The channels stay open until the destination closes them: an EOF on a channel before the
+    // main channel's last FLUSH fails the destination's load.
+    await Promise.all(this.chans.map((c) => c.flush()))
+    await this.epilogue()
+    const bytesOut = this.main.bytes + this.chans.reduce((a, c) => a + c.bytes, 0)
+    const pages = this.pages
+    return { pages: pages + zeroPages, storedPages: pages, zeroPages, pagesSent: pages + zeroPages, clusters: this.clusters, packets: this.packets, bytesOut }
+  }
+
+  /** Main, up to the FLUSH that waits for the channels' last SYNC: not awaited until they are done. */
+  private prologue(): void {
+    const { rec, id, reader } = this
+    const d = reader.device
+    const start = ramStartSection({ sectionId: id, instanceId: d.ramInstanceId, version: d.ramVersion }, reader.blocks)
+    if (this.multifd) {
+      rec.raw(start.subarray(0, start.length - 13))
+      rec.raw(flushWord())
+      rec.raw(eosFooter(id))
+    } else rec.raw(start)
+    rec.raw(sectionPartHeader(id))
+    reader.locator.forEachZero((b, p) => rec.zero(b, p))
+    if (this.multifd) {
+      rec.raw(flushWord()) // pairs with the channels' last SYNC
+      rec.raw(eosFooter(id))
+    }
+    this.pushMain(this.multifd ? rec.flush() : rec.take())
+  }
+
+  private pushMain(bufs: Buffer[]): void {
     for (const b of bufs) {
-      const w = main.write(b)
+      const w = this.main.write(b)
       w.catch(() => {})
-      mainWrites.push(w)
+      this.mainWrites.push(w)
     }
   }
-  pushMain(multifd ? rec.flush() : rec.take())
 
-  let pages = 0
-  let clusters = 0
-  let packets = 0
-  const sync = (): Buffer => encodePacketHeader({ flags: 1, pagesAlloc: 0, normalPages: 0, zeroPages: 0, packetNum: BigInt(packets++), ramblock: '', offsets: [] })
-  for (const c of chans) void c.write(sync()).catch(() => {})
+  private sync(): Buffer {
+    return encodePacketHeader({ flags: 1, pagesAlloc: 0, normalPages: 0, zeroPages: 0, packetNum: BigInt(this.packets++), ramblock: '', offsets: [] })
+  }
 
-  const emit = async (block: number, list: Uint32Array, raw: Buffer, slots: number[]): Promise<void> => {
-    if (!multifd) {
-      for (const s of slots) rec.page(block, list[2 * s + 1], raw.subarray(s * PAGE, (s + 1) * PAGE))
-      pushMain(rec.take())
+  private async pushClusters(storedPages: number): Promise<void> {
+    const { reader, chans, main } = this
+    for await (const cluster of reader.clusters({ readAhead: 2 * chans.length + 2, asyncDecode: true })) {
+      const slots = reader.locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
+      if (slots.length === 0) continue
+      this.clusters++
+      const list = cluster.pages
+      // Runs of one block, at most a packet's worth.
+      for (let i = 0; i < slots.length; ) {
+        const block = list[2 * slots[i]]
+        let j = i + 1
+        while (j < slots.length && j - i < MULTIFD_PAGE_COUNT && list[2 * slots[j]] === block) j++
+        await this.emit(block, list, cluster.raw, slots.slice(i, j))
+        i = j
+      }
+      this.pages += slots.length
+      for (const c of [main, ...chans]) if (c.socket.destroyed) await c.flush() // throws the peer's error at once
+      this.opts.onProgress?.(this.pages * PAGE, storedPages * PAGE)
+    }
+  }
+
+  /** A run of pages of one block: PAGE records on main without channels, else one packet on the least busy channel. */
+  private async emit(block: number, list: Uint32Array, raw: Buffer, slots: number[]): Promise<void> {
+    if (!this.multifd) {
+      for (const s of slots) this.rec.page(block, list[2 * s + 1], raw.subarray(s * PAGE, (s + 1) * PAGE))
+      this.pushMain(this.rec.take())
       return
     }
-    const name = reader.blocks[block].name
+    const name = this.reader.blocks[block].name
     const contiguous = slots[slots.length - 1] - slots[0] === slots.length - 1
     const payload = contiguous ? raw.subarray(slots[0] * PAGE, (slots[slots.length - 1] + 1) * PAGE) : Buffer.concat(slots.map((s) => raw.subarray(s * PAGE, (s + 1) * PAGE)))
     const header = encodePacketHeader({
-      flags: 0, pagesAlloc: MULTIFD_PAGE_COUNT, normalPages: slots.length, zeroPages: 0, packetNum: BigInt(packets++), ramblock: name,
+      flags: 0, pagesAlloc: MULTIFD_PAGE_COUNT, normalPages: slots.length, zeroPages: 0, packetNum: BigInt(this.packets++), ramblock: name,
       offsets: slots.map((s) => list[2 * s + 1] * PAGE),
     })
-    let best = chans[0]
-    for (const c of chans) if (c.socket.writableLength < best.socket.writableLength) best = c
+    let best = this.chans[0]
+    for (const c of this.chans) if (c.socket.writableLength < best.socket.writableLength) best = c
     void best.write(header).catch(() => {})
     const written = best.write(payload)
     written.catch(() => {}) // what fails is thrown by the next flush
     if (best.socket.writableLength > CHANNEL_QUEUE) await written
   }
 
-  for await (const cluster of reader.clusters({ readAhead: 2 * chans.length + 2, asyncDecode: true })) {
-    const slots = locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
-    if (slots.length === 0) continue
-    clusters++
-    const list = cluster.pages
-    // Runs of one block, at most a packet's worth.
-    for (let i = 0; i < slots.length; ) {
-      const block = list[2 * slots[i]]
-      let j = i + 1
-      while (j < slots.length && j - i < MULTIFD_PAGE_COUNT && list[2 * slots[j]] === block) j++
-      await emit(block, list, cluster.raw, slots.slice(i, j))
-      i = j
+  /** The rest of main: END, the device state; then half-close and wait for the destination to close. */
+  private async epilogue(): Promise<void> {
+    const { rec, id, main } = this
+    const d = this.reader.device
+    if (!this.multifd) rec.raw(eosFooter(id))
+    if (d.switchoverStart) rec.raw(switchoverStart())
+    if (d.ramEnd) {
+      rec.raw(sectionEndHeader(id))
+      rec.raw(eosFooter(id))
     }
-    pages += slots.length
-    for (const c of [main, ...chans]) if (c.socket.destroyed) await c.flush() // throws the peer's error at once
-    opts.onProgress?.(pages * PAGE, storedPages * PAGE)
+    rec.raw(d.deviceSections)
+    rec.raw(d.streamEnd)
+    this.pushMain(rec.flush())
+    await Promise.all(this.mainWrites)
+    // Half-close (the destination waits for more after the VMDESC otherwise), then wait for it to
+    // close: it has read everything.
+    await main.close()
+    await within(
+      new Promise<void>((resolve) => (main.socket.closed ? resolve() : main.socket.once('close', () => resolve()))),
+      this.timeoutMs,
+      'the destination did not finish the migration',
+    )
   }
-  for (const c of chans) void c.write(sync()).catch(() => {})
-  // The channels stay open until the destination closes them: an EOF on a channel before the
-  // main channel's last FLUSH fails the destination's load.
-  await Promise.all(chans.map((c) => c.flush()))
-
-  if (!multifd) rec.raw(eosFooter(id))
-  if (d.switchoverStart) rec.raw(switchoverStart())
-  if (d.ramEnd) {
-    rec.raw(sectionEndHeader(id))
-    rec.raw(eosFooter(id))
-  }
-  rec.raw(d.deviceSections)
-  rec.raw(d.streamEnd)
-  pushMain(rec.flush())
-  await Promise.all(mainWrites)
-  const bytesOut = main.bytes + chans.reduce((a, c) => a + c.bytes, 0)
-  // Half-close (the destination waits for more after the VMDESC otherwise), then wait for it to
-  // close: it has read everything.
-  await main.close()
-  await within(
-    new Promise<void>((resolve) => (main.socket.closed ? resolve() : main.socket.once('close', () => resolve()))),
-    timeoutMs,
-    'the destination did not finish the migration',
-  )
-  return { pages: pages + zeroPages, storedPages: pages, zeroPages, pagesSent: pages + zeroPages, clusters, packets, bytesOut }
 }
