@@ -60,19 +60,24 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
   if (to === undefined && connect === undefined && isatty(1)) {
     throw new SnapError('SNAP_TERMINAL', 'standard output is a terminal: load writes a binary QEMU migration stream there; run it from QEMU (migrate_incoming "exec:snapctl load IMAGE") or give --to FILE')
   }
-  if (flags.postcopy && isatty(0)) {
+  if (flags.postcopy && connect === undefined && isatty(0)) {
     throw new SnapError('SNAP_NO_DESTINATION', 'standard input is a terminal, not a destination QEMU: load --postcopy reads the return path there; run it from the destination (migrate_incoming "exec:snapctl load --postcopy IMAGE")')
   }
   const statsPath = flags.stats as string | undefined
   if (statsPath !== undefined) await checkWritableFile(statsPath, '--stats')
   const log = (msg: string): void => void process.stderr.write(`snapctl: ${msg}\n`)
   let stats: object
-  if (flags.postcopy) {
+  if (flags.format === 'mapped-ram') {
+    if (to === undefined) throw new SnapError('SNAP_USAGE', '--format mapped-ram needs --to FILE: the file is written at offsets')
+    const { exportMappedRam } = await import('../src/mapped-ram-export.js')
+    stats = await exportMappedRam(image, { to, force: flags.force === true, signal })
+  } else if (flags.postcopy) {
     const { loadPostcopy } = await import('../src/postcopy.js')
     const { parseHostPageSizes } = await import('./_size.js')
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     // Nothing to undo: it writes to QEMU only.
-    stats = await unlessAborted(signal, loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes }))
+    if (flags.channels !== undefined) throw new SnapError('SNAP_USAGE', '--channels cannot go with --postcopy: QEMU 10.0 does not do postcopy with multifd')
+    stats = await unlessAborted(signal, loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout) }))
   } else if (connect !== undefined) {
     const { loadOverSocket } = await import('../src/multifd/send.js')
     const progress = flags.progress ? progressReporter('load') : undefined

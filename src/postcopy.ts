@@ -10,6 +10,8 @@
 // This file wires the parts: the image (src/container/), the transport (src/transport/: fd 1
 // and stdin under `exec:`), the session and its scheduler (src/postcopy/session.ts), the
 // sections it sends (src/postcopy/sections.ts) and the return path (src/postcopy/return-path-reader.ts).
+// With --connect unix:PATH (src/transport/postcopy-socket.ts) the return path is the main
+// socket's other direction, and answers to requests go on the postcopy-preempt channel.
 // CONTINUE is never used: sections are built independently and may interleave.
 
 import { ImageReader } from './container/reader.js'
@@ -18,6 +20,7 @@ import { refreshIndex } from './index/refresh.js'
 import { ReturnPathReader } from './postcopy/return-path-reader.js'
 import { Session, type PostcopyStats } from './postcopy/session.js'
 import { fdOutgoing } from './transport/fd.js'
+import { socketPostcopyOutgoing, type PostcopyOutgoing } from './transport/postcopy-socket.js'
 import type { OutgoingMigration, SinkOptions } from './transport/types.js'
 import type { RamBlock } from './types.js'
 
@@ -36,6 +39,13 @@ export interface PostcopyOptions {
   hostPageSizes?: Record<string, number>
   /** the transport to QEMU, with its return path (default: standard output and standard input) */
   open?: (sink: SinkOptions) => Promise<OutgoingMigration>
+  /**
+   * `unix:PATH`: connect to a destination in `migrate-incoming unix:PATH` (postcopy-ram and
+   * postcopy-preempt on there) instead: requested pages go on the preempt channel.
+   */
+  connect?: string
+  /** with `connect`: how long to wait for the destination to accept or read (default: channelTimeout()) */
+  channelTimeoutMs?: number
 }
 
 function defaultTimeout(): number {
@@ -56,10 +66,15 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     // A small queue on the writer thread: the pipe never runs dry while the main thread builds
     // sections, and an urgent page waits behind at most this much background data.
     const sink: SinkOptions = { queueLimit: 128 << 10 }
-    out = await (opts.open ?? ((s) => fdOutgoing({ returnPath: true, sink: s })))(sink)
+    let preempt: PostcopyOutgoing | null = null
+    if (opts.connect !== undefined) out = preempt = await socketPostcopyOutgoing(opts.connect, { timeoutMs: opts.channelTimeoutMs })
+    else out = await (opts.open ?? ((s) => fdOutgoing({ returnPath: true, sink: s })))(sink)
     if (!out.returnPath) throw new SnapError('SNAP_USAGE', `a lazy restore needs a return path from QEMU, and ${out.main.what} has none`)
     rp = new ReturnPathReader(out.returnPath)
-    const session = new Session(reader, reader.locator, out.main, rp, { log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages })
+    const session = new Session(reader, reader.locator, out.main, rp, {
+      log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
+      openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,
+    })
     const stats = await session.run(started, () => refreshIndex(reader, opts.log))
     await out.finish()
     return stats

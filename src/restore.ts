@@ -4,7 +4,8 @@
 //   the image's blocks -> the destination waits for a migration, its RAM blocks match the image
 //   (and, --lazy, its memory can take pages on demand) -> settings (postcopy-ram for --lazy,
 //   capabilities snapctl cannot feed off) -> autostart on (cont) or off (stop, --paused) ->
-//   migrate-incoming "exec:snapctl load [--postcopy] IMAGE" -> follow query-migrate
+//   migrate-incoming "exec:snapctl load IMAGE" (--lazy: unix:SOCKET, postcopy-preempt on, and
+//   `snapctl load --postcopy --connect unix:SOCKET IMAGE`) -> follow query-migrate
 //   (postcopy-active: the VM can run) -> completed and the load exited 0 -> settings back
 //
 // Every check comes before migrate-incoming: a refused restore leaves the destination waiting
@@ -132,7 +133,8 @@ class Restore {
       this.checkAbort()
       const n = this.opts.channels
       if (n && this.opts.lazy) throw new SnapError('SNAP_USAGE', '--channels cannot go with --lazy: QEMU 10.0 does not do postcopy with multifd')
-      const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram'] : n ? ['multifd'] : [], n ? { 'multifd-channels': n } : {})
+      // --lazy: over a unix socket with the preempt channel (requested pages never queue behind the push).
+      const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram', 'postcopy-preempt'] : n ? ['multifd'] : [], n ? { 'multifd-channels': n } : {})
       if (changes.off.length > 0) this.log(`migration capabilities off for the restore (restored afterwards): ${changes.off.join(', ')}`)
       // During an incoming migration stop and cont only set whether QEMU starts the VM itself:
       // at the end of an eager restore, at POSTCOPY_RUN of a lazy one.
@@ -145,6 +147,9 @@ class Restore {
         const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
         await this.migrateIncoming(`unix:${peer.socket}`)
         peer.start([...args, '--connect', `unix:${peer.socket}`, '--channels', String(n), '--uuid', UUID])
+      } else if (this.opts.lazy) {
+        await this.migrateIncoming(`unix:${peer.socket}`)
+        peer.start([...args, '--connect', `unix:${peer.socket}`])
       } else await this.migrateIncoming(peer.uri(args))
       this.incoming = true
       await this.follow(peer)

@@ -1,6 +1,7 @@
 // One ram PART section of a lazy restore: header, ZERO/PAGE records (the block name on every
 // record, so that sections can be sent in any order), EOS, footer. Answers to page requests
-// and the background push are each built as whole sections and may interleave.
+// and the background push are each built as whole sections and may interleave. On the
+// postcopy-preempt channel (`bare`) only the records go: it carries no sections.
 import * as enc from '../stream/encoder.js'
 import type { RamBlockDecl } from '../types.js'
 
@@ -18,10 +19,12 @@ export class SectionBuilder {
     private readonly ramId: number,
     blocks: RamBlockDecl[],
     capacity: number,
+    /** only the page records (the postcopy-preempt channel carries no sections) */
+    private readonly bare = false,
   ) {
     // One allocation of about the section's size (an urgent section is often a single page).
     this.rec = new enc.PageRecordWriter(blocks, { chunkSize: capacity })
-    this.rec.raw(enc.sectionPartHeader(ramId))
+    if (!bare) this.rec.raw(enc.sectionPartHeader(ramId))
   }
 
   size(): number {
@@ -43,7 +46,7 @@ export class SectionBuilder {
   }
 
   finish(): Buffer {
-    this.rec.raw(enc.eosFooter(this.ramId))
+    if (!this.bare) this.rec.raw(enc.eosFooter(this.ramId))
     const parts = this.rec.flush()
     return parts.length === 1 ? parts[0] : Buffer.concat(parts)
   }

@@ -25,6 +25,14 @@ export interface SessionOptions {
   timeoutMs: number
   /** per block: target pages per destination host page (1, or 512 for 2 MiB huge pages) */
   hostPages: number[]
+  /**
+   * The postcopy-preempt channel (a socket transport): connected once the destination has
+   * answered on the return path, before the device state; answers to page requests go there,
+   * the background push stays on the main channel. Absent: answers jump the main queue.
+   */
+  openPreempt?: () => Promise<StreamSink>
+  /** Called once EOF is out: closes the stream (a socket's half-close) so the destination sees its end. */
+  endStream?: () => Promise<void>
 }
 
 /** Keys as in README, "Output keys". */
@@ -61,6 +69,13 @@ export class Session {
   private failure: unknown = null
   private requestChain: Promise<void> = Promise.resolve()
   private lastBlock = -1
+  /** the preempt channel, once open */
+  private preempt: StreamSink | null = null
+  /** clusters a request touched: the push moves on to them (and the next one) before going on in file order */
+  private readonly follow: number[] = []
+  /** clusters the push has gone through */
+  private readonly pushed: Uint8Array
+  private bg: SectionBuilder | null = null
   /** the END section and EOF are queued: no more page records */
   private ended = false
   private readonly latencies: number[] = []
@@ -86,6 +101,7 @@ export class Session {
     this.locator = runs.pageLocator()
     this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
     this.byName = new Map(reader.blocks.map((b) => [b.name, b.id]))
+    this.pushed = new Uint8Array(reader.clusterOffsets.length)
   }
 
   async run(started: number, afterPush: () => Promise<void>): Promise<PostcopyStats> {
@@ -108,6 +124,7 @@ export class Session {
     this.ended = true
     await this.enqueue(Buffer.concat([enc.sectionEndHeader(this.ramId), enc.eosFooter(this.ramId), Buffer.from([0])]))
     await this.drain()
+    await this.opts.endStream?.()
     await afterPush()
     await this.rp.waitClosed(this.opts.timeoutMs, () => this.failure !== null)
     this.check()
@@ -131,6 +148,9 @@ export class Session {
     await this.rp.waitPong(PING_ADVISED, this.opts.timeoutMs, (nothingCame) => nothingCame ? noDestination() :
       new SnapError('SNAP_POSTCOPY_SETUP', 'the destination refused POSTCOPY_ADVISE: turn the postcopy-ram capability on at the destination (migrate-set-capabilities) before migrate-incoming, and back its RAM with anonymous memory, tmpfs or hugetlbfs'),
     )
+    // The destination answered on the main connection, so it took that one as main: the
+    // preempt channel may connect now, and must before PACKAGED (QEMU waits for it there).
+    if (this.opts.openPreempt) this.preempt = await this.opts.openPreempt()
     const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(PING_PACKAGE), enc.postcopyRun()])
     await this.out.write(
       Buffer.concat([
@@ -155,36 +175,59 @@ export class Session {
   }
 
   /**
-   * Every cluster in file order, skipping what was requested. Zero pages are not pushed: ADVISE
-   * made the destination discard all its RAM, so a page it never receives reads as zero after
-   * postcopy ends; one it touches before then it asks for, and gets a ZERO record (serve()).
+   * Every cluster in file order, skipping what was requested; after a request, the push goes on
+   * with the requested page's cluster and the next one (the pages that follow it) first. Zero
+   * pages are not pushed: ADVISE made the destination discard all its RAM, so a page it never
+   * receives reads as zero after postcopy ends; one it touches before then it asks for, and gets
+   * a ZERO record (serve()).
    */
   private async pushEverything(): Promise<void> {
-    const capacity = CHUNK_BYTES + (32 << 10)
-    let section = this.newSection(capacity)
     for await (const cluster of this.reader.clusters()) {
       this.check()
+      await this.pushFollowed()
+      if (this.pushed[cluster.seq]) continue
       this.cache.set(cluster.seq, cluster)
       this.trimCache()
-      const list = cluster.pages
-      for (const slot of this.runs.liveSlots(cluster.seq, list, { offset: cluster.offset })) {
-        const b = list[2 * slot]
-        const p = list[2 * slot + 1]
-        if (this.hostPages[b] > 1 || this.sent[b][p] !== 0) continue // hugepages: whole host pages, below
-        this.sent[b][p] = 1
-        section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
-        this.pages++
-        this.bytesPushed += this.pageSize
-        if (section.size() >= CHUNK_BYTES) {
-          await this.enqueue(section.finish())
-          section = this.newSection(capacity)
-        }
-      }
+      await this.pushCluster(cluster)
     }
     // Pages QEMU never sent: the destination must not be left waiting on them if it asks,
     // but pushing them is not needed (postcopy's end leaves untouched memory zero).
-    if (section.count > 0) await this.enqueue(section.finish())
+    await this.flushBackground()
     await this.pushHostPages()
+  }
+
+  /** The clusters requests asked for, and the one after each, if not pushed yet (read on this thread: usually cached). */
+  private async pushFollowed(): Promise<void> {
+    while (this.follow.length > 0) {
+      const seq = this.follow.shift()!
+      for (const s of [seq, seq + 1]) {
+        if (s < this.pushed.length && !this.pushed[s]) await this.pushCluster(this.getCluster(s))
+      }
+      this.check()
+    }
+  }
+
+  /** Every live page of a cluster not sent yet, into background sections. */
+  private async pushCluster(cluster: DecodedCluster): Promise<void> {
+    this.pushed[cluster.seq] = 1
+    const list = cluster.pages
+    for (const slot of this.runs.liveSlots(cluster.seq, list, { offset: cluster.offset })) {
+      const b = list[2 * slot]
+      const p = list[2 * slot + 1]
+      if (this.hostPages[b] > 1 || this.sent[b][p] !== 0) continue // hugepages: whole host pages, pushHostPages()
+      this.sent[b][p] = 1
+      this.bg ??= this.newSection(CHUNK_BYTES + (32 << 10))
+      this.bg.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
+      this.pages++
+      this.bytesPushed += this.pageSize
+      if (this.bg.size() >= CHUNK_BYTES) await this.flushBackground()
+    }
+  }
+
+  private async flushBackground(): Promise<void> {
+    const section = this.bg
+    this.bg = null
+    if (section && section.count > 0) await this.enqueue(section.finish())
   }
 
   /**
@@ -261,13 +304,20 @@ export class Session {
     const n = this.hostPages[b]
     const from = Math.floor(offset / this.pageSize / n) * n
     const to = Math.ceil((offset + length) / this.pageSize / n) * n
-    const section = this.newSection((to - from) * (this.pageSize + RECORD_OVERHEAD) + 64)
+    // On the preempt channel, bare page records (no section); else a PART section on main.
+    const section = new SectionBuilder(this.ramId, this.reader.blocks, (to - from) * (this.pageSize + RECORD_OVERHEAD) + 64, this.preempt !== null)
     this.requestedPages += length / this.pageSize
     for (let p = from; p < to; p += n) {
       if (this.sent[b][p] === 0) this.addHostPage(section, b, p, n)
     }
+    const l = this.locator.where(b, from)
+    if (l !== LOC_NEVER_SENT && l !== LOC_ZERO && !this.pushed[l - 1]) this.follow.push(l - 1)
     if (section.count === 0) {
       this.requestsAlreadySent++
+      return
+    }
+    if (this.preempt) {
+      await this.preempt.write(section.finish(), () => this.latencies.push(performance.now() - t0))
       return
     }
     this.urgent.push({ buf: section.finish(), t0 })
@@ -340,6 +390,7 @@ export class Session {
   private async drain(): Promise<void> {
     while (this.pumping) await this.pumping
     this.check()
+    await this.preempt?.flush()
     await this.out.flush()
   }
 }
