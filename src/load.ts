@@ -87,7 +87,8 @@ async function writeStream(reader: ImageReader, rec: PageRecordWriter, opening: 
     const pageSize = reader.header.pageSize
     let pages = 0
     let clusters = 0
-    for await (const cluster of reader.clusters()) {
+    // Buffers reused cluster after cluster: each cluster's pages are copied into the stream chunks before the next.
+    for await (const cluster of reader.clusters({ reuse: true })) {
       // Only pages whose cluster agrees with the page map (checked first) are sent.
       const slots = locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
       if (slots.length === 0) continue

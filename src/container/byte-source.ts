@@ -14,8 +14,12 @@ export interface ByteSource {
   /** where this image's LevelDB page index lives (format-spec/index.md), or null for none */
   readonly indexPath: string | null
   size(): Promise<number>
-  /** exactly `len` bytes from `pos`, or SNAP_TRUNCATED where the source ends first */
-  read(pos: number, len: number): Promise<Buffer>
+  /**
+   * exactly `len` bytes from `pos`, or SNAP_TRUNCATED where the source ends first; into the
+   * start of `into` when the source can (a reused buffer: no fresh memory per read), so use
+   * the buffer it returns
+   */
+  read(pos: number, len: number, into?: Buffer): Promise<Buffer>
   /** the same on the calling thread (lazy restore); sources that cannot leave it out */
   readSync?(pos: number, len: number): Buffer
   close(): Promise<void>
@@ -77,8 +81,8 @@ export class LocalFile implements ByteSource {
     return this.length
   }
 
-  async read(pos: number, len: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(len)
+  async read(pos: number, len: number, into?: Buffer): Promise<Buffer> {
+    const buf = into && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len)
     let got = 0
     try {
       while (got < len) {

@@ -5,6 +5,7 @@ import lz4 from 'lz4-napi'
 import { Reader, Writer, roundUp } from '../bytes.js'
 import { SnapError, type ErrorCode } from '../errors.js'
 import { ALIGN } from './header.js'
+import { Lz4Error, decodeLz4Block } from './lz4-block.js'
 
 export const CLUSTER_MAGIC = Buffer.from([0x53, 0x4e, 0x43, 0x4c])
 export const CODEC_NONE = 0
@@ -122,9 +123,23 @@ export async function decodePayload(h: ClusterHeader, stored: Buffer, where: Clu
   return checkDecoded(h, raw, where)
 }
 
-export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: ClusterWhere): Buffer {
+/**
+ * The same on the calling thread. With `into` (at least raw_length bytes, reused by the caller)
+ * an LZ4 payload decodes into it (lz4-block.ts) and a subarray of it comes back: no fresh
+ * memory per cluster. Without, lz4-napi allocates the result.
+ */
+export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into?: Buffer): Buffer {
   checkStored(h, stored, where)
   if (h.codec === CODEC_NONE) return stored
+  if (into && into.length >= h.rawLength) {
+    try {
+      decodeLz4Block(stored, 4, stored.length, into, h.rawLength)
+    } catch (e) {
+      if (!(e instanceof Lz4Error)) throw e
+      throw err('SNAP_CORRUPT', where, `the LZ4 payload does not decode (${e.message})`)
+    }
+    return into.subarray(0, h.rawLength)
+  }
   let raw: Buffer
   try {
     raw = lz4.uncompressSync(stored)

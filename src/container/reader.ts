@@ -163,10 +163,10 @@ export class ImageReader {
     return [this.clusterOffsets[seq], next]
   }
 
-  private async decode(buf: Buffer, seq: number, offset: number, sync: boolean): Promise<DecodedCluster> {
+  private async decode(buf: Buffer, seq: number, offset: number, sync: boolean, into?: Buffer): Promise<DecodedCluster> {
     const where = { cluster: seq, offset }
     const { header, stored } = splitCluster(buf, where, this.lim)
-    const raw = sync ? decodePayloadSync(header, stored, where) : await decodePayload(header, stored, where)
+    const raw = sync ? decodePayloadSync(header, stored, where, into) : await decodePayload(header, stored, where)
     return { seq, offset, codec: header.codec, storedLength: header.storedLength, pages: header.pages, raw }
   }
 
@@ -203,30 +203,45 @@ export class ImageReader {
    * LZ4 decodes on the calling thread unless `asyncDecode`: lz4-napi's async call costs more
    * than the decode itself (measured on 2 cores: 238 ms async vs 83 ms sync for 218 MiB), and the
    * chunk reads still overlap it. readCluster (random access, lazy restore) decodes async.
+   * `reuse` (sync decode only): chunks are read into, and clusters decoded into, a few buffers
+   * used over and over, so a scan touches no fresh memory; a cluster's `raw` is then valid only
+   * until the caller asks for the next one.
    */
-  async *clusterResults(opts: { readAhead?: number; asyncDecode?: boolean; onRead?: (bytes: number) => void } = {}): AsyncGenerator<ClusterResult> {
+  async *clusterResults(opts: { readAhead?: number; asyncDecode?: boolean; onRead?: (bytes: number) => void; reuse?: boolean } = {}): AsyncGenerator<ClusterResult> {
     const readAhead = Math.max(1, opts.readAhead ?? 4)
+    const reuse = opts.reuse === true && !opts.asyncDecode
     const n = this.clusterOffsets.length
-    const chunks: Array<{ first: number; last: number; start: number; end: number }> = []
+    type Chunk = { first: number; last: number; start: number; end: number; into?: Buffer; left: number }
+    const chunks: Chunk[] = []
     for (let i = 0; i < n; ) {
       const start = this.clusterOffsets[i]
       let j = i
       while (j + 1 < n && this.extent(j + 1)[1] - start <= CHUNK_BYTES) j++
-      chunks.push({ first: i, last: j, start, end: this.extent(j)[1] })
+      chunks.push({ first: i, last: j, start, end: this.extent(j)[1], left: j - i + 1 })
       i = j + 1
     }
+    const freeChunks: Buffer[] = []
+    const freeRaws: Buffer[] = []
+    const clusterBytes = this.lim.maxPages * this.lim.pageSize
     const reads: Array<Promise<Buffer>> = []
     let next = 0
     const issue = () => {
       while (reads.length < 2 && next < chunks.length) {
         const c = chunks[next++]
-        const p = this.source.read(c.start, c.end - c.start)
+        if (reuse && c.end - c.start <= CHUNK_BYTES) c.into = freeChunks.pop() ?? Buffer.allocUnsafeSlow(CHUNK_BYTES)
+        const p = this.source.read(c.start, c.end - c.start, c.into)
         p.catch(() => {})
         reads.push(p)
       }
     }
     issue()
-    const pending: Array<Promise<ClusterResult>> = []
+    type Pending = { result: Promise<ClusterResult>; chunk: Chunk; into?: Buffer }
+    const pending: Pending[] = []
+    // Called when the caller comes back for the next cluster: what the last one used is free.
+    const release = (q: Pending) => {
+      if (q.into) freeRaws.push(q.into)
+      if (--q.chunk.left === 0 && q.chunk.into) freeChunks.push(q.chunk.into)
+    }
     for (const c of chunks) {
       let buf: Buffer | null = null
       let readError: SnapError | undefined
@@ -235,25 +250,35 @@ export class ImageReader {
         opts.onRead?.(buf.length)
       } catch (e) {
         readError = fromSystemError(e, 'reading the image')
+        c.into = undefined
       }
       issue()
       for (let s = c.first; s <= c.last; s++) {
         const [a, b] = this.extent(s)
+        const into = reuse && buf ? (freeRaws.pop() ?? Buffer.allocUnsafeSlow(clusterBytes)) : undefined
         const p: Promise<ClusterResult> = buf
-          ? this.decode(buf.subarray(a - c.start, b - c.start), s, a, !opts.asyncDecode).then(
+          ? this.decode(buf.subarray(a - c.start, b - c.start), s, a, !opts.asyncDecode, into).then(
               (cluster) => ({ seq: s, offset: a, cluster }),
               (e) => ({ seq: s, offset: a, error: fromSystemError(e, `cluster ${s}`) }),
             )
           : Promise.resolve({ seq: s, offset: a, error: readError })
-        pending.push(p)
-        while (pending.length >= readAhead) yield await pending.shift()!
+        pending.push({ result: p, chunk: c, into })
+        while (pending.length >= readAhead) {
+          const q = pending.shift()!
+          yield await q.result
+          release(q)
+        }
       }
     }
-    while (pending.length > 0) yield await pending.shift()!
+    while (pending.length > 0) {
+      const q = pending.shift()!
+      yield await q.result
+      release(q)
+    }
   }
 
   /** Every cluster in file order; throws the first cluster's error. */
-  async *clusters(opts: { readAhead?: number; asyncDecode?: boolean } = {}): AsyncGenerator<DecodedCluster> {
+  async *clusters(opts: { readAhead?: number; asyncDecode?: boolean; reuse?: boolean } = {}): AsyncGenerator<DecodedCluster> {
     for await (const r of this.clusterResults(opts)) {
       if (r.error) throw r.error
       yield r.cluster!

@@ -1,0 +1,79 @@
+// An LZ4 block decoder that writes into a buffer it is given (format-spec/container.md,
+// "Codecs", codec 1: a u32 LE raw length, then one LZ4 block as lz4-napi's compress writes it).
+// lz4-napi only returns a new Buffer per call: on a restore that is a fresh, page-faulting
+// megabyte per cluster and garbage for the collector. The block format is the one in lz4's
+// doc/lz4_Block_format.md: sequences of (token, literal length, literals, offset, match length).
+// Every read and write is bounds-checked: a payload that lies throws, it never reads or writes
+// outside its buffers.
+
+/** Thrown for a block that does not decode; callers turn it into SNAP_CORRUPT. */
+export class Lz4Error extends Error {}
+
+/** Literal or match runs at most this long are copied byte by byte (cheaper than a native call). */
+const SHORT = 16
+
+/**
+ * Decode the LZ4 block src[start, end) into out[0, outLength); returns the bytes written. It
+ * must fill exactly `outLength` (the caller's raw_length), else Lz4Error.
+ */
+export function decodeLz4Block(src: Uint8Array, start: number, end: number, out: Uint8Array, outLength: number): number {
+  if (end > src.length || outLength > out.length) throw new Lz4Error('buffer too small')
+  let ip = start
+  let op = 0
+  for (;;) {
+    if (ip >= end) throw new Lz4Error('cut short before a token')
+    const token = src[ip++]
+    let lit = token >>> 4
+    if (lit === 15) {
+      let b: number
+      do {
+        if (ip >= end) throw new Lz4Error('cut short in a literal length')
+        b = src[ip++]
+        lit += b
+      } while (b === 255)
+    }
+    if (lit > end - ip) throw new Lz4Error('literals run past the input')
+    if (lit > outLength - op) throw new Lz4Error('literals run past raw_length')
+    if (lit <= SHORT) {
+      for (let i = 0; i < lit; i++) out[op + i] = src[ip + i]
+    } else {
+      out.set(src.subarray(ip, ip + lit), op)
+    }
+    ip += lit
+    op += lit
+    if (ip === end) break // the last sequence holds literals only
+    if (end - ip < 2) throw new Lz4Error('cut short in an offset')
+    const offset = src[ip] | (src[ip + 1] << 8)
+    ip += 2
+    if (offset === 0 || offset > op) throw new Lz4Error(`match offset ${offset} at output ${op}`)
+    let len = (token & 15) + 4
+    if (len === 19) {
+      let b: number
+      do {
+        if (ip >= end) throw new Lz4Error('cut short in a match length')
+        b = src[ip++]
+        len += b
+      } while (b === 255)
+    }
+    if (len > outLength - op) throw new Lz4Error('match runs past raw_length')
+    const from = op - offset
+    if (len <= SHORT) {
+      for (let i = 0; i < len; i++) out[op + i] = out[from + i]
+      op += len
+    } else if (offset >= len) {
+      out.copyWithin(op, from, from + len)
+      op += len
+    } else {
+      // An overlapping match repeats the `offset` bytes before it: copy them, then keep copying
+      // from the same start, each time twice as much (the copied run is periodic).
+      const stop = op + len
+      while (op < stop) {
+        const n = Math.min(op - from, stop - op)
+        out.copyWithin(op, from, from + n)
+        op += n
+      }
+    }
+  }
+  if (op !== outLength) throw new Lz4Error(`decodes to ${op} bytes, not ${outLength}`)
+  return op
+}
