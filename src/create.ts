@@ -13,6 +13,7 @@ import { fdIncoming } from './transport/fd.js'
 import type { IncomingMigration } from './transport/types.js'
 import { checkInputFile, checkOutputFile } from './paths.js'
 import { libvirtHeaderLength, parseLibvirtHeader } from './stream/libvirt.js'
+import { importMappedRam } from './mapped-ram-import.js'
 import { StreamParser } from './stream/parser.js'
 import { xbzrleDecode } from './stream/xbzrle.js'
 import type { RamSink, StreamCounters } from './types.js'
@@ -98,6 +99,9 @@ async function fillFromSocket(writer: ImageWriter, listen: string, opts: CreateO
 /** Reads the stream into the image. */
 async function fill(writer: ImageWriter, opts: CreateOptions, bytesTotal: number | undefined, started: number): Promise<CreateResult> {
   try {
+    // A mapped-ram file (QEMU's migrate file: with mapped-ram, or libvirt's sparse save) is read by its offsets.
+    const mapped = opts.from !== undefined && opts.input === undefined ? await importMappedRam(writer, opts.from, opts, started) : null
+    if (mapped !== null) return mapped
     const scratch = Buffer.alloc(4096)
     const sink: RamSink = {
       blocks: (list) => writer.setBlocks(list),

@@ -121,3 +121,15 @@ export const MULTIFD_PACKET_FIXED = 320
 export const MULTIFD_PACKET_HEADER_SIZE = MULTIFD_PACKET_FIXED + 8 * MULTIFD_PAGE_COUNT
 /** include/exec/ramblock.h: RAMBlock idstr[256] */
 export const MULTIFD_RAMBLOCK_NAME = 256
+
+// migration/ram.c: mapped-ram (reference §3)
+/** MAPPED_RAM_HDR_VERSION: the loader accepts versions up to this one */
+export const MAPPED_RAM_HDR_VERSION = 1
+/** sizeof(MappedRamHeader), packed: version u32, page_size u64, bitmap_offset u64, pages_offset u64 */
+export const MAPPED_RAM_HEADER_SIZE = 28
+/** MAPPED_RAM_FILE_OFFSET_ALIGNMENT: each block's page array starts on a 1 MiB file offset */
+export const MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 0x100000
+/** migration/options.c: the capability's name, as the configuration's capabilities subsection lists it */
+export const MAPPED_RAM_CAPABILITY = 'mapped-ram'
+/** libvirt QEMU_SAVE_FORMAT_SPARSE: a mapped-ram stream after the header (libvirt 11.x) */
+export const QEMU_SAVE_FORMAT_SPARSE = 6

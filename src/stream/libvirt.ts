@@ -9,6 +9,7 @@ import {
   QEMU_SAVE_MAGIC,
   QEMU_SAVE_PARTIAL,
   QEMU_SAVE_VERSION,
+  QEMU_SAVE_FORMAT_SPARSE,
 } from './constants.js'
 
 /** XML + cookie + padding beyond this is taken as a corrupt header (libvirt pads by 64 KiB). */
@@ -18,7 +19,7 @@ export interface LibvirtHeader {
   /** where the QEMU stream starts: 92 + data_len */
   streamOffset: number
   wasRunning: boolean
-  /** 0 = raw QEMU stream (the only one accepted) */
+  /** 0 = raw QEMU stream; 6 = sparse (mapped-ram), accepted with sparseOk only */
   format: number
   version: number
   /** the domain XML (up to its NUL) */
@@ -44,7 +45,7 @@ const FORMAT_HINT: Record<string, string> = {
 }
 
 /** The fixed 92 bytes, checked; null when `head` does not start with libvirt's magic. */
-function readFixed(head: Buffer): Fixed | null {
+function readFixed(head: Buffer, sparseOk = false): Fixed | null {
   if (head.length < MAGIC.length) return null
   const magic = head.subarray(0, MAGIC.length)
   if (magic.equals(PARTIAL)) {
@@ -71,28 +72,33 @@ function readFixed(head: Buffer): Fixed | null {
   }
   if (f.cookieOffset >= f.dataLen) throw new SnapError('SNAP_STREAM_CORRUPT', `libvirt save image: cookie offset ${f.cookieOffset} past the XML data`)
   if (version === 1) f.format = 0 // version 1 images were never compressed
-  if (f.format !== 0) {
+  if (f.format !== 0 && !(sparseOk && f.format === QEMU_SAVE_FORMAT_SPARSE)) {
     const name = QEMU_SAVE_FORMAT_NAMES[f.format] as string | undefined
     const how = name === undefined ? `unknown format ${f.format}`
-      : name === 'sparse' ? 'sparse (mapped-ram) libvirt save image is not supported; save it with the raw format'
+      : name === 'sparse' ? 'sparse libvirt save image whose QEMU stream is not a mapped-ram stream'
       : `${name}-compressed libvirt save image: decompress it first (tail -c +${QEMU_SAVE_HEADER_SIZE + f.dataLen + 1} FILE | ${FORMAT_HINT[name]})`
     throw new SnapError('SNAP_STREAM_UNSUPPORTED', name === undefined ? `libvirt save image of ${how}` : how)
   }
   return f
 }
 
+export interface LibvirtReadOptions {
+  /** accept format 6 (sparse: a mapped-ram stream, src/stream/mapped-ram.ts) */
+  sparseOk?: boolean
+}
+
 /**
  * From at least the first 92 bytes (fewer when they already rule libvirt out): the length of the
  * whole libvirt header (92 + data_len), or null when this is not a libvirt save image.
  */
-export function libvirtHeaderLength(head: Buffer): number | null {
-  const f = readFixed(head)
+export function libvirtHeaderLength(head: Buffer, opts: LibvirtReadOptions = {}): number | null {
+  const f = readFixed(head, opts.sparseOk)
   return f === null ? null : QEMU_SAVE_HEADER_SIZE + f.dataLen
 }
 
 /** Parse a libvirt header from the start of `buf` (which must hold all of it); null if not libvirt. */
-export function parseLibvirtHeader(buf: Buffer): LibvirtHeader | null {
-  const f = readFixed(buf)
+export function parseLibvirtHeader(buf: Buffer, opts: LibvirtReadOptions = {}): LibvirtHeader | null {
+  const f = readFixed(buf, opts.sparseOk)
   if (f === null) return null
   const total = QEMU_SAVE_HEADER_SIZE + f.dataLen
   if (buf.length < total) {

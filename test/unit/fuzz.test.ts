@@ -6,9 +6,9 @@ import * as assert from 'uvu/assert'
 import { formatReport, runFuzz } from '../../tools/fuzz.js'
 
 const SEED = 20240601
-const CASES = { parser: 4000, image: 3000, multifd: 3000 }
+const CASES = { parser: 4000, image: 3000, multifd: 3000, 'mapped-ram': 400 }
 
-for (const target of ['parser', 'image', 'multifd'] as const) {
+for (const target of ['parser', 'image', 'multifd', 'mapped-ram'] as const) {
   test(`fuzz ${target}: ${CASES[target]} cases, seed ${SEED}: only successes and listed SnapError codes`, async () => {
     const r = await runFuzz({ target, seed: SEED, cases: CASES[target] })
     assert.is(r.cases, CASES[target])

@@ -6,9 +6,10 @@ import { parentPort, workerData } from 'node:worker_threads'
 import { ERROR_CODES, SnapError } from '../../src/errors.js'
 import { caseRng } from './mutate.js'
 import { imageTarget, multifdTarget, parserTarget, type Target } from './targets.js'
+import { mappedRamTarget } from './mapped-ram-target.js'
 
 export interface WorkerInput {
-  target: 'parser' | 'image' | 'multifd'
+  target: 'parser' | 'image' | 'multifd' | 'mapped-ram'
   seed: number
   from: number
   to: number
@@ -53,7 +54,8 @@ function classify(stage: string, e: unknown): string {
 }
 
 const target: Target =
-  input.target === 'parser' ? parserTarget(classify) : input.target === 'multifd' ? multifdTarget(classify) : await imageTarget(classify)
+  input.target === 'parser' ? parserTarget(classify) : input.target === 'multifd' ? multifdTarget(classify)
+    : input.target === 'mapped-ram' ? mappedRamTarget(classify) : await imageTarget(classify)
 post({ type: 'ready' })
 try {
   for (let n = input.from; n < input.to; n++) {
