@@ -22,6 +22,7 @@ import { Peer } from './qemu/peer.js'
 import { QmpClient } from './qemu/qmp.js'
 import { checkBlocks, checkPostcopyBackends, destinationBlocks, hostPageSizes } from './qemu/ram.js'
 import { MigrationSettings } from './qemu/settings.js'
+import type { PostcopyStats } from './postcopy/session.js'
 
 export interface RestoreOptions {
   /** the destination QEMU's QMP socket */
@@ -62,6 +63,15 @@ export interface RestoreResult {
   lastPageSeconds: number | null
   /** --lazy: pages the destination asked for ahead of the background push */
   requests: number | null
+  /** --lazy: the load's request service times (README, "Output keys") */
+  latencyMs: { p50: number; p99: number; max: number } | null
+  /** --lazy: from the load's start until the device state was out */
+  deviceStateSeconds: number | null
+  /** --lazy: pages sent in answer to requests */
+  pagesServedOnRequest: number | null
+  /** --lazy: pages of the image's working set pushed first, and how many of those the guest asked for (a lower bound of those it touched) */
+  prefetchedPages: number | null
+  prefetchedTouched: number | null
   vm: 'running' | 'paused'
 }
 
@@ -159,7 +169,7 @@ class Restore {
       throw await this.recover(e, peer)
     }
     // Restored: what fails now says so.
-    const stats = (await peer.stats<{ bytesOut?: number; requests?: number }>()) ?? {}
+    const stats = (await peer.stats<Partial<PostcopyStats>>()) ?? {}
     for (const p of await this.settings.restore()) this.log(`could not restore a migration setting: ${p}`)
     // QEMU gives the VM the run state it had when saved: one saved paused waits for cont.
     let now = await this.qmp.execute<{ status: string; running: boolean }>('query-status')
@@ -175,6 +185,7 @@ class Restore {
       postcopyActiveSeconds: this.postcopyAt === null ? null : (this.postcopyAt - this.started) / 1000,
       runnableSeconds: this.runnableAt === null ? null : (this.runnableAt - this.started) / 1000,
       requests: this.opts.lazy ? (stats.requests ?? null) : null, vm: now.running ? 'running' : 'paused',
+      ...lazyFigures(this.opts.lazy === true, stats),
     }
   }
 
@@ -264,6 +275,14 @@ class Restore {
     } else after = 'the destination QEMU cannot be used any more: quit it and start a new one'
     const message = e.code === 'SNAP_QEMU_GONE' ? `QEMU exited (or closed its QMP socket) during the restore` : e.message
     return new SnapError(e.code, `${message} (${after})`, { ...e.context, after, cause: e })
+  }
+}
+
+function lazyFigures(lazy: boolean, s: Partial<PostcopyStats>): Pick<RestoreResult, 'latencyMs' | 'deviceStateSeconds' | 'pagesServedOnRequest' | 'prefetchedPages' | 'prefetchedTouched'> {
+  const v = <T>(x: T | undefined): T | null => (lazy && x !== undefined ? x : null)
+  return {
+    latencyMs: v(s.latencyMs), deviceStateSeconds: v(s.deviceStateSeconds), pagesServedOnRequest: v(s.pagesServedOnRequest),
+    prefetchedPages: v(s.prefetchedPages), prefetchedTouched: v(s.prefetchedTouched),
   }
 }
 

@@ -52,6 +52,22 @@ export interface PostcopyStats {
   zeroPages: number
   /** page records written: every page with data, and the zero pages that were asked for */
   pagesSent: number
+  /** pages written in answer to requests (on the preempt channel when there is one) */
+  pagesServedOnRequest: number
+  /** whether answers went on a postcopy-preempt channel */
+  preempt: boolean
+  /** pages of the image's recorded working set (0: none, or not used) */
+  workingSetPages: number
+  /** pages pushed ahead of everything else because they are in the working set */
+  prefetchedPages: number
+  /**
+   * working-set pages the guest asked for (it touched them; before the prefetch reached them, or
+   * zero pages that prefetch does not send twice). A touch of a page that had already arrived
+   * makes no request, so the source cannot count it: this is a lower bound of what was touched.
+   */
+  prefetchedTouched: number
+  /** from start until the last page was written (the END section and EOF out) */
+  lastPageSeconds: number
   seconds: number
 }
 
@@ -82,6 +98,10 @@ export class Session {
   private requests = 0
   private requestedPages = 0
   private requestsAlreadySent = 0
+  private pagesServedOnRequest = 0
+  private prefetchedPages = 0
+  private prefetchedTouched = 0
+  private workingSetPages = 0
   private bytesPushed = 0
   private pages = 0
   /** every page, O(1): a request is answered without a search */
@@ -124,6 +144,7 @@ export class Session {
     this.ended = true
     await this.enqueue(Buffer.concat([enc.sectionEndHeader(this.ramId), enc.eosFooter(this.ramId), Buffer.from([0])]))
     await this.drain()
+    const lastPageSeconds = (performance.now() - started) / 1000
     await this.opts.endStream?.()
     await afterPush()
     await this.rp.waitClosed(this.opts.timeoutMs, () => this.failure !== null)
@@ -131,7 +152,9 @@ export class Session {
     return {
       deviceStateSeconds, requests: this.requests, requestedPages: this.requestedPages, requestsAlreadySent: this.requestsAlreadySent,
       latencyMs: percentiles(this.latencies), bytesPushed: this.bytesPushed, bytesOut: this.out.bytes,
-      ...this.locator.totals(), pagesSent: this.pages, seconds: (performance.now() - started) / 1000,
+      ...this.locator.totals(), pagesSent: this.pages, pagesServedOnRequest: this.pagesServedOnRequest, preempt: this.preempt !== null,
+      workingSetPages: this.workingSetPages, prefetchedPages: this.prefetchedPages, prefetchedTouched: this.prefetchedTouched,
+      lastPageSeconds, seconds: (performance.now() - started) / 1000,
     }
   }
 
@@ -310,6 +333,7 @@ export class Session {
     for (let p = from; p < to; p += n) {
       if (this.sent[b][p] === 0) this.addHostPage(section, b, p, n)
     }
+    this.pagesServedOnRequest += section.count
     const l = this.locator.where(b, from)
     if (l !== LOC_NEVER_SENT && l !== LOC_ZERO && !this.pushed[l - 1]) this.follow.push(l - 1)
     if (section.count === 0) {

@@ -7,7 +7,8 @@
 //            connection it accepts is the main channel (§9.2).
 //   preempt: connected by openPreempt(), after the destination has answered a PING on the
 //            return path (so the main one was accepted first) and before PACKAGED (QEMU
-//            waits for it there). No header, no EOS: page records, then close (§9.3).
+//            waits for it there). No header, no EOS: page records, then close (§9.3), once
+//            the destination has said SHUT(0).
 import { SocketSink, channelTimeout, connectWith, unixPath } from './socket.js'
 import type { OutgoingMigration, StreamSink } from './types.js'
 
@@ -15,8 +16,10 @@ export interface PostcopyOutgoing extends OutgoingMigration {
   /** Connects the preempt channel (once; later calls return the same one). */
   openPreempt(): Promise<StreamSink>
   /**
-   * After EOF: close the preempt channel and half-close the main one. The destination sees
-   * the end of the stream and answers SHUT(0) on the return path, which stays open.
+   * After EOF: half-close the main channel. The destination sees the end of the stream and
+   * answers SHUT(0) on the return path, which stays open. The preempt channel stays open until
+   * finish(): the destination takes its end before its own cleanup for a broken channel and
+   * pauses the migration (postcopy-paused).
    */
   endStream(): Promise<void>
 }
@@ -28,10 +31,7 @@ export async function socketPostcopyOutgoing(uri: string, opts: { timeoutMs?: nu
   const main = new SocketSink(mainSocket, 'the main channel', timeoutMs)
   let preempt: SocketSink | null = null
   let ended: Promise<void> | null = null
-  const endStream = (): Promise<void> => (ended ??= (async () => {
-    await preempt?.close()
-    await main.close()
-  })())
+  const endStream = (): Promise<void> => (ended ??= main.close())
   return {
     main,
     channels: [],
@@ -41,7 +41,12 @@ export async function socketPostcopyOutgoing(uri: string, opts: { timeoutMs?: nu
       return preempt
     },
     endStream,
-    finish: endStream,
+    // By now every answer on the preempt channel was flushed (before END) and the destination
+    // has finished, and may have closed it already: just let it go.
+    finish: async () => {
+      await endStream()
+      preempt?.abort()
+    },
     discard: async () => {
       preempt?.abort()
       main.abort()
