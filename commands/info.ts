@@ -37,6 +37,8 @@ export default class Info extends Command {
         ['file', `${formatBytes(info.fileBytes)}: ${formatBytes(info.storedBytes)} of page data (${formatBytes(info.rawBytes)} before compression, ratio ${info.compressionRatio.toFixed(2)}), ${formatBytes(info.deadBytes)} dead`],
         ['device state', `${info.deviceStateBytes} bytes, ${deviceCheckText(info.deviceCheck)}`],
         ['page index', info.indexPresent ? 'present' : 'missing (rebuilt when needed)'],
+        ['working set', info.workingSet === null ? 'none (restore --lazy --record stores one)'
+          : info.workingSet.error ? `unusable, ignored by lazy restores: ${info.workingSet.error}` : `${info.workingSet.pages} pages, recorded ${info.workingSet.recordedAt}`],
       ]
       if (info.createRunning?.length) rows.push(['create running', `pid ${info.createRunning.join(', ')}: this image is being replaced`])
       const w = Math.max(...rows.map((r) => r[0].length))

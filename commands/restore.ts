@@ -21,6 +21,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
   static override flags = {
     qmp: Flags.string({ required: true, description: "the destination's QMP socket (QEMU started with -incoming defer and -qmp unix:PATH,server=on,wait=off)" }),
     lazy: Flags.boolean({ description: 'postcopy: the VM runs at once, pages come on demand' }),
+    record: Flags.boolean({ dependsOn: ['lazy'], description: 'with --lazy: record the order in which the guest asks for pages and store it in the image as its working set; the next lazy restore pushes those pages first' }),
     paused: Flags.boolean({ description: 'leave the VM paused once restored' }),
     json: Flags.boolean({ description: 'print the result as JSON on stdout: image, bytesOut, seconds, pages, runnableSeconds, ... (README, "Output keys")' }),
     quiet: Flags.boolean({ char: 'q', description: 'no progress on stderr' }),
@@ -31,7 +32,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Restore)
       const view = progressView('restore', flags.quiet)
-      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, paused: flags.paused, channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
+      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, paused: flags.paused, channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
       if (flags.json) return printJson(r)
       const lazy = r.runnableSeconds === null ? '' : `; the VM could run after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for`
       process.stderr.write(`snapctl: restored ${r.image}: ${r.pages} pages (${r.zeroPages} zero), ${mib(r.bytesOut)} sent, all in after ${r.seconds.toFixed(2)} s${lazy}; the VM is ${r.vm}\n`)

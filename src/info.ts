@@ -7,11 +7,19 @@ import { lockedError, runningCreates } from './container/lock.js'
 import { ImageReader, type ImageSummaryInfo } from './container/reader.js'
 import { HEADER_SIZE, decodeHeader } from './container/header.js'
 import { PageIndex } from './index/page-index.js'
+import { workingSetOf } from './container/working-set.js'
 import { describeDeviceCheck, type DeviceCheck } from './stream/device-tail.js'
+
+/** The image's recorded working set (container.md, "working_set"): pages, when; `error` if it fails its checks (lazy restores then ignore it). */
+export interface WorkingSetInfo {
+  pages: number
+  recordedAt: string | null
+  error?: string
+}
 
 /** createRunning: the PIDs of creates writing a new image to this path right now. */
 export type ImageInfo =
-  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean; deviceCheck: DeviceCheck; createRunning?: number[] } & ImageSummaryInfo)
+  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean; deviceCheck: DeviceCheck; createRunning?: number[]; workingSet: WorkingSetInfo | null } & ImageSummaryInfo)
   | { format: 'snapctl'; complete: false; reason: string; path: string; fileBytes: number; uuid?: string; clusterSize?: number; machine?: string; createRunning?: number[] }
 
 /**
@@ -34,7 +42,11 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
     const indexPresent = await stat(reader.source.indexPath ?? PageIndex.indexPath(path)).then(() => true, () => false)
     // How the device state was proven whole: re-checked from its stored bytes (cheap: kilobytes).
     const deviceCheck = describeDeviceCheck(reader.device.deviceSections, reader.device.streamEnd)
-    return { format: 'snapctl', complete: true, path, indexPresent, deviceCheck, ...summary, ...pids }
+    let wsError: string | undefined
+    const ws = workingSetOf(reader, (e) => (wsError = (e as Error).message))
+    const workingSet: WorkingSetInfo | null = ws ? { pages: ws.pages.length / 2, recordedAt: new Date(ws.recordedTime).toISOString() }
+      : wsError ? { pages: 0, recordedAt: null, error: wsError } : null
+    return { format: 'snapctl', complete: true, path, indexPresent, deviceCheck, ...summary, workingSet, ...pids }
   } finally {
     await reader.close()
   }

@@ -19,6 +19,8 @@ import { SnapError } from './errors.js'
 import { refreshIndex } from './index/refresh.js'
 import { ReturnPathReader } from './postcopy/return-path-reader.js'
 import { Session, type PostcopyStats } from './postcopy/session.js'
+import { storeWorkingSet, workingSetOf } from './container/working-set.js'
+import { isS3Url } from './s3/url.js'
 import { fdOutgoing } from './transport/fd.js'
 import { socketPostcopyOutgoing, type PostcopyOutgoing } from './transport/postcopy-socket.js'
 import type { OutgoingMigration, SinkOptions } from './transport/types.js'
@@ -46,6 +48,12 @@ export interface PostcopyOptions {
   connect?: string
   /** with `connect`: how long to wait for the destination to accept or read (default: channelTimeout()) */
   channelTimeoutMs?: number
+  /**
+   * Record the order in which the guest asks for pages until the push has finished, and store it
+   * in the image as its working set (format-spec/container.md, "working_set"), replacing any
+   * earlier one. Without it, an image's working set is pushed first.
+   */
+  record?: boolean
 }
 
 function defaultTimeout(): number {
@@ -53,8 +61,9 @@ function defaultTimeout(): number {
   return Number.isFinite(env) && env > 0 ? env : 30_000
 }
 
-export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Promise<PostcopyStats> {
+export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Promise<PostcopyStats & { recordedPages?: number; recordError?: string }> {
   const started = performance.now()
+  if (opts.record && isS3Url(path)) throw new SnapError('SNAP_USAGE', '--record stores the working set in the image: it needs a local image, not s3://')
   const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
   let out: OutgoingMigration | undefined
   let rp: ReturnPathReader | undefined
@@ -71,12 +80,29 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     else out = await (opts.open ?? ((s) => fdOutgoing({ returnPath: true, sink: s })))(sink)
     if (!out.returnPath) throw new SnapError('SNAP_USAGE', `a lazy restore needs a return path from QEMU, and ${out.main.what} has none`)
     rp = new ReturnPathReader(out.returnPath)
+    // A working set that fails its checks is only a lost optimisation: say so, restore without it.
+    const ws = workingSetOf(reader, (e) => opts.log?.(`the image's working set is not used: ${(e as Error).message}`))
     const session = new Session(reader, reader.locator, out.main, rp, {
       log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,
+      workingSet: ws?.pages ?? null, record: opts.record,
     })
     const stats = await session.run(started, () => refreshIndex(reader, opts.log))
     await out.finish()
+    if (opts.record) {
+      // The VM has all its pages: a failure to store is reported, the restore stands.
+      const pages = session.recorded()
+      try {
+        await storeWorkingSet(path, { pages, recordedTime: Date.now() })
+        // The generation changed, so the index is stale; its runs are the same: stamp it anew.
+        const stored = await ImageReader.open(path, { whileCreating: 'refuse' })
+        await refreshIndex(stored, opts.log).finally(() => stored.close())
+        opts.log?.(`stored a working set of ${pages.length / 2} pages in ${path}`)
+        return { ...stats, recordedPages: pages.length / 2 }
+      } catch (e) {
+        return { ...stats, recordedPages: 0, recordError: (e as Error).message }
+      }
+    }
     return stats
   } finally {
     out?.main.abort()

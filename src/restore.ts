@@ -31,6 +31,8 @@ export interface RestoreOptions {
   lazy?: boolean
   /** leave the VM paused once restored */
   paused?: boolean
+  /** with lazy: record the guest's page requests and store them in the image as its working set */
+  record?: boolean
   signal?: AbortSignal
   onProgress?: ProgressListener
   log?: (msg: string) => void
@@ -72,6 +74,8 @@ export interface RestoreResult {
   /** --lazy: pages of the image's working set pushed first, and how many of those the guest asked for (a lower bound of those it touched) */
   prefetchedPages: number | null
   prefetchedTouched: number | null
+  /** --lazy --record: pages of the working set stored in the image */
+  recordedPages: number | null
   vm: 'running' | 'paused'
 }
 
@@ -152,6 +156,10 @@ class Restore {
       this.checkAbort()
       const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
       if (this.hostPages) args.push('--host-page-size', this.hostPages)
+      if (this.opts.record) {
+        if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
+        args.push('--record')
+      }
       if (n) {
         // The destination listens; its multifd channels check our uuid against its own.
         const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
@@ -169,7 +177,7 @@ class Restore {
       throw await this.recover(e, peer)
     }
     // Restored: what fails now says so.
-    const stats = (await peer.stats<Partial<PostcopyStats>>()) ?? {}
+    const stats = (await peer.stats<Partial<PostcopyStats & { recordedPages: number }>>()) ?? {}
     for (const p of await this.settings.restore()) this.log(`could not restore a migration setting: ${p}`)
     // QEMU gives the VM the run state it had when saved: one saved paused waits for cont.
     let now = await this.qmp.execute<{ status: string; running: boolean }>('query-status')
@@ -278,11 +286,11 @@ class Restore {
   }
 }
 
-function lazyFigures(lazy: boolean, s: Partial<PostcopyStats>): Pick<RestoreResult, 'latencyMs' | 'deviceStateSeconds' | 'pagesServedOnRequest' | 'prefetchedPages' | 'prefetchedTouched'> {
+function lazyFigures(lazy: boolean, s: Partial<PostcopyStats & { recordedPages: number }>): Pick<RestoreResult, 'latencyMs' | 'deviceStateSeconds' | 'pagesServedOnRequest' | 'prefetchedPages' | 'prefetchedTouched' | 'recordedPages'> {
   const v = <T>(x: T | undefined): T | null => (lazy && x !== undefined ? x : null)
   return {
     latencyMs: v(s.latencyMs), deviceStateSeconds: v(s.deviceStateSeconds), pagesServedOnRequest: v(s.pagesServedOnRequest),
-    prefetchedPages: v(s.prefetchedPages), prefetchedTouched: v(s.prefetchedTouched),
+    prefetchedPages: v(s.prefetchedPages), prefetchedTouched: v(s.prefetchedTouched), recordedPages: v(s.recordedPages),
   }
 }
 

@@ -33,6 +33,10 @@ export interface SessionOptions {
   openPreempt?: () => Promise<StreamSink>
   /** Called once EOF is out: closes the stream (a socket's half-close) so the destination sees its end. */
   endStream?: () => Promise<void>
+  /** the image's working set, (block, page) pairs: pushed first, in this order */
+  workingSet?: Uint32Array | null
+  /** record the pages the guest asks for, in order, until the push has finished (recorded()) */
+  record?: boolean
 }
 
 /** Keys as in README, "Output keys". */
@@ -92,6 +96,9 @@ export class Session {
   /** clusters the push has gone through */
   private readonly pushed: Uint8Array
   private bg: SectionBuilder | null = null
+  /** per block, for --record and prefetchedTouched: 1 = asked for, 2 = in the working set, 3 = both */
+  private readonly marks: Uint8Array[] | null
+  private readonly asked: number[] = []
   /** the END section and EOF are queued: no more page records */
   private ended = false
   private readonly latencies: number[] = []
@@ -122,6 +129,31 @@ export class Session {
     this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
     this.byName = new Map(reader.blocks.map((b) => [b.name, b.id]))
     this.pushed = new Uint8Array(reader.clusterOffsets.length)
+    const ws = opts.workingSet ?? null
+    this.marks = opts.record || ws ? reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize)) : null
+    if (ws && this.marks) {
+      for (let i = 0; i < ws.length; i += 2) this.marks[ws[i]][ws[i + 1]] |= 2
+      this.workingSetPages = ws.length / 2
+      // --record over a working set adds to it: what the guest touched before stays, first.
+      if (opts.record) for (const v of ws) this.asked.push(v)
+    }
+  }
+
+  /** --record: the pages the guest asked for, (block, page) pairs in the order it asked, each once. */
+  recorded(): Uint32Array {
+    return Uint32Array.from(this.asked)
+  }
+
+  /** Notes each page of a request: the order (--record), and working-set pages the guest touched. */
+  private note(b: number, offset: number, length: number): void {
+    const m = this.marks?.[b]
+    if (!m || this.ended) return
+    for (let p = offset / this.pageSize; p < (offset + length) / this.pageSize && p < m.length; p++) {
+      if (m[p] & 1) continue
+      m[p] |= 1
+      if (m[p] & 2) this.prefetchedTouched++
+      if (this.opts.record && !(m[p] & 2)) this.asked.push(b, p)
+    }
   }
 
   async run(started: number, afterPush: () => Promise<void>): Promise<PostcopyStats> {
@@ -205,6 +237,7 @@ export class Session {
    * a ZERO record (serve()).
    */
   private async pushEverything(): Promise<void> {
+    await this.pushWorkingSet()
     for await (const cluster of this.reader.clusters()) {
       this.check()
       await this.pushFollowed()
@@ -217,6 +250,28 @@ export class Session {
     // but pushing them is not needed (postcopy's end leaves untouched memory zero).
     await this.flushBackground()
     await this.pushHostPages()
+  }
+
+  /**
+   * The recorded working set first, in its order (whole host pages; zero pages as ZERO records,
+   * since the guest is known to touch them), ahead of everything else but the answers to requests.
+   */
+  private async pushWorkingSet(): Promise<void> {
+    const ws = this.opts.workingSet
+    if (!ws) return
+    for (let i = 0; i < ws.length; i += 2) {
+      const b = ws[i]
+      const n = this.hostPages[b]
+      const first = Math.floor(ws[i + 1] / n) * n
+      if (this.sent[b][first] !== 0) continue
+      this.bg ??= this.newSection(CHUNK_BYTES + n * (this.pageSize + RECORD_OVERHEAD) + (32 << 10))
+      this.addHostPage(this.bg, b, first, n)
+      this.prefetchedPages += n
+      this.bytesPushed += n * this.pageSize
+      if (this.bg.size() >= CHUNK_BYTES) await this.flushBackground()
+      this.check()
+    }
+    await this.flushBackground()
   }
 
   /** The clusters requests asked for, and the one after each, if not pushed yet (read on this thread: usually cached). */
@@ -323,6 +378,7 @@ export class Session {
     }
     // A bad request is an error even after the end is queued; a good one then needs no answer.
     if (this.ended) return
+    this.note(b, offset, length)
     // Whole host pages (QEMU asks for them whole; a hugepage is sent whole or not at all).
     const n = this.hostPages[b]
     const from = Math.floor(offset / this.pageSize / n) * n
