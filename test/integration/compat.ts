@@ -64,6 +64,12 @@ export class HugePages {
   }
 }
 
+/** Backend files made so far: removed at exit even when a run is cut short (a full /dev/shm fails every later VM). */
+const madeBackends = new Set<string>()
+process.on('exit', () => {
+  for (const f of madeBackends) rmSync(f, { force: true })
+})
+
 /** Where one side's files live; a side is 'src' or a destination name. */
 class Side {
   constructor(readonly cfg: CompatConfig, readonly w: Workdir, readonly name: string, readonly huge?: HugePages) {}
@@ -71,7 +77,9 @@ class Side {
   backendPath(id: string): string {
     const b = this.cfg.backends.find((x) => x.id === id)!
     const dir = b.huge ? this.huge!.mount : '/dev/shm'
-    return join(dir, `snapctl-compat-${process.pid}-${this.cfg.name}-${this.name}-${id}`)
+    const path = join(dir, `snapctl-compat-${process.pid}-${this.cfg.name}-${this.name}-${id}`)
+    madeBackends.add(path)
+    return path
   }
 
   removeBackends(): void {
