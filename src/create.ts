@@ -15,8 +15,8 @@ import { checkInputFile, checkOutputFile } from './paths.js'
 import { libvirtHeaderLength, parseLibvirtHeader } from './stream/libvirt.js'
 import { importMappedRam } from './mapped-ram-import.js'
 import { StreamParser } from './stream/parser.js'
-import { xbzrleDecode } from './stream/xbzrle.js'
-import type { RamSink, StreamCounters } from './types.js'
+import { writerSink } from './ram-sink.js'
+import type { StreamCounters } from './types.js'
 
 export interface CreateOptions {
   /** read the stream from this file instead of standard input */
@@ -102,18 +102,7 @@ async function fill(writer: ImageWriter, opts: CreateOptions, bytesTotal: number
     // A mapped-ram file (QEMU's migrate file: with mapped-ram, or libvirt's sparse save) is read by its offsets.
     const mapped = opts.from !== undefined && opts.input === undefined ? await importMappedRam(writer, opts.from, opts, started) : null
     if (mapped !== null) return mapped
-    const scratch = Buffer.alloc(4096)
-    const sink: RamSink = {
-      blocks: (list) => writer.setBlocks(list),
-      zero: (block, page) => writer.putZero(block, page),
-      page: (block, page, data) => writer.putPage(block, page, data),
-      xbzrle: (block, page, encoded) => {
-        writer.readPage(block, page, scratch)
-        xbzrleDecode(encoded, scratch)
-        writer.putPage(block, page, scratch)
-      },
-    }
-    const parser = new StreamParser(sink)
+    const parser = new StreamParser(writerSink(writer))
     const prefix = new PrefixSplitter()
     let bytesIn = 0
 

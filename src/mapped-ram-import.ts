@@ -23,8 +23,7 @@ import { MAPPED_RAM_CAPABILITY, TARGET_PAGE_SIZE as PAGE } from './stream/consta
 import { fileHeader, ramStartSection } from './stream/encoder.js'
 import { bitmapSize, decodeMappedRamFile, forEachRun, type MappedRamBlock, type RandomAccess } from './stream/mapped-ram.js'
 import { StreamParser } from './stream/parser.js'
-import { xbzrleDecode } from './stream/xbzrle.js'
-import type { RamSink } from './types.js'
+import { writerSink } from './ram-sink.js'
 
 const READ = 4 << 20
 
@@ -67,18 +66,7 @@ export async function importMappedRam(writer: ImageWriter, from: string, opts: C
     const file = await decodeMappedRamFile(src)
     if (file === null) return null
 
-    const scratch = Buffer.alloc(PAGE)
-    const sink: RamSink = {
-      blocks: (list) => writer.setBlocks(list),
-      zero: (block, page) => writer.putZero(block, page),
-      page: (block, page, data) => writer.putPage(block, page, data),
-      xbzrle: (block, page, encoded) => {
-        writer.readPage(block, page, scratch)
-        xbzrleDecode(encoded, scratch)
-        writer.putPage(block, page, scratch)
-      },
-    }
-    const parser = new StreamParser(sink)
+    const parser = new StreamParser(writerSink(writer))
     parser.push(fileHeader(withCapability(file.config, MAPPED_RAM_CAPABILITY, false)))
     parser.push(ramStartSection(file.ram, file.blocks))
 

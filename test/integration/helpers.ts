@@ -1,6 +1,6 @@
 // Shared by the real-QEMU suites: how to run snapctl as QEMU's exec: peer and as a command,
 // and how to wait for an exec: child to really finish (QEMU may say `completed` before that).
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Vm, requireQemu, waitExitStatus, type VmOptions } from '../../tools/vm.js'
@@ -78,5 +78,17 @@ export function parseJson<T = any>(r: RunResult): T {
     return JSON.parse(r.stdout.toString()) as T
   } catch {
     throw new Error(`not JSON (exit ${r.code}): ${r.stdout.toString().slice(0, 500)}\n${r.stderr}`)
+  }
+}
+
+/** `size` bytes of a file at `offset` (a RAM file compared with what the guest reads). */
+export function fileRange(path: string, offset: number, size: number): Buffer {
+  const fd = openSync(path, 'r')
+  try {
+    const b = Buffer.alloc(size)
+    readSync(fd, b, 0, size, offset)
+    return b
+  } finally {
+    closeSync(fd)
   }
 }

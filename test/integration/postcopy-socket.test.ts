@@ -4,24 +4,14 @@
 // QMP answered while pages are still missing.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { closeSync, openSync, readFileSync, readSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { spawn } from 'node:child_process'
 import { fillRam, filesEqual } from '../../tools/vm.js'
-import { MiB, SNAPCTL_BIN, Workdir, execCreate, parseJson, snapctl } from './helpers.js'
+import { MiB, fileRange, SNAPCTL_BIN, Workdir, execCreate, parseJson, snapctl } from './helpers.js'
 
 const w = new Workdir('pc-socket')
 test.after(() => w.cleanup())
 
-function fileBytes(path: string, offset: number, size: number): Buffer {
-  const fd = openSync(path, 'r')
-  try {
-    const b = Buffer.alloc(size)
-    readSync(fd, b, 0, size, offset)
-    return b
-  } finally {
-    closeSync(fd)
-  }
-}
 
 const RAM_MIB = 256
 let ram = ''
@@ -43,7 +33,7 @@ async function readWhileActive(dst: Awaited<ReturnType<Workdir['vm']>>, n: numbe
     const addr = ((((i + 7) * 2654435761) >>> 0) % (RAM_MIB * 256)) * 4096
     if (addr >= 0xa0000 && addr < 0x100000) continue // VGA/ROM hole below 1 MiB
     const got = await dst.readGuest(addr + 100, 64)
-    assert.equal(got, fileBytes(ram, addr + 100, 64), `guest read at 0x${addr.toString(16)}`)
+    assert.equal(got, fileRange(ram, addr + 100, 64), `guest read at 0x${addr.toString(16)}`)
     checked++
   }
   return checked

@@ -3,23 +3,13 @@
 // address while pages are still missing, and end with RAM byte-identical to the saved RAM.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { existsSync, openSync, readFileSync, readSync, closeSync } from 'node:fs'
+import { existsSync, readFileSync } from 'node:fs'
 import { buildGuest, fillRam, filesEqual, GUEST_STATUS_ADDR } from '../../tools/vm.js'
-import { MiB, Workdir, execCreate, execUri, waitStatus } from './helpers.js'
+import { MiB, fileRange, Workdir, execCreate, execUri, waitStatus } from './helpers.js'
 
 const w = new Workdir('postcopy')
 test.after(() => w.cleanup())
 
-function fileBytes(path: string, offset: number, size: number): Buffer {
-  const fd = openSync(path, 'r')
-  try {
-    const b = Buffer.alloc(size)
-    readSync(fd, b, 0, size, offset)
-    return b
-  } finally {
-    closeSync(fd)
-  }
-}
 
 test('1 GiB image restored lazily into a paused destination', async () => {
   const ram = w.path('big.ram')
@@ -46,7 +36,7 @@ test('1 GiB image restored lazily into a paused destination', async () => {
     const addr = (Math.floor(((i * 2654435761) >>> 0) % (1024 * 256)) * 4096) % (1024 * MiB)
     if (addr >= 0xa0000 && addr < 0x100000) continue // VGA/ROM hole below 1 MiB
     const got = await dst.readGuest(addr + 512, 256)
-    assert.equal(got, fileBytes(ram, addr + 512, 256), `guest read at 0x${addr.toString(16)}`)
+    assert.equal(got, fileRange(ram, addr + 512, 256), `guest read at 0x${addr.toString(16)}`)
     checked.push(addr)
   }
   const done = await dst.waitMigration({ timeoutMs: 300_000 })
