@@ -16,7 +16,7 @@ import { makeLibvirtHeader } from '../../src/stream/libvirt.js'
 import { bitmapSize, blockEntry, planMappedRam, setBit } from '../../src/stream/mapped-ram.js'
 import { StreamParser } from '../../src/stream/parser.js'
 import type { DeviceState, RamBlockDecl } from '../../src/types.js'
-import { caseRng, int, mutate, type Rand } from './mutate.js'
+import { caseRng, int, mutateSome, type Rand } from './mutate.js'
 import type { Classify, Target } from './targets.js'
 import { FIXTURE } from './targets.js'
 
@@ -93,15 +93,9 @@ export function mappedRamTarget(classify: Classify): Target {
   return {
     prepare(n, rand) {
       const base = int(rand, corpus.length)
-      let input = corpus[base].file
-      const whats: string[] = []
-      for (let i = 0, k = 1 + int(rand, 3); i < k; i++) {
-        // Mostly the structure: header, configuration, block entries and bitmaps.
-        const m = mutate(input, rand, rand() < 0.7 ? { start: 0, end: corpus[base].structureEnd } : undefined)
-        input = m.out
-        whats.push(m.what)
-      }
-      return { input, what: `file ${base}: ${whats.join('; ')}` }
+      // Mostly the structure: header, configuration, block entries and bitmaps.
+      const m = mutateSome(corpus[base].file, rand, 3, () => (rand() < 0.7 ? { start: 0, end: corpus[base].structureEnd } : undefined))
+      return { input: m.out, what: `file ${base}: ${m.what}` }
     },
     async run(p, _rand, n) {
       const from = join(dir, `in-${n}`)

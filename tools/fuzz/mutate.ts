@@ -34,6 +34,21 @@ export interface Region {
 }
 
 /**
+ * 1 to `most` mutations in a row; `region()` says where each one aims (undefined: anywhere).
+ * `what` lists them, for the failure report.
+ */
+export function mutateSome(buf: Buffer, rand: Rand, most: number, region: () => Region | undefined): { out: Buffer; what: string } {
+  let out = buf
+  const whats: string[] = []
+  for (let i = 0, k = 1 + int(rand, most); i < k; i++) {
+    const m = mutate(out, rand, region())
+    out = m.out
+    whats.push(m.what)
+  }
+  return { out, what: whats.join('; ') }
+}
+
+/**
  * One mutation of `buf` (a copy is returned; the input is not changed), inside `region` when
  * given. `what` names the mutation for the failure report.
  */

@@ -23,7 +23,7 @@ import { MultifdChannelParser, type ChannelSink } from '../../src/multifd/channe
 import { encodeInit, encodePacketHeader } from '../../src/multifd/packet.js'
 import { ERROR_CODES } from '../../src/errors.js'
 import type { DeviceState, RamBlockDecl, RamSink } from '../../src/types.js'
-import { caseRng, int, mutate, pick, pieces, type Rand, type Region } from './mutate.js'
+import { caseRng, int, mutateSome, pick, pieces, type Rand, type Region } from './mutate.js'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../../..')
 export const FIXTURE = join(ROOT, 'test/fixtures/qemu10-pc-16M.stream')
@@ -141,16 +141,9 @@ export function parserTarget(classify: Classify): Target {
   return {
     prepare(n, rand) {
       const base = int(rand, corpus.length)
-      let input = corpus[base]
-      const whats: string[] = []
-      for (let i = 0, k = 1 + int(rand, 3); i < k; i++) {
-        // Aim half of the mutations at the first 4 KiB, where the headers and the block list are.
-        const region: Region | undefined = rand() < 0.5 ? { start: 0, end: 4096 } : undefined
-        const m = mutate(input, rand, region)
-        input = m.out
-        whats.push(m.what)
-      }
-      return { input, what: `stream ${base}: ${whats.join('; ')}` }
+      // Aim half of the mutations at the first 4 KiB, where the headers and the block list are.
+      const m = mutateSome(corpus[base], rand, 3, () => (rand() < 0.5 ? { start: 0, end: 4096 } : undefined))
+      return { input: m.out, what: `stream ${base}: ${m.what}` }
     },
     async run(p, rand) {
       try {
@@ -274,14 +267,10 @@ export async function imageTarget(classify: Classify): Promise<Target> {
       prepare(n, rand) {
         const bi = int(rand, bases.length)
         const base = bases[bi]
-        let input = base.bytes
-        const whats: string[] = []
         const [name, region] = imageRegion(base, rand)
-        for (let i = 0, k = 1 + int(rand, 2); i < k; i++) {
-          const m = mutate(input, rand, region)
-          input = m.out
-          whats.push(m.what)
-        }
+        const mutated = mutateSome(base.bytes, rand, 2, () => region)
+        let input = mutated.out
+        const whats = [mutated.what]
         const fix = rand() < 0.75
         if (fix) fixChecksums(input, base)
         return { input, what: `image ${bi}, ${name}: ${whats.join('; ')}${fix ? ', checksums recomputed' : ''}` }
@@ -388,14 +377,10 @@ export function multifdTarget(classify: Classify): Target {
   return {
     prepare(n, rand) {
       const base = int(rand, corpus.length)
-      let input = corpus[base]
-      const whats: string[] = []
-      for (let i = 0, k = 1 + int(rand, 3); i < k; i++) {
-        // Half aimed at the initial packet and the first headers, where the small fields are.
-        const m = mutate(input, rand, rand() < 0.5 ? { start: 0, end: 64 + 2 * 1344 } : undefined)
-        input = m.out
-        whats.push(m.what)
-      }
+      // Half aimed at the initial packet and the first headers, where the small fields are.
+      const mutated = mutateSome(corpus[base], rand, 3, () => (rand() < 0.5 ? { start: 0, end: 64 + 2 * 1344 } : undefined))
+      const input = mutated.out
+      const whats = [mutated.what]
       return { input, what: `channel ${base}: ${whats.join('; ')}` }
     },
     async run(p, rand) {
