@@ -12,7 +12,7 @@
 // subsection), so that `load` feeds a destination with mapped-ram off; `load --format mapped-ram`
 // puts it back (src/mapped-ram-export.ts).
 
-import { open, type FileHandle } from 'node:fs/promises'
+import type { FileHandle } from 'node:fs/promises'
 import { throwIfAborted } from './abort.js'
 import { isAllZero } from './bytes.js'
 import type { CreateOptions, CreateResult } from './create.js'
@@ -24,6 +24,7 @@ import { fileHeader, ramStartSection } from './stream/encoder.js'
 import { bitmapSize, decodeMappedRamFile, forEachRun, type MappedRamBlock, type RandomAccess } from './stream/mapped-ram.js'
 import { StreamParser } from './stream/parser.js'
 import { writerSink } from './ram-sink.js'
+import { openInput } from './transport/input.js'
 
 const READ = 4 << 20
 
@@ -54,12 +55,7 @@ export function fileAccess(fh: FileHandle, size: number, what: string): RandomAc
  * Errors propagate; the caller removes the partial image.
  */
 export async function importMappedRam(writer: ImageWriter, from: string, opts: CreateOptions, started: number): Promise<CreateResult | null> {
-  let fh: FileHandle
-  try {
-    fh = await open(from, 'r')
-  } catch (err) {
-    throw fromSystemError(err, from)
-  }
+  const fh = await openInput(from)
   try {
     const size = (await fh.stat()).size
     const src = fileAccess(fh, size, from)

@@ -7,18 +7,22 @@ import { readThreaded } from './input-thread.js'
 
 const READ_SIZE = 4 << 20
 
+/** Opens an input file for reading; a missing or unreadable one is the SnapError its errno says. */
+export async function openInput(path: string): Promise<FileHandle> {
+  try {
+    return await open(path, 'r')
+  } catch (err) {
+    throw fromSystemError(err, path)
+  }
+}
+
 /** Yields the input in chunks. Each chunk is a fresh buffer the consumer may keep. */
 export async function* readInput(from: string | undefined): AsyncGenerator<Buffer> {
   if (from === undefined) {
     yield* readThreaded(0, 'standard input')
     return
   }
-  let fh: FileHandle
-  try {
-    fh = await open(from, 'r')
-  } catch (err) {
-    throw fromSystemError(err, from)
-  }
+  const fh = await openInput(from)
   try {
     let pos = 0
     for (;;) {
