@@ -4,7 +4,7 @@
 // replaced mid-read refused, wrong credentials and a missing bucket as clear errors.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { CreateBucketCommand, GetObjectCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3'
+import { CreateBucketCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3'
 import { existsSync, readFileSync, rmSync } from 'node:fs'
 import { fillRam, filesEqual, type Vm, type VmOptions } from '../../tools/vm.js'
 import { startRgw, type Rgw } from '../../tools/rgw.js'

@@ -8,7 +8,7 @@ import { decodeHeader, encodeHeader, type ImageHeader } from '../../src/containe
 import { decodeFooter, encodeFooter } from '../../src/container/footer.js'
 import { decodeClusterHeader, decodePayload, encodeClusterHeader, splitCluster } from '../../src/container/cluster.js'
 import * as T from '../../src/container/trailer.js'
-import { PageMap } from '../../src/container/pagemap.js'
+import { PageMap } from '../../src/container/locator.js'
 import * as K from '../../src/index/keys.js'
 
 const hex = (s: string) => Buffer.from(s.replace(/\s+/g, ''), 'hex')

@@ -1,7 +1,7 @@
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { xbzrleEncode } from '../../src/stream/xbzrle.js'
-import { ramStartSection, sectionPartHeader, eosFooter, fileHeader } from '../../src/stream/encoder.js'
+import { ramStartSection, sectionPartHeader, fileHeader } from '../../src/stream/encoder.js'
 import {
   BLOCKS,
   configElement,
