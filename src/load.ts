@@ -16,9 +16,8 @@ import {
   fileHeader,
   PageRecordWriter,
   ramStartSection,
-  sectionEndHeader,
   sectionPartHeader,
-  switchoverStart,
+  streamEnding,
 } from './stream/encoder.js'
 
 export interface LoadOptions {
@@ -101,13 +100,7 @@ async function writeStream(reader: ImageReader, rec: PageRecordWriter, opening: 
     }
 
     rec.raw(eosFooter(ramId))
-    if (d.switchoverStart) rec.raw(switchoverStart())
-    if (d.ramEnd) {
-      rec.raw(sectionEndHeader(ramId))
-      rec.raw(eosFooter(ramId))
-    }
-    rec.raw(d.deviceSections)
-    rec.raw(d.streamEnd)
+    for (const part of streamEnding(d)) rec.raw(part)
     await send(rec.flush())
     const bytesOut = writer.bytes
     await out.finish()

@@ -22,7 +22,7 @@ import { SnapError, fromSystemError } from './errors.js'
 import { checkOutputFile } from './paths.js'
 import { withCapability } from './stream/configuration.js'
 import * as C from './stream/constants.js'
-import { eosFooter, fileHeader, sectionEndHeader, sectionPartHeader, switchoverStart } from './stream/encoder.js'
+import { eosFooter, fileHeader, sectionPartHeader, streamEnding } from './stream/encoder.js'
 import { bitmapSize, blockEntry, planMappedRam, setBit } from './stream/mapped-ram.js'
 import { openOutput } from './transport/output.js'
 import type { RamBlock } from './types.js'
@@ -151,11 +151,7 @@ async function writeFile(reader: ImageReader, fd: number, opts: MappedRamExportO
   }
   for (let b = 0; b < blocks.length; b++) await put(bitmaps[b], plan.blocks[b].bitmapOffset)
 
-  const tail: Buffer[] = [eosFooter(ids.sectionId), sectionPartHeader(ids.sectionId), eosFooter(ids.sectionId)]
-  if (d.switchoverStart) tail.push(switchoverStart())
-  if (d.ramEnd) tail.push(sectionEndHeader(ids.sectionId), eosFooter(ids.sectionId))
-  tail.push(d.deviceSections, d.streamEnd)
-  const rest = Buffer.concat(tail)
+  const rest = Buffer.concat([eosFooter(ids.sectionId), sectionPartHeader(ids.sectionId), eosFooter(ids.sectionId), ...streamEnding(d)])
   await put(rest, plan.end)
   return {
     pages: pages + zeroPages,

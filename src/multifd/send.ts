@@ -22,7 +22,7 @@ import { SnapError } from '../errors.js'
 import { refreshIndex } from '../index/refresh.js'
 import { MULTIFD_PAGE_COUNT, RAM_SAVE_FLAG_MULTIFD_FLUSH, TARGET_PAGE_SIZE } from '../stream/constants.js'
 import {
-  PageRecordWriter, eosFooter, fileHeader, ramStartSection, sectionEndHeader, sectionPartHeader, switchoverStart,
+  PageRecordWriter, eosFooter, fileHeader, ramStartSection, sectionPartHeader, streamEnding,
 } from '../stream/encoder.js'
 import { SocketSink, channelTimeout, connectWith, unixPath, within } from '../transport/socket.js'
 import { encodeInit, encodePacketHeader } from './packet.js'
@@ -228,13 +228,7 @@ class Sender {
     const { rec, id, main } = this
     const d = this.reader.device
     if (!this.multifd) rec.raw(eosFooter(id))
-    if (d.switchoverStart) rec.raw(switchoverStart())
-    if (d.ramEnd) {
-      rec.raw(sectionEndHeader(id))
-      rec.raw(eosFooter(id))
-    }
-    rec.raw(d.deviceSections)
-    rec.raw(d.streamEnd)
+    for (const part of streamEnding(d)) rec.raw(part)
     this.pushMain(rec.flush())
     await Promise.all(this.mainWrites)
     // Half-close (the destination waits for more after the VMDESC otherwise), then wait for it to

@@ -3,6 +3,10 @@
 // (/work/shared/reference/qemu-migration-stream.md). Each lives with its decoder, one module per
 // wire structure: file-header.ts, section.ts, page-record.ts, command.ts.
 
+import type { DeviceState } from '../types.js'
+import { switchoverStart } from './command.js'
+import { eosFooter, sectionEndHeader } from './section.js'
+
 export { fileHeader } from './file-header.js'
 export { eosFooter, ramStartSection, sectionEndHeader, sectionPartHeader, type SectionIds } from './section.js'
 export { DEFAULT_CHUNK_SIZE, PageRecordWriter } from './page-record.js'
@@ -16,3 +20,16 @@ export {
   postcopyRun,
   switchoverStart,
 } from './command.js'
+
+/**
+ * What follows the last page record's section of a restored stream, as the source sent it:
+ * SWITCHOVER_START, the ram END section (EOS only), the device sections and the stream's end.
+ */
+export function streamEnding(d: DeviceState): Buffer[] {
+  const id = d.ramSectionId
+  const parts: Buffer[] = []
+  if (d.switchoverStart) parts.push(switchoverStart())
+  if (d.ramEnd) parts.push(sectionEndHeader(id), eosFooter(id))
+  parts.push(d.deviceSections, d.streamEnd)
+  return parts
+}
