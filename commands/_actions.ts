@@ -77,7 +77,9 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     // Nothing to undo: it writes to QEMU only.
     if (flags.channels !== undefined) throw new SnapError('SNAP_USAGE', '--channels cannot go with --postcopy: QEMU 10.0 does not do postcopy with multifd')
-    stats = await unlessAborted(signal, loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true }))
+    stats = await unlessAborted(signal, loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true }))
+  } else if (flags.recover) {
+    throw new SnapError('SNAP_USAGE', '--recover goes with --postcopy: it continues a lazy restore')
   } else if (connect !== undefined) {
     const { loadOverSocket } = await import('../src/multifd/send.js')
     const progress = flags.progress ? progressReporter('load') : undefined

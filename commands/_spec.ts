@@ -59,6 +59,7 @@ export const LOAD: CommandSpec = {
     timeout: { type: 'string', description: 'with --connect: give up (SNAP_CHANNEL_TIMEOUT) when the destination does not connect or read for this many ms (0: wait for ever; default $SNAPCTL_CHANNEL_TIMEOUT_MS, else 60000)' },
     postcopy: { type: 'boolean', description: 'lazy restore: the VM runs at once, pages are served on demand (reads the return path on stdin)' },
     record: { type: 'boolean', description: 'with --postcopy: record the order in which the guest asks for pages until the push has finished and store it in the image as its working set (a later lazy restore pushes those pages first)' },
+    recover: { type: 'boolean', description: 'with --postcopy: continue a lazy restore that stopped midway (the destination is postcopy-paused and was told migrate-recover URI; restore --lazy --recover does both): ask for what it has received, resume it, send the rest' },
     'host-page-size': { type: 'string', description: 'with --postcopy: the destination page size of hugepage-backed RAM blocks, e.g. mem=2M or mem0=2M,mem1=1G (postcopy places whole host pages)' },
     format: { type: 'string', options: ['stream', 'mapped-ram'], description: 'with --to: stream (default) for migrate-incoming file:FILE, or mapped-ram for migrate-incoming file:FILE with capability mapped-ram on (multifd on or off)', exclusive: ['postcopy', 'connect'] },
     force: { type: 'boolean', description: 'with --to: replace an existing FILE' },

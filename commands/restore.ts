@@ -7,13 +7,14 @@ export default class Restore extends Command {
   static override summary = 'Restore an image into a QEMU started with -incoming defer, over QMP; --lazy resumes at once (postcopy)'
   static override description = `The destination QEMU must run with the same machine type and devices as the saved VM, and -incoming defer. Before anything is sent, snapctl checks that the destination waits for a migration and that its RAM blocks ("info ramblock") are those of the image with the same sizes, and refuses otherwise (SNAP_RAM_MISMATCH): the destination then still waits, untouched.
 
-Eager (default): snapctl runs migrate-incoming "exec:snapctl load IMAGE" and starts the VM once every page is in. --lazy: postcopy; the VM runs as soon as the device state is in ("postcopy-active") and pages come on demand and in the background until "completed". It goes over a unix socket with the postcopy-preempt channel (requested pages never wait behind the background push) and needs the capabilities postcopy-ram and postcopy-preempt (snapctl turns them on) and RAM that userfaultfd can fill: anonymous memory, memfd, or a memory-backend-file on tmpfs (/dev/shm) or hugetlbfs; snapctl refuses a memory-backend-file elsewhere (SNAP_POSTCOPY_SETUP). Until "completed" the VM depends on this restore: an interrupted lazy restore goes on until the last page.
+Eager (default): snapctl runs migrate-incoming "exec:snapctl load IMAGE" and starts the VM once every page is in. --lazy: postcopy; the VM runs as soon as the device state is in ("postcopy-active") and pages come on demand and in the background until "completed". It goes over a unix socket with the postcopy-preempt channel (requested pages never wait behind the background push) and needs the capabilities postcopy-ram and postcopy-preempt (snapctl turns them on) and RAM that userfaultfd can fill: anonymous memory, memfd, or a memory-backend-file on tmpfs (/dev/shm) or hugetlbfs; snapctl refuses a memory-backend-file elsewhere (SNAP_POSTCOPY_SETUP). Until "completed" the VM depends on this restore: an interrupted lazy restore goes on until the last page. If snapctl dies or a connection breaks before then, QEMU pauses the migration (query-migrate: postcopy-paused) with the VM waiting for its missing pages; --lazy --recover with the same image continues it (migrate-recover): it asks the destination which pages it has, resumes it and sends the rest. A restore into a postcopy-paused destination without --recover is refused (SNAP_POSTCOPY_PAUSED), and --recover into one that is not paused too (SNAP_NOT_PAUSED).
 
 Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, switchover-ack, ...) are turned off and put back afterwards. --paused leaves the VM paused once restored. If the restore fails once started, the destination QEMU is left in its failed state (migrate-incoming runs with exit-on-error off, so that snapctl can report QEMU's reason): quit it and start a new one.`
 
   static override examples = [
     '<%= config.bin %> restore /var/lib/snaps/vm1.snap --qmp /run/vm1-dst.qmp',
     '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --lazy   # memory-backend-file on /dev/shm, or anonymous RAM',
+    '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --lazy --recover   # the lazy restore stopped midway: the destination is postcopy-paused',
     '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --channels 4   # multifd: 4 parallel channels',
   ]
 
@@ -22,6 +23,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     qmp: Flags.string({ required: true, description: "the destination's QMP socket (QEMU started with -incoming defer and -qmp unix:PATH,server=on,wait=off)" }),
     lazy: Flags.boolean({ description: 'postcopy: the VM runs at once, pages come on demand' }),
     record: Flags.boolean({ dependsOn: ['lazy'], description: 'with --lazy: record the order in which the guest asks for pages and store it in the image as its working set; the next lazy restore pushes those pages first' }),
+    recover: Flags.boolean({ dependsOn: ['lazy'], exclusive: ['record'], description: 'with --lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused): migrate-recover, then only the pages the destination does not have' }),
     paused: Flags.boolean({ description: 'leave the VM paused once restored' }),
     json: Flags.boolean({ description: 'print the result as JSON on stdout: image, bytesOut, seconds, pages, runnableSeconds, ... (README, "Output keys")' }),
     quiet: Flags.boolean({ char: 'q', description: 'no progress on stderr' }),
@@ -32,9 +34,9 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Restore)
       const view = progressView('restore', flags.quiet)
-      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, paused: flags.paused, channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
+      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, recover: flags.recover, paused: flags.paused, channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
       if (flags.json) return printJson(r)
-      const lazy = r.runnableSeconds === null ? '' : `; the VM could run after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for`
+      const lazy = r.runnableSeconds === null ? '' : `; the VM could run${r.recovered ? ' again' : ''} after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for${r.recovered ? ` (it had ${r.pagesReceivedBefore ?? 0} already)` : ''}`
       process.stderr.write(`snapctl: restored ${r.image}: ${r.pages} pages (${r.zeroPages} zero), ${mib(r.bytesOut)} sent, all in after ${r.seconds.toFixed(2)} s${lazy}; the VM is ${r.vm}\n`)
     })
   }

@@ -7,6 +7,10 @@
 //        ram PART sections (answers to requests jump the queue), ram END, EOF
 //   in:  PONG, REQ_PAGES_ID / REQ_PAGES, SHUT
 //
+// With `recover` (the destination is postcopy-paused and was told migrate-recover), on a new
+// connection: out: RECV_BITMAP per block, POSTCOPY_RESUME, the pages it lacks, ram END, EOF;
+// in: RECV_BITMAP + bitmap per block, RESUME_ACK(1), requests, SHUT (src/postcopy/received.ts).
+//
 // This file wires the parts: the image (src/container/), the transport (src/transport/: fd 1
 // and stdin under `exec:`), the session and its scheduler (src/postcopy/session.ts), the
 // sections it sends (src/postcopy/sections.ts) and the return path (src/postcopy/return-path-reader.ts).
@@ -54,6 +58,20 @@ export interface PostcopyOptions {
    * earlier one. Without it, an image's working set is pushed first.
    */
   record?: boolean
+  /**
+   * Continue a lazy restore that stopped midway: the destination is postcopy-paused and was told
+   * `migrate-recover URI` (restore --lazy --recover does both). Sends only what it lacks.
+   */
+  recover?: boolean
+}
+
+/**
+ * $SNAPCTL_POSTCOPY_PUSH_RATE: bytes per second of the background push at most (a throttle for
+ * a shared link, and how tests keep a lazy restore in postcopy long enough to break it).
+ */
+function pushRate(): number | undefined {
+  const v = Number(process.env.SNAPCTL_POSTCOPY_PUSH_RATE)
+  return Number.isFinite(v) && v > 0 ? v : undefined
 }
 
 function defaultTimeout(): number {
@@ -64,6 +82,7 @@ function defaultTimeout(): number {
 export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Promise<PostcopyStats & { recordedPages?: number; recordError?: string }> {
   const started = performance.now()
   if (opts.record && isS3Url(path)) throw new SnapError('SNAP_USAGE', '--record stores the working set in the image: it needs a local image, not s3://')
+  if (opts.record && opts.recover) throw new SnapError('SNAP_USAGE', '--record cannot go with --recover: the order of the requests before the recovery is lost')
   const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
   let out: OutgoingMigration | undefined
   let rp: ReturnPathReader | undefined
@@ -85,7 +104,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     const session = new Session(reader, reader.locator, out.main, rp, {
       log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,
-      workingSet: ws?.pages ?? null, record: opts.record,
+      workingSet: ws?.pages ?? null, record: opts.record, recover: opts.recover, pushRate: pushRate(),
     })
     const stats = await session.run(started, () => refreshIndex(reader, opts.log))
     await out.finish()

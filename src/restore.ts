@@ -8,6 +8,15 @@
 //   `snapctl load --postcopy --connect unix:SOCKET IMAGE`) -> follow query-migrate
 //   (postcopy-active: the VM can run) -> completed and the load exited 0 -> settings back
 //
+// --lazy --recover continues a lazy restore that stopped midway (its snapctl died, a connection
+// broke): QEMU keeps such a destination in postcopy-paused, its VM waiting for its missing pages.
+//
+//   the destination is postcopy-paused, its RAM blocks match the image -> migrate-recover URI
+//   (unix:SOCKET with `snapctl load --postcopy --recover --connect unix:SOCKET IMAGE` when
+//   postcopy-preempt is on, else exec:snapctl load --postcopy --recover IMAGE) -> follow
+//   query-migrate to completed, as above. The capabilities stay as the first restore set them:
+//   QEMU refuses changes during a migration, and what they were before is not known here.
+//
 // Every check comes before migrate-incoming: a refused restore leaves the destination waiting
 // as it was. Once the migration runs, a failure leaves it failed (exit-on-error off, so that
 // QEMU's reason can be read and reported); the image is never changed.
@@ -33,6 +42,8 @@ export interface RestoreOptions {
   paused?: boolean
   /** with lazy: record the guest's page requests and store them in the image as its working set */
   record?: boolean
+  /** with lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused) */
+  recover?: boolean
   signal?: AbortSignal
   onProgress?: ProgressListener
   log?: (msg: string) => void
@@ -76,6 +87,10 @@ export interface RestoreResult {
   prefetchedTouched: number | null
   /** --lazy --record: pages of the working set stored in the image */
   recordedPages: number | null
+  /** --recover: this continued a paused lazy restore */
+  recovered: boolean
+  /** --recover: the pages the destination already had (its received bitmaps) */
+  pagesReceivedBefore: number | null
   vm: 'running' | 'paused'
 }
 
@@ -109,6 +124,8 @@ class Restore {
   private postcopyAt: number | null = null
   /** --lazy: the destination's hugepage blocks, for load --host-page-size */
   private hostPages: string | undefined
+  /** --recover: the destination has postcopy-preempt on (the first restore went over a socket) */
+  private preempt = false
   private runnableAt: number | null = null
   /** when query-migrate first said completed: the last page is in */
   private completedAt: number | null = null
@@ -125,6 +142,11 @@ class Restore {
 
   /** Everything that can refuse the restore while the destination is still untouched. */
   async check(): Promise<void> {
+    if (this.opts.recover) return this.checkPaused()
+    const paused = await this.qmp.execute<MigrateInfo>('query-migrate')
+    if (paused.status === 'postcopy-paused') {
+      throw new SnapError('SNAP_POSTCOPY_PAUSED', `the destination is postcopy-paused: a lazy restore stopped midway and its VM waits for the rest of its pages; continue it with snapctl restore IMAGE --qmp ${this.opts.qmp} --lazy --recover (the same image)`, { status: paused.status })
+    }
     const state = await this.qmp.execute<{ status: string }>('query-status')
     if (state.status !== 'inmigrate') {
       throw new SnapError('SNAP_VM_STATE', `the destination is not waiting for an incoming migration (it is ${state.status}): start its QEMU with -incoming defer`, { runState: state.status })
@@ -142,41 +164,81 @@ class Restore {
     }
   }
 
+  /** --recover: the destination must be postcopy-paused, with the image's blocks. */
+  private async checkPaused(): Promise<void> {
+    if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--recover goes with --lazy: it continues a lazy restore')
+    if (this.opts.record) throw new SnapError('SNAP_USAGE', '--record cannot go with --recover: the order of the requests before the recovery is lost')
+    const mig = await this.qmp.execute<MigrateInfo>('query-migrate')
+    if (mig.status !== 'postcopy-paused') {
+      const hint = mig.status === 'postcopy-active' || mig.status === 'postcopy-recover' || mig.status === 'postcopy-recover-setup'
+        ? 'a restore is serving it now (or is recovering it): wait for it, or for postcopy-paused'
+        : mig.status === 'completed' ? 'it has all its pages: nothing to do'
+        : 'only a lazy restore that stopped midway is recovered; start a restore with snapctl restore --lazy'
+      throw new SnapError('SNAP_NOT_PAUSED', `the destination's migration is ${mig.status ?? 'none'}, not postcopy-paused: ${hint}`, { status: mig.status ?? 'none' })
+    }
+    const dest = await destinationBlocks(this.qmp)
+    checkBlocks(this.counts.blocks, dest)
+    this.hostPages = hostPageSizes(this.counts.blocks, dest)
+    const caps = await this.qmp.execute<Array<{ capability: string; state: boolean }>>('query-migrate-capabilities')
+    this.preempt = caps.some((c) => c.capability === 'postcopy-preempt' && c.state)
+  }
+
+  /** --recover: migrate-recover, and the load that sends what the destination lacks. */
+  private async startRecovery(peer: Peer): Promise<void> {
+    const args = ['load', '--postcopy', '--recover', this.path]
+    if (this.hostPages) args.push('--host-page-size', this.hostPages)
+    if (this.preempt) {
+      await this.qmp.execute('migrate-recover', { uri: `unix:${peer.socket}` })
+      peer.start([...args, '--connect', `unix:${peer.socket}`])
+    } else await this.qmp.execute('migrate-recover', { uri: peer.uri(args) })
+    this.incoming = true
+  }
+
   async run(peer: Peer): Promise<RestoreResult> {
     try {
       this.checkAbort()
-      const n = this.opts.channels
-      if (n && this.opts.lazy) throw new SnapError('SNAP_USAGE', '--channels cannot go with --lazy: QEMU 10.0 does not do postcopy with multifd')
-      // --lazy: over a unix socket with the preempt channel (requested pages never queue behind the push).
-      const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram', 'postcopy-preempt'] : n ? ['multifd'] : [], n ? { 'multifd-channels': n } : {})
-      if (changes.off.length > 0) this.log(`migration capabilities off for the restore (restored afterwards): ${changes.off.join(', ')}`)
-      // During an incoming migration stop and cont only set whether QEMU starts the VM itself:
-      // at the end of an eager restore, at POSTCOPY_RUN of a lazy one.
-      await this.qmp.execute(this.opts.paused ? 'stop' : 'cont')
-      this.checkAbort()
-      const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
-      if (this.hostPages) args.push('--host-page-size', this.hostPages)
-      if (this.opts.record) {
-        if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
-        args.push('--record')
-      }
-      if (n) {
-        // The destination listens; its multifd channels check our uuid against its own.
-        const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
-        await this.migrateIncoming(`unix:${peer.socket}`)
-        peer.start([...args, '--connect', `unix:${peer.socket}`, '--channels', String(n), '--uuid', UUID])
-      } else if (this.opts.lazy) {
-        await this.migrateIncoming(`unix:${peer.socket}`)
-        peer.start([...args, '--connect', `unix:${peer.socket}`])
-      } else await this.migrateIncoming(peer.uri(args))
-      this.incoming = true
+      if (this.opts.recover) await this.startRecovery(peer)
+      else await this.startRestore(peer)
       await this.follow(peer)
       const status = await peer.waitExit({ startMs: 5000 })
       if (status !== 0) throw (await peer.error()) ?? (await peerFailed(peer, status))
     } catch (e) {
       throw await this.recover(e, peer)
     }
-    // Restored: what fails now says so.
+    return this.finish(peer)
+  }
+
+  /** Settings, autostart, migrate-incoming and the load. */
+  private async startRestore(peer: Peer): Promise<void> {
+    const n = this.opts.channels
+    if (n && this.opts.lazy) throw new SnapError('SNAP_USAGE', '--channels cannot go with --lazy: QEMU 10.0 does not do postcopy with multifd')
+    // --lazy: over a unix socket with the preempt channel (requested pages never queue behind the push).
+    const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram', 'postcopy-preempt'] : n ? ['multifd'] : [], n ? { 'multifd-channels': n } : {})
+    if (changes.off.length > 0) this.log(`migration capabilities off for the restore (restored afterwards): ${changes.off.join(', ')}`)
+    // During an incoming migration stop and cont only set whether QEMU starts the VM itself:
+    // at the end of an eager restore, at POSTCOPY_RUN of a lazy one.
+    await this.qmp.execute(this.opts.paused ? 'stop' : 'cont')
+    this.checkAbort()
+    const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
+    if (this.hostPages) args.push('--host-page-size', this.hostPages)
+    if (this.opts.record) {
+      if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
+      args.push('--record')
+    }
+    if (n) {
+      // The destination listens; its multifd channels check our uuid against its own.
+      const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
+      await this.migrateIncoming(`unix:${peer.socket}`)
+      peer.start([...args, '--connect', `unix:${peer.socket}`, '--channels', String(n), '--uuid', UUID])
+    } else if (this.opts.lazy) {
+      await this.migrateIncoming(`unix:${peer.socket}`)
+      peer.start([...args, '--connect', `unix:${peer.socket}`])
+    } else await this.migrateIncoming(peer.uri(args))
+    this.incoming = true
+  }
+
+  /** Restored: what fails now says so. */
+  private async finish(peer: Peer): Promise<RestoreResult> {
     const stats = (await peer.stats<Partial<PostcopyStats & { recordedPages: number }>>()) ?? {}
     for (const p of await this.settings.restore()) this.log(`could not restore a migration setting: ${p}`)
     // QEMU gives the VM the run state it had when saved: one saved paused waits for cont.
@@ -193,7 +255,8 @@ class Restore {
       postcopyActiveSeconds: this.postcopyAt === null ? null : (this.postcopyAt - this.started) / 1000,
       runnableSeconds: this.runnableAt === null ? null : (this.runnableAt - this.started) / 1000,
       requests: this.opts.lazy ? (stats.requests ?? null) : null, vm: now.running ? 'running' : 'paused',
-      ...lazyFigures(this.opts.lazy === true, stats),
+      ...lazyFigures(this.opts.lazy === true, stats), recovered: this.opts.recover === true,
+      pagesReceivedBefore: this.opts.recover ? (stats.pagesReceivedBefore ?? null) : null,
     }
   }
 
@@ -266,6 +329,16 @@ class Restore {
     this.log(`postcopy-active after ${s(this.postcopyAt)} s; the VM ${this.opts.paused ? 'can run' : 'runs'} from ${s(this.runnableAt)} s while the rest of its pages arrive`)
   }
 
+  /** Whether QEMU took the failure as a broken postcopy channel and paused (it notices within moments). */
+  private async pausedAfterFailure(): Promise<boolean> {
+    for (const end = Date.now() + 3000; Date.now() < end; await pause(100)) {
+      const info = await this.qmp.execute<MigrateInfo>('query-migrate').catch(() => null)
+      if (info === null || info.status === 'failed' || info.status === 'completed') return false
+      if (info.status === 'postcopy-paused') return true
+    }
+    return false
+  }
+
   /** After a failure: the load gone, settings back; the error says what state the destination is in. */
   private async recover(err: unknown, peer: Peer): Promise<SnapError> {
     let e = err instanceof SnapError ? err : fromSystemError(err, 'restoring')
@@ -278,8 +351,10 @@ class Restore {
     let after: string
     if (!qemuAlive) after = 'the image is unchanged'
     else if (!this.incoming) {
-      for (const p of await this.settings.restore()) this.log(`could not restore a migration setting: ${p}`)
-      after = 'the destination still waits for a migration'
+      if (!this.opts.recover) for (const p of await this.settings.restore()) this.log(`could not restore a migration setting: ${p}`)
+      after = this.opts.recover ? 'the destination is still postcopy-paused' : 'the destination still waits for a migration'
+    } else if ((this.postcopyAt !== null || this.opts.recover) && (await this.pausedAfterFailure())) {
+      after = `the destination is postcopy-paused, its VM waiting for the rest of its pages: continue with snapctl restore ${this.path} --qmp ${this.opts.qmp} --lazy --recover`
     } else after = 'the destination QEMU cannot be used any more: quit it and start a new one'
     const message = e.code === 'SNAP_QEMU_GONE' ? `QEMU exited (or closed its QMP socket) during the restore` : e.message
     return new SnapError(e.code, `${message} (${after})`, { ...e.context, after, cause: e })

@@ -3,7 +3,7 @@
 // that runs longer than --case-ms, a Buffer over the allocation limit or a crashed worker is
 // a failure, reported with the seed and case number that replay it.
 //
-//   node dist/tools/fuzz.js --target parser|image|multifd|mapped-ram|all [--cases 100000] [--seed S] [--case N]
+//   node dist/tools/fuzz.js --target parser|image|multifd|mapped-ram|return-path|all [--cases 100000] [--seed S] [--case N]
 //
 // The cases run in a worker thread (tools/fuzz/worker.ts) that this process watches; a hung
 // case is terminated and the run goes on from the next case.
@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url'
 import type { WorkerInput, WorkerMessage } from './fuzz/worker.js'
 
 export interface FuzzOptions {
-  target: 'parser' | 'image' | 'multifd' | 'mapped-ram'
+  target: 'parser' | 'image' | 'multifd' | 'mapped-ram' | 'return-path'
   seed: number
   cases: number
   /** first case number (to replay one case: first = N, cases = 1) */
@@ -128,9 +128,9 @@ async function main(): Promise<void> {
     },
   })
   const seed = values.seed !== undefined ? Number(values.seed) : Math.floor(Math.random() * 2 ** 31)
-  const targets = values.target === 'all' ? (['parser', 'image', 'multifd', 'mapped-ram'] as const) : [values.target as 'parser' | 'image' | 'multifd' | 'mapped-ram']
-  if (!targets.every((t) => t === 'parser' || t === 'image' || t === 'multifd' || t === 'mapped-ram') || !Number.isSafeInteger(seed)) {
-    process.stderr.write('usage: fuzz.js --target parser|image|multifd|mapped-ram|all [--cases N] [--seed S] [--case N] [--case-ms MS]\n')
+  const targets = values.target === 'all' ? (['parser', 'image', 'multifd', 'mapped-ram', 'return-path'] as const) : [values.target as 'parser' | 'image' | 'multifd' | 'mapped-ram' | 'return-path']
+  if (!targets.every((t) => t === 'parser' || t === 'image' || t === 'multifd' || t === 'mapped-ram' || t === 'return-path') || !Number.isSafeInteger(seed)) {
+    process.stderr.write('usage: fuzz.js --target parser|image|multifd|mapped-ram|return-path|all [--cases N] [--seed S] [--case N] [--case-ms MS]\n')
     process.exit(2)
   }
   let failed = 0

@@ -12,6 +12,10 @@ export class ReturnPathReader {
   private early: RpMessage[] = []
   private readonly parser = new ReturnPathParser()
   private readonly pongs = new Set<number>()
+  /** postcopy recovery: the received bitmaps by block name, in the order they came */
+  readonly bitmaps = new Map<string, Buffer>()
+  /** postcopy recovery: the value of RESUME_ACK, once it came */
+  resumeAck: number | null = null
   private closed = false
   private closeError: unknown = null
   /** bytes that came on the return path: none at all means no QEMU is at the other end */
@@ -38,6 +42,16 @@ export class ReturnPathReader {
     for (const m of msgs) {
       if (m.type === 'pong') this.pongs.add(m.value)
       if (m.type === 'shut' && m.status === 0) this.shutOk = true
+      if (m.type === 'resume-ack') this.resumeAck ??= m.value
+      if (m.type === 'recv-bitmap') {
+        // Only asked for during recovery, once per block (checked against the image by the session).
+        if (this.bitmaps.has(m.block)) {
+          this.close(new SnapError('SNAP_RECV_BITMAP', `the destination sent the received bitmap of RAM block "${m.block}" twice`, { block: m.block }))
+          return
+        }
+        this.bitmaps.set(m.block, m.bitmap)
+        continue
+      }
       if (this.onMessage) this.onMessage(m)
       else this.early.push(m)
     }
@@ -102,6 +116,21 @@ export class ReturnPathReader {
     if (this.pongs.has(value)) return
     if (this.closed) throw this.closeError ?? onClosed(this.bytesIn === 0)
     if (!ok) throw new SnapError('SNAP_RETURN_PATH', `no answer from the destination on the return path within ${ms} ms (is this running under migrate-incoming "exec:..."?)`)
+  }
+
+  /**
+   * Postcopy recovery: waits until `count` received bitmaps, then RESUME_ACK (`ack`), came.
+   * The error for a close or a timeout says which wait it was.
+   */
+  async waitRecovery(stage: 'bitmaps' | 'ack', count: number, ms: number): Promise<void> {
+    const done = (): boolean => (stage === 'ack' ? this.resumeAck !== null : this.bitmaps.size >= count)
+    const ok = await this.waitFor(() => done() || this.closed, ms)
+    if (done()) return
+    const what = stage === 'ack' ? 'RESUME_ACK after POSTCOPY_RESUME' : `the received bitmaps of ${count} RAM blocks (${this.bitmaps.size} came)`
+    if (this.closed) {
+      throw this.closeError ?? new SnapError('SNAP_RETURN_PATH', `the destination closed the return path while snapctl waited for ${what}: it refused the recovery (see its log; query-migrate tells its state)`)
+    }
+    if (!ok) throw new SnapError('SNAP_RETURN_PATH', `no ${what} from the destination within ${ms} ms`)
   }
 
   /** Wait for the destination to close the return path, or until `abandon()` holds. */

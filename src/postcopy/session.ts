@@ -11,6 +11,7 @@ import type { RpMessage } from '../stream/return-path.js'
 import type { StreamSink } from '../transport/types.js'
 import { percentiles } from './latency.js'
 import type { ReturnPathReader } from './return-path-reader.js'
+import { applyReceivedBitmap } from './received.js'
 import { RECORD_OVERHEAD, SectionBuilder } from './sections.js'
 
 const PING_ADVISED = 2
@@ -37,6 +38,13 @@ export interface SessionOptions {
   workingSet?: Uint32Array | null
   /** record the pages the guest asks for, in order, until the push has finished (recorded()) */
   record?: boolean
+  /**
+   * Continue a lazy restore the destination paused (postcopy-paused, then migrate-recover):
+   * no setup; the received bitmaps, POSTCOPY_RESUME, then every page it does not have.
+   */
+  recover?: boolean
+  /** bytes per second of the background push at most (answers to requests are never held back); absent: as fast as it goes */
+  pushRate?: number
 }
 
 /** Keys as in README, "Output keys". */
@@ -72,6 +80,8 @@ export interface PostcopyStats {
   prefetchedTouched: number
   /** from start until the last page was written (the END section and EOF out) */
   lastPageSeconds: number
+  /** a recovery (--recover): the pages the destination had before it (its received bitmaps); else 0 */
+  pagesReceivedBefore: number
   seconds: number
 }
 
@@ -111,6 +121,7 @@ export class Session {
   private workingSetPages = 0
   private bytesPushed = 0
   private pages = 0
+  private pagesReceivedBefore = 0
   /** every page, O(1): a request is answered without a search */
   private readonly locator: PageLocator
 
@@ -157,9 +168,12 @@ export class Session {
   }
 
   async run(started: number, afterPush: () => Promise<void>): Promise<PostcopyStats> {
-    await this.setup()
+    if (this.opts.recover) await this.resume()
+    else await this.setup()
     const deviceStateSeconds = (performance.now() - started) / 1000
-    this.opts.log?.(`postcopy: device state sent after ${(deviceStateSeconds * 1000).toFixed(0)} ms; serving pages`)
+    this.opts.log?.(this.opts.recover
+      ? `postcopy: resumed after ${(deviceStateSeconds * 1000).toFixed(0)} ms (the destination had ${this.pagesReceivedBefore} pages); serving the rest`
+      : `postcopy: device state sent after ${(deviceStateSeconds * 1000).toFixed(0)} ms; serving pages`)
     // Messages and a close that came while the device state was being written are replayed
     // here: a return path that closed or broke that early must fail the restore too.
     this.rp.listen(
@@ -186,7 +200,7 @@ export class Session {
       latencyMs: percentiles(this.latencies), bytesPushed: this.bytesPushed, bytesOut: this.out.bytes,
       ...this.locator.totals(), pagesSent: this.pages, pagesServedOnRequest: this.pagesServedOnRequest, preempt: this.preempt !== null,
       workingSetPages: this.workingSetPages, prefetchedPages: this.prefetchedPages, prefetchedTouched: this.prefetchedTouched,
-      lastPageSeconds, seconds: (performance.now() - started) / 1000,
+      lastPageSeconds, pagesReceivedBefore: this.pagesReceivedBefore, seconds: (performance.now() - started) / 1000,
     }
   }
 
@@ -217,6 +231,31 @@ export class Session {
         blob,
       ]),
     )
+  }
+
+  /**
+   * Postcopy recovery, as QEMU's source does it (migration.c postcopy_do_resume): on the new main
+   * channel (no file header: the destination's load loop goes on where it broke off) RECV_BITMAP
+   * for each block, answered on the return path; the preempt channel, if any; POSTCOPY_RESUME,
+   * answered by RESUME_ACK(1). Then the destination asks again for the pages its vCPUs were
+   * waiting on. Every bitmap is checked before anything is resumed: a refusal leaves the
+   * destination paused again once the channel closes.
+   */
+  private async resume(): Promise<void> {
+    const blocks = this.reader.blocks
+    await this.out.write(Buffer.concat(blocks.map((b) => enc.recvBitmap(b.name))))
+    await this.rp.waitRecovery('bitmaps', blocks.length, this.opts.timeoutMs)
+    for (const [name, bitmap] of this.rp.bitmaps) {
+      const b = this.byName.get(name)
+      if (b === undefined) throw new SnapError('SNAP_RECV_BITMAP', `the destination sent the received bitmap of RAM block "${name}", which snapctl did not ask for (the image has ${blocks.map((x) => x.name).join(', ')})`, { block: name })
+      this.pagesReceivedBefore += applyReceivedBitmap(blocks[b], this.hostPages[b], bitmap, this.sent[b])
+    }
+    this.rp.bitmaps.clear()
+    // QEMU's source connects it after the bitmaps, so the destination takes the main one first.
+    if (this.opts.openPreempt) this.preempt = await this.opts.openPreempt()
+    await this.out.write(enc.postcopyResume())
+    await this.rp.waitRecovery('ack', 0, this.opts.timeoutMs)
+    if (this.rp.resumeAck !== 1) throw new SnapError('SNAP_RETURN_PATH', `the destination answered POSTCOPY_RESUME with RESUME_ACK(${this.rp.resumeAck}), not 1`)
   }
 
   private check(): void {
@@ -436,6 +475,8 @@ export class Session {
   private async enqueue(buf: Buffer): Promise<void> {
     this.background.push(buf)
     this.pump()
+    // The producer waits, not the writer: answers to requests go out meanwhile.
+    await this.throttle(buf.length)
     while (this.background.length > 2 && !this.failure) {
       await new Promise<void>((resolve) => (this.wakeProducer = resolve))
     }
@@ -465,6 +506,18 @@ export class Session {
         this.wakeProducer?.()
       }
     })()
+  }
+
+  private pushedAt = { t0: 0, bytes: 0 }
+
+  /** With pushRate: waits until the background bytes so far fit the rate. */
+  private async throttle(bytes: number): Promise<void> {
+    const rate = this.opts.pushRate
+    if (!rate) return
+    if (this.pushedAt.t0 === 0) this.pushedAt.t0 = performance.now()
+    this.pushedAt.bytes += bytes
+    const wait = this.pushedAt.t0 + (this.pushedAt.bytes / rate) * 1000 - performance.now()
+    if (wait > 0) await new Promise((r) => setTimeout(r, wait))
   }
 
   private async drain(): Promise<void> {

@@ -28,6 +28,14 @@ export function postcopyRamDiscard(block: string, ranges: Array<[start: number, 
   return w.done()
 }
 export const switchoverStart = (): Buffer => command(C.MIG_CMD_SWITCHOVER_START, 0).done()
+/** Postcopy recovery: ask for a RAM block's received bitmap (str8 name; the length counts the length byte). */
+export function recvBitmap(block: string): Buffer {
+  const n = Buffer.byteLength(block, 'latin1')
+  if (n < 1 || n > 255) throw new SnapError('SNAP_INTERNAL', `RAM block name of ${n} bytes`)
+  return command(C.MIG_CMD_RECV_BITMAP, 1 + n).str8(block).done()
+}
+/** Postcopy recovery: the source is ready; the destination answers RESUME_ACK(1). */
+export const postcopyResume = (): Buffer => command(C.MIG_CMD_POSTCOPY_RESUME, 0).done()
 
 const RETURN_PATH_HINT =
   'return path / postcopy capability on the source is not supported by create; turn off capabilities return-path and postcopy-ram'

@@ -17,7 +17,9 @@ export {
   postcopyAdvise,
   postcopyListen,
   postcopyRamDiscard,
+  postcopyResume,
   postcopyRun,
+  recvBitmap,
   switchoverStart,
 } from './command.js'
 

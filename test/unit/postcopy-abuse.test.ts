@@ -6,6 +6,7 @@
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { spawn } from 'node:child_process'
+import { readFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ImageReader } from '../../src/container/reader.js'
@@ -19,6 +20,7 @@ test.after(() => w.cleanup())
 const fixture = join(dirname(fileURLToPath(import.meta.url)), '../../../test/fixtures/qemu10-pc-16M.stream')
 const image = join(w.dir, 'vm.snap')
 let block = { name: '', size: 0 }
+let blocks: Array<{ name: string; size: number; pageSize: number }> = []
 let streamEnd = Buffer.alloc(0)
 
 test.before(async () => {
@@ -26,6 +28,7 @@ test.before(async () => {
   assert.is(r.code, 0, r.stderr)
   const reader = await ImageReader.open(image)
   block = reader.blocks[0]
+  blocks = reader.blocks
   const id = reader.device.ramSectionId
   streamEnd = Buffer.concat([enc.sectionEndHeader(id), enc.eosFooter(id), Buffer.from([0])])
   await reader.close()
@@ -43,9 +46,9 @@ interface Peer {
 }
 
 /** Runs load --postcopy with `script` as the destination; resolves with its exit and timing. */
-function fakeDestination(script: (p: Peer) => Promise<void>): Promise<{ code: number | null; stderr: string; ms: number }> {
+function fakeDestination(script: (p: Peer) => Promise<void>, extra: string[] = []): Promise<{ code: number | null; stderr: string; ms: number }> {
   const t0 = performance.now()
-  const child = spawn(process.execPath, [SNAPCTL_BIN, 'load', '--postcopy', image], {
+  const child = spawn(process.execPath, [SNAPCTL_BIN, 'load', '--postcopy', image, ...extra], {
     stdio: ['pipe', 'pipe', 'pipe'],
     env: { ...process.env, SNAPCTL_RETURN_PATH_TIMEOUT_MS: String(TIMEOUT_MS) },
   })
@@ -130,6 +133,89 @@ test('a well-behaved destination (a page request, close after the end): exit 0',
     p.close()
   })
   assert.is(r.code, 0, r.stderr)
+})
+
+// Postcopy recovery (load --postcopy --recover): RECV_BITMAP per block, then POSTCOPY_RESUME.
+const pagesOf = (b: { size: number; pageSize: number }): number => b.size / b.pageSize
+const words = (pages: number): number => Math.ceil(pages / 64) * 8
+const fullBitmap = (b: { size: number; pageSize: number }): Buffer => {
+  const m = Buffer.alloc(words(pagesOf(b)))
+  for (let p = 0; p < pagesOf(b); p++) m[p >> 3] |= 1 << (p & 7)
+  return m
+}
+/** Answers the bitmap requests with `bitmaps` (default: every page received), then RESUME_ACK(`ack`). */
+const recovering = (bitmaps: () => Buffer[], ack = 1, after: (p: Peer) => Promise<void> = async () => {}) => async (p: Peer) => {
+  await p.seen(enc.recvBitmap(blocks[blocks.length - 1].name))
+  p.send(Buffer.concat(bitmaps()))
+  await p.seen(enc.postcopyResume())
+  p.send(msg({ type: 'resume-ack', value: ack }))
+  await after(p)
+}
+const allReceived = (): Buffer[] => blocks.map((b) => msg({ type: 'recv-bitmap', block: b.name, bitmap: fullBitmap(b) }))
+
+function expectRecover(label: string, code: string, script: (p: Peer) => Promise<void>): void {
+  test(`--recover, ${label}: ${code}, promptly`, async () => {
+    const r = await fakeDestination(script, ['--recover'])
+    assert.is(r.code, 8, `exit ${r.code}: ${r.stderr}`)
+    assert.match(r.stderr, new RegExp(`^snapctl: ${code}: `, 'm'))
+    assert.ok(r.ms < 8000, `took ${r.ms.toFixed(0)} ms`)
+  })
+}
+
+expectRecover('a bitmap one word short', 'SNAP_RECV_BITMAP', recovering(() => {
+  const out = allReceived()
+  out[0] = msg({ type: 'recv-bitmap', block: blocks[0].name, bitmap: fullBitmap(blocks[0]).subarray(8) })
+  return out
+}))
+expectRecover('a bitmap of a block not asked for', 'SNAP_RECV_BITMAP', recovering(() => [msg({ type: 'recv-bitmap', block: 'no-such-block', bitmap: Buffer.alloc(8) }), ...allReceived()]))
+expectRecover('a block\'s bitmap twice', 'SNAP_RECV_BITMAP', recovering(() => [allReceived()[0], ...allReceived()]))
+expectRecover('a page past the end of the block marked received', 'SNAP_RECV_BITMAP', recovering(() => {
+  const b = blocks.find((x) => pagesOf(x) % 64 !== 0)!
+  const m = fullBitmap(b)
+  m[m.length - 1] = 0x80
+  return blocks.map((x) => msg({ type: 'recv-bitmap', block: x.name, bitmap: x === b ? m : fullBitmap(x) }))
+}))
+expectRecover('a damaged end marker', 'SNAP_RECV_BITMAP', recovering(() => {
+  const out = allReceived()
+  out[0] = Buffer.from(out[0])
+  out[0][out[0].length - 1] ^= 1
+  return out
+}))
+expectRecover('a bitmap size that is not whole words', 'SNAP_RECV_BITMAP', recovering(() => {
+  const out = allReceived()
+  const m = Buffer.from(out[0])
+  m.writeUInt32BE(5, 4 + 1 + blocks[0].name.length + 4)
+  out[0] = m
+  return out
+}))
+expectRecover('RESUME_ACK(0)', 'SNAP_RETURN_PATH', recovering(allReceived, 0))
+expectRecover('the return path closed before the bitmaps', 'SNAP_RETURN_PATH', async (p) => {
+  await p.seen(enc.recvBitmap(blocks[0].name))
+  p.close()
+})
+expectRecover(`no bitmaps at all (timeout ${TIMEOUT_MS} ms)`, 'SNAP_RETURN_PATH', async () => {})
+
+test('--recover, a destination that has every page: resumed, nothing sent but the end, exit 0', async () => {
+  const stats = join(w.dir, 'recover.stats')
+  const r = await fakeDestination(recovering(allReceived, 1, async (p) => {
+    p.send(msg({ type: 'req', block: block.name, offset: 8 * 4096, length: 4096 })) // a page it has: no answer
+    await p.seen(streamEnd)
+    p.send(msg({ type: 'shut', status: 0 }))
+    p.close()
+  }), ['--recover', '--stats', stats])
+  assert.is(r.code, 0, r.stderr)
+  const s = JSON.parse(readFileSync(stats, 'utf8'))
+  const total = blocks.reduce((a, b) => a + pagesOf(b), 0)
+  assert.is(s.pagesReceivedBefore, total, JSON.stringify(s))
+  assert.is(s.pagesSent, 0, JSON.stringify(s))
+  assert.is(s.requestsAlreadySent, 1, JSON.stringify(s))
+  assert.ok(s.bytesOut < 4096, JSON.stringify(s))
+})
+
+test('--recover with --record: SNAP_USAGE', async () => {
+  const r = await snapctl(['load', '--postcopy', '--recover', '--record', image, '--connect', 'unix:/nonexistent'])
+  assert.is(r.code, 2, r.stderr)
+  assert.match(r.stderr, /SNAP_USAGE/)
 })
 
 test.run()

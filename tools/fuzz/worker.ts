@@ -7,9 +7,10 @@ import { ERROR_CODES, SnapError } from '../../src/errors.js'
 import { caseRng } from './mutate.js'
 import { imageTarget, multifdTarget, parserTarget, type Target } from './targets.js'
 import { mappedRamTarget } from './mapped-ram-target.js'
+import { returnPathTarget } from './return-path-target.js'
 
 export interface WorkerInput {
-  target: 'parser' | 'image' | 'multifd' | 'mapped-ram'
+  target: 'parser' | 'image' | 'multifd' | 'mapped-ram' | 'return-path'
   seed: number
   from: number
   to: number
@@ -55,7 +56,7 @@ function classify(stage: string, e: unknown): string {
 
 const target: Target =
   input.target === 'parser' ? parserTarget(classify) : input.target === 'multifd' ? multifdTarget(classify)
-    : input.target === 'mapped-ram' ? mappedRamTarget(classify) : await imageTarget(classify)
+    : input.target === 'mapped-ram' ? mappedRamTarget(classify) : input.target === 'return-path' ? returnPathTarget(classify) : await imageTarget(classify)
 post({ type: 'ready' })
 try {
   for (let n = input.from; n < input.to; n++) {
