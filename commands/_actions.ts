@@ -33,6 +33,8 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
     clusterSize,
     force: flags.force === true,
     sync: flags.sync === true,
+    bypassCache: flags['bypass-cache'] === true,
+    log: (msg) => void process.stderr.write(`snapctl: note: ${msg}\n`),
     listen,
     timeoutMs: parseTimeout(flags.timeout),
     onProgress: progress ? (done, total) => progress.update(done, total) : undefined,
@@ -68,6 +70,7 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
   const log = (msg: string): void => void process.stderr.write(`snapctl: ${msg}\n`)
   let stats: object
   if (flags.format === 'mapped-ram') {
+    if (flags['bypass-cache']) throw new SnapError('SNAP_USAGE', '--bypass-cache does not go with --format mapped-ram yet: the export reads the image through the page cache')
     if (to === undefined) throw new SnapError('SNAP_USAGE', '--format mapped-ram needs --to FILE: the file is written at offsets')
     const { exportMappedRam } = await import('../src/mapped-ram-export.js')
     stats = await exportMappedRam(image, { to, force: flags.force === true, signal })
@@ -77,7 +80,7 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     // Nothing to undo: it writes to QEMU only.
     if (flags.channels !== undefined) throw new SnapError('SNAP_USAGE', '--channels cannot go with --postcopy: QEMU 10.0 does not do postcopy with multifd')
-    stats = await unlessAborted(signal, loadPostcopy(image, { log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true }))
+    stats = await unlessAborted(signal, loadPostcopy(image, { bypassCache: flags['bypass-cache'] === true, log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true }))
   } else if (flags.recover) {
     throw new SnapError('SNAP_USAGE', '--recover goes with --postcopy: it continues a lazy restore')
   } else if (connect !== undefined) {
@@ -86,7 +89,7 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const channels = flags.channels === undefined ? 0 : Number(flags.channels)
     if (!/^\d+$/.test(String(flags.channels ?? '0')) || channels > 255) throw new SnapError('SNAP_USAGE', `--channels ${String(flags.channels)}: a number from 1 to 255`)
     const r = await loadOverSocket(image, {
-      connect, channels, uuid: flags.uuid as string | undefined, timeoutMs: parseTimeout(flags.timeout), log, signal,
+      connect, channels, uuid: flags.uuid as string | undefined, bypassCache: flags['bypass-cache'] === true, timeoutMs: parseTimeout(flags.timeout), log, signal,
       onProgress: progress ? (done, all) => progress.update(done, all) : undefined,
     })
     progress?.finish(r.storedPages * 4096, r.storedPages * 4096)
@@ -98,6 +101,7 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const r = await loadImage(image, {
       to,
       force: flags.force === true,
+      bypassCache: flags['bypass-cache'] === true,
       log,
       signal,
       onProgress: progress

@@ -25,6 +25,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     record: Flags.boolean({ dependsOn: ['lazy'], description: 'with --lazy: record the order in which the guest asks for pages and store it in the image as its working set; the next lazy restore pushes those pages first' }),
     recover: Flags.boolean({ dependsOn: ['lazy'], exclusive: ['record'], description: 'with --lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused): migrate-recover, then only the pages the destination does not have' }),
     paused: Flags.boolean({ description: 'leave the VM paused once restored' }),
+    'bypass-cache': Flags.boolean({ description: 'read the image with direct I/O (O_DIRECT), so that the restore neither fills nor evicts the host\'s page cache (as virsh restore --bypass-cache; passed on to load)' }),
     json: Flags.boolean({ description: 'print the result as JSON on stdout: image, bytesOut, seconds, pages, runnableSeconds, ... (README, "Output keys")' }),
     quiet: Flags.boolean({ char: 'q', description: 'no progress on stderr' }),
     channels: Flags.integer({ min: 1, max: 255, exclusive: ['lazy'], description: 'restore with multifd over N channels (migrate-incoming unix:SOCKET, "snapctl load --connect --channels N"), whatever N the image was saved with; without it one exec: pipe, the default because on a 2-core machine channels were not faster (256 MiB paused VM, 3 runs: exec: 1.04 s, --channels 4 1.00-1.54 s; README, "Parallel channels")' }),
@@ -34,7 +35,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Restore)
       const view = progressView('restore', flags.quiet)
-      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, recover: flags.recover, paused: flags.paused, channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
+      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, recover: flags.recover, paused: flags.paused, bypassCache: flags['bypass-cache'], channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
       if (flags.json) return printJson(r)
       const lazy = r.runnableSeconds === null ? '' : `; the VM could run${r.recovered ? ' again' : ''} after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for${r.recovered ? ` (it had ${r.pagesReceivedBefore ?? 0} already)` : ''}`
       process.stderr.write(`snapctl: restored ${r.image}: ${r.pages} pages (${r.zeroPages} zero), ${mib(r.bytesOut)} sent, all in after ${r.seconds.toFixed(2)} s${lazy}; the VM is ${r.vm}\n`)

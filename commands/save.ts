@@ -30,6 +30,7 @@ QEMU runs the create as its own child, as QEMU's user: that user must be able to
     'cluster-size': Flags.string({ default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' }),
     force: Flags.boolean({ description: 'replace an existing image' }),
     sync: Flags.boolean({ description: 'make the image durable (fdatasync) before reporting success' }),
+    'bypass-cache': Flags.boolean({ description: 'write the image with direct I/O (O_DIRECT), so that the save neither fills nor evicts the host\'s page cache (as virsh save --bypass-cache; passed on to create)' }),
     json: Flags.boolean({ description: 'print the result as JSON on stdout: image, fileBytes, seconds, downtimeMs, pages, ... (README, "Output keys")' }),
     quiet: Flags.boolean({ char: 'q', description: 'no progress on stderr' }),
     channels: Flags.integer({ min: 1, max: 255, description: 'migrate with multifd over N channels into "snapctl create --listen unix:SOCKET"; without it one exec: pipe, the default because on a 2-core machine channels were not faster (256 MiB paused VM, 3 runs: exec: 1.19-1.42 s, --channels 4 1.37-1.66 s; README, "Parallel channels")' }),
@@ -40,7 +41,7 @@ QEMU runs the create as its own child, as QEMU's user: that user must be able to
       const { args, flags } = await this.parse(Save)
       const view = progressView('save', flags.quiet)
       const r = await saveVm(args.image, {
-        qmp: flags.qmp, live: flags.live, resume: flags.resume, force: flags.force, sync: flags.sync,
+        qmp: flags.qmp, live: flags.live, resume: flags.resume, force: flags.force, sync: flags.sync, bypassCache: flags['bypass-cache'],
         compress: flags.compress as 'lz4' | 'none', clusterSize: parseSize(flags['cluster-size'], '--cluster-size'),
         signal, onProgress: view.update, log: view.note, channels: flags.channels,
       }).finally(view.end)

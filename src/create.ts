@@ -28,6 +28,10 @@ export interface CreateOptions {
   force?: boolean
   /** make the image durable (fdatasync, directory fsync) before create returns */
   sync?: boolean
+  /** write the image with O_DIRECT, around the host's page cache (src/container/direct-io.ts) */
+  bypassCache?: boolean
+  /** notes for the operator (--bypass-cache on a filesystem that refuses O_DIRECT) */
+  log?: (msg: string) => void
   /**
    * listen on this unix socket (`unix:PATH`) for QEMU's migration, with any number of multifd
    * channels (src/multifd/receive.ts), instead of reading standard input or `from`
@@ -71,6 +75,7 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     compress: opts.compress,
     force: opts.force,
     sync: opts.sync,
+    bypassCache: opts.bypassCache,
   })
   // Undone on abort even while the partial file is being made.
   const undo = async (): Promise<string | undefined> => {
@@ -78,7 +83,10 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     await w?.abort()
     return w ? 'the partial image was removed' : undefined
   }
-  const work = opening.then((writer) => (opts.listen !== undefined ? fillFromSocket(writer, opts.listen, opts, started) : fill(writer, opts, bytesTotal, started)))
+  const work = opening.then((writer) => {
+    if (writer.note) opts.log?.(writer.note)
+    return opts.listen !== undefined ? fillFromSocket(writer, opts.listen, opts, started) : fill(writer, opts, bytesTotal, started)
+  })
   return unlessAborted(opts.signal, work, undo)
 }
 

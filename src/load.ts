@@ -26,6 +26,11 @@ export interface LoadOptions {
   /** the transport to QEMU (default: standard output, or `to`): see src/transport/ */
   open?: (sink: SinkOptions) => Promise<OutgoingMigration>
   force?: boolean
+  /**
+   * read the image with O_DIRECT, around the host's page cache (container/direct-io.ts); a `to`
+   * file is still written through the cache: it is what QEMU reads next
+   */
+  bypassCache?: boolean
   /** false: leave the page index alone (the image's own page map is used either way) */
   index?: boolean
   /** after every cluster: bytes of page data sent so far, of the image's total */
@@ -52,7 +57,8 @@ export interface LoadResult {
 
 export async function loadImage(path: string, opts: LoadOptions = {}): Promise<LoadResult> {
   const started = performance.now()
-  const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
+  const reader = await ImageReader.open(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
+  if (reader.source.note) opts.log?.(`note: ${reader.source.note}`)
   const rec = new PageRecordWriter(reader.blocks)
   // Chunks of the record writer's own are handed to the sink whole and come back for reuse.
   const sink = { transferable: (c: Buffer) => rec.owns(c), returned: (c: Buffer) => rec.recycle(c) }

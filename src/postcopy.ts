@@ -34,6 +34,8 @@ export type { PostcopyStats }
 
 export interface PostcopyOptions {
   log?: (msg: string) => void
+  /** read the image with O_DIRECT (container/direct-io.ts) */
+  bypassCache?: boolean
   /** how long to wait for the destination's answers during setup and at the end
    * (default: $SNAPCTL_RETURN_PATH_TIMEOUT_MS, else 30 s) */
   timeoutMs?: number
@@ -83,7 +85,8 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
   const started = performance.now()
   if (opts.record && isS3Url(path)) throw new SnapError('SNAP_USAGE', '--record stores the working set in the image: it needs a local image, not s3://')
   if (opts.record && opts.recover) throw new SnapError('SNAP_USAGE', '--record cannot go with --recover: the order of the requests before the recovery is lost')
-  const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
+  const reader = await ImageReader.open(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
+  if (reader.source.note) opts.log?.(`note: ${reader.source.note}`)
   let out: OutgoingMigration | undefined
   let rp: ReturnPathReader | undefined
   try {

@@ -44,6 +44,8 @@ export interface RestoreOptions {
   record?: boolean
   /** with lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused) */
   recover?: boolean
+  /** the load reads the image with O_DIRECT, around the host's page cache (`load --bypass-cache`) */
+  bypassCache?: boolean
   signal?: AbortSignal
   onProgress?: ProgressListener
   log?: (msg: string) => void
@@ -187,6 +189,7 @@ class Restore {
   private async startRecovery(peer: Peer): Promise<void> {
     const args = ['load', '--postcopy', '--recover', this.path]
     if (this.hostPages) args.push('--host-page-size', this.hostPages)
+    if (this.opts.bypassCache) args.push('--bypass-cache')
     if (this.preempt) {
       await this.qmp.execute('migrate-recover', { uri: `unix:${peer.socket}` })
       peer.start([...args, '--connect', `unix:${peer.socket}`])
@@ -202,6 +205,7 @@ class Restore {
       await this.follow(peer)
       const status = await peer.waitExit({ startMs: 5000 })
       if (status !== 0) throw (await peer.error()) ?? (await peerFailed(peer, status))
+      for (const note of await peer.notes()) this.log(note)
     } catch (e) {
       throw await this.recover(e, peer)
     }
@@ -221,6 +225,7 @@ class Restore {
     this.checkAbort()
     const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
     if (this.hostPages) args.push('--host-page-size', this.hostPages)
+    if (this.opts.bypassCache) args.push('--bypass-cache')
     if (this.opts.record) {
       if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
       args.push('--record')

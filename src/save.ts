@@ -31,6 +31,8 @@ export interface SaveOptions {
   clusterSize?: number
   force?: boolean
   sync?: boolean
+  /** the create writes the image with O_DIRECT, around the host's page cache (`create --bypass-cache`) */
+  bypassCache?: boolean
   signal?: AbortSignal
   onProgress?: ProgressListener
   log?: (msg: string) => void
@@ -146,6 +148,7 @@ class Save {
       const tmp = join(this.peer.dir, 'image')
       const args = ['create', tmp, '--compress', this.opts.compress ?? 'lz4', '--cluster-size', String(this.opts.clusterSize ?? 1 << 20)]
       if (this.opts.sync) args.push('--sync')
+      if (this.opts.bypassCache) args.push('--bypass-cache')
       this.migrateIssued = true
       if (n) {
         // QEMU connects to the create, which must listen first.
@@ -157,6 +160,7 @@ class Save {
       done = await this.follow()
       this.migrating = false
       await this.finishImage()
+      for (const note of await this.peer.notes()) this.log(note)
       this.checkAbort()
       await publish(tmp, this.path, this.opts.force === true, this.opts.sync === true)
     } catch (e) {

@@ -25,6 +25,7 @@ command -v qemu-img >/dev/null 2>&1 || need_qemu=1   # qcow2 disks for the compa
 command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ -e /usr/lib32/crt1.o ] || need_pkgs+=(gcc-multilib)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)   # UEFI firmware for the compatibility matrix
+command -v fincore >/dev/null 2>&1 || need_pkgs+=(util-linux-extra)   # page-cache residency for --bypass-cache (test and bench)
 
 if [ "${need_qemu:-0}" = 1 ] || [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing system packages" >&2

@@ -3,9 +3,11 @@
 // like abstract-level's public methods over a backend's private hooks; a source only moves
 // bytes. LocalFile is the one source today; an object store (S3 ranged GETs) is another
 // implementation of the same interface, with no synchronous read and an index kept elsewhere.
-import { readSync } from 'node:fs'
+import { constants, readSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
+import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
+import { AlignedPool, DIRECT_ALIGN, bypassRefusedNote, openDirect, probeRead } from './direct-io.js'
 import { refuseWhileCreating } from './lock.js'
 
 export interface ByteSource {
@@ -22,6 +24,13 @@ export interface ByteSource {
   read(pos: number, len: number, into?: Buffer): Promise<Buffer>
   /** the same on the calling thread (lazy restore); sources that cannot leave it out */
   readSync?(pos: number, len: number): Buffer
+  /**
+   * a buffer of `len` bytes that read() fills without a copy (an aligned one for O_DIRECT);
+   * sources without the hook are given Buffer.allocUnsafeSlow(len)
+   */
+  buffer?(len: number): Buffer
+  /** why the source could not do what it was asked (--bypass-cache refused), for the caller to print */
+  readonly note?: string | null
   close(): Promise<void>
 }
 
@@ -45,19 +54,64 @@ export function readFullySync(fd: number, buf: Buffer, pos: number): number {
   return got
 }
 
-/** An image in a local regular file. */
+/** Buffers for reads that are not given an aligned one (header, trailer, random access). */
+const BOUNCE_BYTES = 1 << 20
+
+/** An image in a local regular file; with `bypassCache`, read with O_DIRECT (direct-io.ts). */
 export class LocalFile implements ByteSource {
   readonly indexPath: string
+  note: string | null = null
+  private direct: { fh: FileHandle; pool: AlignedPool } | null = null
 
   private constructor(readonly path: string, private readonly fh: FileHandle, private readonly length: number) {
     this.indexPath = localIndexPath(path)
+  }
+
+  private async openDirect(): Promise<void> {
+    const dfh = await openDirect(this.path, constants.O_RDONLY)
+    if (!dfh) {
+      this.note = bypassRefusedNote(this.path)
+      return
+    }
+    // Probed by reading the image's first block (an image is never shorter: checked before its clusters are read).
+    this.direct = { fh: dfh, pool: new AlignedPool(BOUNCE_BYTES, Infinity, probeRead(dfh.fd)) }
+  }
+
+  buffer(len: number): Buffer {
+    return this.direct ? this.direct.pool.takeSync(roundUp(len, DIRECT_ALIGN)) : Buffer.allocUnsafeSlow(len)
+  }
+
+  /**
+   * O_DIRECT: the whole 4096-byte blocks around [pos, pos + len), straight into `into` when it
+   * is aligned and the range starts on a block, else into an aligned buffer and copied out.
+   */
+  private async readDirect(d: { fh: FileHandle; pool: AlignedPool }, pos: number, len: number, into?: Buffer): Promise<Buffer> {
+    const start = pos - (pos % DIRECT_ALIGN)
+    const span = roundUp(pos + len, DIRECT_ALIGN) - start
+    const inPlace = into !== undefined && start === pos && into.length >= span && d.pool.aligned(into)
+    const buf = inPlace ? into : d.pool.takeSync(span)
+    try {
+      let got = 0
+      while (got < span) {
+        const { bytesRead } = await d.fh.read(buf, got, span - got, start + got)
+        if (bytesRead === 0) break
+        got += bytesRead
+      }
+      if (got < pos - start + len) throw short(pos, Math.max(0, got - (pos - start)), len)
+      if (inPlace) return buf.subarray(0, len)
+      const out = into && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len)
+      buf.copy(out, 0, pos - start, pos - start + len)
+      return out
+    } finally {
+      if (!inPlace) d.pool.give(buf)
+    }
   }
 
   /**
    * Open `path` for reading. `whileCreating: 'refuse'` (load, verify): SNAP_LOCKED while a create
    * of this path runs, since the image there is about to be replaced.
    */
-  static async open(path: string, opts: { whileCreating?: 'refuse' | 'allow' } = {}): Promise<LocalFile> {
+  static async open(path: string, opts: { whileCreating?: 'refuse' | 'allow'; bypassCache?: boolean } = {}): Promise<LocalFile> {
     if (path.trim() === '') throw new SnapError('SNAP_BAD_PATH', 'the image path is empty')
     if (opts.whileCreating === 'refuse') await refuseWhileCreating(path)
     let fh: FileHandle
@@ -70,7 +124,9 @@ export class LocalFile implements ByteSource {
       const st = await fh.stat()
       if (st.isDirectory()) throw new SnapError('SNAP_BAD_PATH', `${path} is a directory, not an image`)
       if (!st.isFile()) throw new SnapError('SNAP_BAD_MAGIC', `${path} is not a regular file`)
-      return new LocalFile(path, fh, st.size)
+      const f = new LocalFile(path, fh, st.size)
+      if (opts.bypassCache) await f.openDirect()
+      return f
     } catch (e) {
       await fh.close().catch(() => {})
       throw fromSystemError(e, `reading ${path}`)
@@ -82,6 +138,7 @@ export class LocalFile implements ByteSource {
   }
 
   async read(pos: number, len: number, into?: Buffer): Promise<Buffer> {
+    if (this.direct) return this.readDirect(this.direct, pos, len, into).catch((e) => Promise.reject(fromSystemError(e, 'reading the image')))
     const buf = into && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len)
     let got = 0
     try {
@@ -98,6 +155,7 @@ export class LocalFile implements ByteSource {
   }
 
   readSync(pos: number, len: number): Buffer {
+    if (this.direct) return this.readDirectSync(this.direct.fh.fd, this.direct.pool, pos, len)
     const buf = Buffer.allocUnsafe(len)
     let got: number
     try {
@@ -109,7 +167,26 @@ export class LocalFile implements ByteSource {
     return buf
   }
 
+  private readDirectSync(fd: number, pool: AlignedPool, pos: number, len: number): Buffer {
+    const start = pos - (pos % DIRECT_ALIGN)
+    const span = roundUp(pos + len, DIRECT_ALIGN) - start
+    const buf = pool.takeSync(span)
+    try {
+      let got: number
+      try {
+        got = readFullySync(fd, buf.subarray(0, span), start)
+      } catch (e) {
+        throw fromSystemError(e, 'reading the image')
+      }
+      if (got < pos - start + len) throw short(pos, Math.max(0, got - (pos - start)), len)
+      return Buffer.from(buf.subarray(pos - start, pos - start + len))
+    } finally {
+      pool.give(buf)
+    }
+  }
+
   async close(): Promise<void> {
+    await this.direct?.fh.close().catch(() => {})
     await this.fh.close().catch(() => {})
   }
 }

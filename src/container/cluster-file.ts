@@ -11,6 +11,7 @@ import { readFullySync } from './byte-source.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import { clusterExtent, decodePayloadSync, encodeClusterHeader, splitCluster, type ClusterHeader, type ClusterLimits } from './cluster.js'
 import { ALIGN, HEADER_SIZE } from './header.js'
+import { AlignedPool, bypassRefusedNote, openDirect, probeWriteZeros, writeDirect } from './direct-io.js'
 
 export interface Stored {
   codec: number
@@ -19,6 +20,15 @@ export interface Stored {
 
 const ZEROS = Buffer.alloc(ALIGN)
 export const LRU_BYTES = 16 * 1024 * 1024
+/** O_DIRECT cluster writes in flight at once (--bypass-cache): each holds one aligned slot. */
+const DIRECT_SLOTS = 3
+
+export interface ClusterFileOptions {
+  /** bytes of recently written clusters kept decoded (default LRU_BYTES) */
+  lruBytes?: number
+  /** write with O_DIRECT (direct-io.ts); where the filesystem refuses, `note` says so */
+  bypassCache?: boolean
+}
 
 export async function writeFully(fh: FileHandle, bufs: Buffer[], pos: number): Promise<void> {
   const total = bufs.reduce((n, b) => n + b.length, 0)
@@ -51,11 +61,18 @@ export class ClusterFile {
   private closed = false
   /** told of every buffer that leaves the cache, so that the writer can reuse it */
   onEvict: ((raw: Buffer) => void) | null = null
+  /** with bypassCache: the O_DIRECT handle and its aligned slots, or null (refused, or not asked) */
+  private direct: { fh: FileHandle; pool: AlignedPool } | null = null
+  /** why bypassCache could not be honoured, for the caller to print */
+  note: string | null = null
+  private readonly lruLimit: number
 
-  private constructor(readonly path: string, readonly fh: FileHandle, readonly lim: ClusterLimits, private readonly lruLimit: number) {}
+  private constructor(readonly path: string, readonly fh: FileHandle, readonly lim: ClusterLimits, private readonly opts: ClusterFileOptions) {
+    this.lruLimit = opts.lruBytes ?? LRU_BYTES
+  }
 
   /** Create the partial file (O_EXCL, 0600) and write the zero header block. */
-  static async create(path: string, lim: ClusterLimits, lruLimit = LRU_BYTES): Promise<ClusterFile> {
+  static async create(path: string, lim: ClusterLimits, opts: ClusterFileOptions = {}): Promise<ClusterFile> {
     let fh: FileHandle
     try {
       fh = await open(path, constants.O_RDWR | constants.O_CREAT | constants.O_EXCL, 0o600)
@@ -65,14 +82,49 @@ export class ClusterFile {
       }
       throw fromSystemError(e, `creating ${path}`)
     }
-    const f = new ClusterFile(path, fh, lim, lruLimit)
+    const f = new ClusterFile(path, fh, lim, opts)
     try {
-      await writeFully(fh, [Buffer.alloc(HEADER_SIZE)], 0)
+      if (opts.bypassCache) await f.openDirect()
+      // With O_DIRECT the probe for an aligned slot has written it.
+      if (!f.direct) await writeFully(fh, [Buffer.alloc(HEADER_SIZE)], 0)
     } catch (e) {
+      await f.direct?.fh.close().catch(() => {})
       await fh.close().catch(() => {})
       throw fromSystemError(e, `writing ${path}`)
     }
     return f
+  }
+
+  private async openDirect(): Promise<void> {
+    const dfh = await openDirect(this.path, constants.O_WRONLY)
+    if (!dfh) {
+      this.note = bypassRefusedNote(this.path)
+      return
+    }
+    // Slots for whole clusters (header blocks + the largest payload); the first is made now,
+    // probed by writing the zero header block.
+    const slot = clusterExtent(this.lim.maxPages, this.lim.maxPages * this.lim.pageSize)
+    const pool = new AlignedPool(slot, DIRECT_SLOTS, probeWriteZeros(dfh.fd))
+    pool.give(pool.takeSync(slot))
+    this.direct = { fh: dfh, pool }
+  }
+
+  /** Write `bufs` back to back at `pos` (file offsets are multiples of 4096, lengths padded to them with O_DIRECT). */
+  private write(bufs: Buffer[], pos: number): Promise<void> {
+    return this.direct ? writeDirect(this.direct.fh, this.direct.pool, bufs, pos) : writeFully(this.fh, bufs, pos)
+  }
+
+  /**
+   * The trailer, footer and header, written as the clusters are (the caller pads them to whole
+   * 4096-byte blocks): with O_DIRECT they too stay out of the page cache.
+   */
+  async writeEnd(bufs: Buffer[], pos: number): Promise<void> {
+    await this.write(bufs, pos)
+  }
+
+  /** fdatasync: with O_DIRECT only metadata is left to write back. */
+  async datasync(): Promise<void> {
+    await this.fh.datasync()
   }
 
   /**
@@ -98,7 +150,7 @@ export class ClusterFile {
         this.offsets[seq] = offset
         this.storedLengths[seq] = s.stored.length
         this.codecs[seq] = s.codec
-        const w = writeFully(this.fh, pad ? [header, s.stored, ZEROS.subarray(0, pad)] : [header, s.stored], offset).then(
+        const w = this.write(pad && !this.direct ? [header, s.stored, ZEROS.subarray(0, pad)] : [header, s.stored], offset).then(
           () => this.written(seq),
           (e) => this.fail(e),
         )
@@ -191,6 +243,7 @@ export class ClusterFile {
     this.closed = true
     this.lru.clear()
     this.pinned.clear()
+    await this.direct?.fh.close().catch(() => {})
     await this.fh.close()
   }
 }

@@ -74,7 +74,7 @@ export class ImageReader {
   }
 
   /** A local image or `s3://BUCKET/KEY` (checked as the spec says); or any other ByteSource, given open. */
-  static async open(path: string | ByteSource, opts: { whileCreating?: 'refuse' | 'allow' } = {}): Promise<ImageReader> {
+  static async open(path: string | ByteSource, opts: { whileCreating?: 'refuse' | 'allow'; bypassCache?: boolean } = {}): Promise<ImageReader> {
     const source = typeof path !== 'string' ? path : isS3Url(path) ? await openS3(path) : await LocalFile.open(path, opts)
     try {
       return await ImageReader.check(source)
@@ -228,7 +228,7 @@ export class ImageReader {
     const issue = () => {
       while (reads.length < 2 && next < chunks.length) {
         const c = chunks[next++]
-        if (reuse && c.end - c.start <= CHUNK_BYTES) c.into = freeChunks.pop() ?? Buffer.allocUnsafeSlow(CHUNK_BYTES)
+        if (reuse && c.end - c.start <= CHUNK_BYTES) c.into = freeChunks.pop() ?? this.source.buffer?.(CHUNK_BYTES) ?? Buffer.allocUnsafeSlow(CHUNK_BYTES)
         const p = this.source.read(c.start, c.end - c.start, c.into)
         p.catch(() => {})
         reads.push(p)

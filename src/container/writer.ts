@@ -11,7 +11,7 @@ import { SnapError, fromSystemError } from '../errors.js'
 import { renameIntoPlace } from '../paths.js'
 import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
 import { CODEC_LZ4, CODEC_NONE } from './cluster.js'
-import { ClusterFile, fsyncDir, writeFully, type Stored } from './cluster-file.js'
+import { ClusterFile, fsyncDir, type ClusterFileOptions, type Stored } from './cluster-file.js'
 import { copyLive, copyZeros } from './compaction.js'
 import { FOOTER_SIZE, encodeFooter } from './footer.js'
 import {
@@ -46,7 +46,13 @@ export interface WriterOptions {
   sync?: boolean
   /** bytes of recently sealed clusters kept decoded for readPage (default 16 MiB) */
   cacheBytes?: number
+  /**
+   * write the image with O_DIRECT, around the page cache (container/direct-io.ts); on a
+   * filesystem that refuses it, through the cache, and `note` says so
+   */
+  bypassCache?: boolean
 }
+
 
 export interface FinishInfo {
   source: 'qemu' | 'libvirt'
@@ -108,6 +114,7 @@ export class ImageWriter {
     private readonly lz4: boolean,
     private readonly force: boolean,
     private readonly sync: boolean,
+    private readonly fileOpts: ClusterFileOptions,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
     this.file.onEvict = (b) => this.recycle(b)
@@ -128,7 +135,8 @@ export class ImageWriter {
       if (!(await holds(p.pid, p.file))) await unlink(p.file).catch(() => {})
     }
     const partial = partialPath(path)
-    const file = await ClusterFile.create(partial, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, opts.cacheBytes)
+    const fileOpts: ClusterFileOptions = { bypassCache: opts.bypassCache }
+    const file = await ClusterFile.create(partial, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, { ...fileOpts, lruBytes: opts.cacheBytes })
     // Our partial exists before we look, so of two creates that start together the later one
     // always sees the earlier (in an exact tie both see each other and both refuse).
     const running = await runningCreates(path).catch(async (e) => {
@@ -141,7 +149,12 @@ export class ImageWriter {
       await unlink(partial).catch(() => {})
       throw lockedError(path, running)
     }
-    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false)
+    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false, fileOpts)
+  }
+
+  /** Why --bypass-cache could not be honoured (the filesystem refuses O_DIRECT), for the caller to print. */
+  get note(): string | null {
+    return this.file.note
   }
 
   setBlocks(blocks: RamBlockDecl[]): void {
@@ -288,7 +301,7 @@ export class ImageWriter {
     const map = new PageMap(this.blocks.map((b) => b.size / PAGE_SIZE))
     copyZeros(oldMap, map)
     this.old = old
-    this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim)
+    this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim, this.fileOpts)
     this.file.onEvict = (b) => this.recycle(b)
     this.map = map
     this.seq = 0
@@ -342,11 +355,11 @@ export class ImageWriter {
       trailerOffset, trailerLength: trailer.length, fileLength, machine: device.machine, baseImageOffset: 0, encryptionMethod: 0,
     })
     const pad = Buffer.alloc(fileLength - FOOTER_SIZE - trailerOffset - trailer.length)
-    await writeFully(f.fh, [trailer, pad, footer], trailerOffset)
+    await f.writeEnd([trailer, pad, footer], trailerOffset)
     // The header goes last: until it is written the file reads as incomplete.
-    if (this.sync) await f.fh.datasync()
-    await writeFully(f.fh, [header], 0)
-    if (this.sync) await f.fh.datasync()
+    if (this.sync) await f.datasync()
+    await f.writeEnd([header], 0)
+    if (this.sync) await f.datasync()
     // Renamed while still open, so that the partial is held (locked) until it has its name.
     await this.publish()
     await f.close()

@@ -32,6 +32,8 @@ const PAGE = TARGET_PAGE_SIZE
 const CHANNEL_QUEUE = 4 << 20
 
 export interface ConnectOptions {
+  /** read the image with O_DIRECT (container/direct-io.ts) */
+  bypassCache?: boolean
   /** `unix:PATH` of the destination's migrate-incoming */
   connect: string
   /** the destination's multifd-channels (0: a plain `unix:` stream without multifd) */
@@ -75,7 +77,8 @@ export async function loadOverSocket(path: string, opts: ConnectOptions): Promis
   const uuid = parseUuid(opts.uuid)
   const sockPath = unixPath(opts.connect)
   const timeoutMs = channelTimeout(opts.timeoutMs)
-  const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
+  const reader = await ImageReader.open(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
+  if (reader.source.note) opts.log?.(`note: ${reader.source.note}`)
   const sockets: Socket[] = []
   const work = (async (): Promise<ConnectResult> => {
     try {

@@ -146,6 +146,12 @@ export class Peer {
     return new SnapError(code, last[2])
   }
 
+  /** Its notes for the operator (`snapctl: note: ...` on stderr), to pass on. */
+  async notes(): Promise<string[]> {
+    const text = await readFile(this.stderrFile, 'utf8').catch(() => '')
+    return [...text.matchAll(/^snapctl: note: (.*)$/gm)].map((m) => m[1])
+  }
+
   /** What it wrote to stderr, for a message when it failed without a code. */
   async stderr(): Promise<string> {
     return (await readFile(this.stderrFile, 'utf8').catch(() => '')).trim()
