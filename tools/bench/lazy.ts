@@ -1,4 +1,4 @@
-// `npm run bench:lazy -- --sizes 256M,1G,4G [--cluster-size 1M] [--repeat 3]`: lazy restore (load --postcopy) against the eager
+// `npm run bench:lazy -- --sizes 256M,1G,4G [--cluster-size 1M] [--repeat 3] [--reads 200] [--connect]`: lazy restore (load --postcopy) against the eager
 // restore (load) of the same image, alternated in one run, each confirmed byte-identical.
 //
 // For each size: fill a paused source VM, save it once with exec:snapctl create; then per
@@ -9,7 +9,10 @@
 //             guest pages over QMP (up to 200) while pages are still arriving (each read of a
 //             missing page is a page request on the return path), and seconds to `completed`;
 //             snapctl's --stats gives the request service latency (request read -> page written).
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
+//   --connect: the lazy restore goes over a unix socket with the preempt channel
+//          (migrate-incoming unix:PATH, postcopy-ram + postcopy-preempt, load --postcopy --connect).
+import { spawn } from 'node:child_process'
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Vm, fillRam, filesEqual, requireQemu, waitExitStatus } from '../vm.js'
@@ -26,6 +29,11 @@ interface LazySample {
   totalSeconds: number
   requests: number
   latencyMs: { p50: number; p99: number; max: number }
+}
+
+interface LazyOptions {
+  reads: number
+  connect: boolean
 }
 
 interface SizeResult {
@@ -67,24 +75,32 @@ async function eager(work: string, memMiB: number, image: string, ram: string, t
   }
 }
 
-async function lazy(work: string, memMiB: number, image: string, ram: string, tag: string): Promise<LazySample> {
+async function lazy(work: string, memMiB: number, image: string, ram: string, tag: string, o: LazyOptions): Promise<LazySample> {
   const dst = await Vm.start({ name: `lazy-${tag}`, memMiB, incoming: 'defer', dir: work })
   try {
     const status = join(work, `lazy-${tag}.status`)
     const stats = join(work, `lazy-${tag}.json`)
-    await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] })
+    const capabilities = [{ capability: 'postcopy-ram', state: true }, ...(o.connect ? [{ capability: 'postcopy-preempt', state: true }] : [])]
+    await dst.qmp.execute('migrate-set-capabilities', { capabilities })
     const t0 = performance.now()
-    await dst.qmp.execute('migrate-incoming', { uri: `exec:${SNAPCTL} load --postcopy ${image} --stats ${stats}; echo $? > ${status}` })
+    if (o.connect) {
+      const sock = join(work, `lazy-${tag}.sock`)
+      await dst.qmp.execute('migrate-incoming', { uri: `unix:${sock}` })
+      const child = spawn('/bin/sh', ['-c', `${SNAPCTL} load --postcopy --connect unix:${sock} ${image} --stats ${stats} 2> ${status}.err; echo $? > ${status}`], { stdio: 'ignore' })
+      child.unref()
+    } else {
+      await dst.qmp.execute('migrate-incoming', { uri: `exec:${SNAPCTL} load --postcopy ${image} --stats ${stats}; echo $? > ${status}` })
+    }
     const active = await pollUntil(dst, ['postcopy-active', 'completed', 'failed'])
     const toActiveMs = performance.now() - t0
     if (active !== 'postcopy-active') throw new Error(`lazy restore went to ${active}\n${dst.stderr}`)
     // Reads of random pages while pages are still arriving, until the restore completes.
     let finished = false
-    const done = pollUntil(dst, ['completed', 'failed']).then((st) => {
-      finished = true
-      return { st, at: performance.now() }
-    })
-    for (let i = 0; i < 200 && !finished; i++) {
+    const done = pollUntil(dst, ['completed', 'failed']).then(
+      (st) => ({ st, at: performance.now() }),
+      (e: Error) => ({ st: `not completed (${e.message})`, at: performance.now() }),
+    ).finally(() => (finished = true))
+    for (let i = 0; i < o.reads && !finished; i++) {
       const page = Math.floor(Math.random() * (memMiB * 256))
       if (page >= 0xa0 && page < 0x100) continue // the VGA/BIOS hole below 1 MiB
       await dst.readGuest(page * 4096, 64)
@@ -95,12 +111,15 @@ async function lazy(work: string, memMiB: number, image: string, ram: string, ta
     if (!(await filesEqual(ram, dst.memPath)).equal) throw new Error('lazy restore: RAM differs')
     const st = JSON.parse(readFileSync(stats, 'utf8'))
     return { toActiveMs, totalSeconds, requests: st.requests, latencyMs: st.latencyMs }
+  } catch (e) {
+    const err = join(work, `lazy-${tag}.status.err`)
+    throw new Error(`${(e as Error).message}\nsnapctl said: ${existsSync(err) ? readFileSync(err, 'utf8') : '(nothing)'}`)
   } finally {
     await dst.quit()
   }
 }
 
-async function benchSize(parent: string, sizeText: string, repeat: number, clusterSize: string): Promise<SizeResult> {
+async function benchSize(parent: string, sizeText: string, repeat: number, clusterSize: string, o: LazyOptions): Promise<SizeResult> {
   const { bytes, label } = parseSize(sizeText)
   const memMiB = bytes / MiB
   const work = mkdtempSync(join(parent, `lazy-${label}-`))
@@ -121,7 +140,7 @@ async function benchSize(parent: string, sizeText: string, repeat: number, clust
       const order = r % 2 === 0 ? ['eager', 'lazy'] : ['lazy', 'eager']
       for (const which of order) {
         if (which === 'eager') result.eagerSeconds.push(await eager(work, memMiB, image, ram, `${r}`))
-        else result.lazy.push(await lazy(work, memMiB, image, ram, `${r}`))
+        else result.lazy.push(await lazy(work, memMiB, image, ram, `${r}`, o))
         log(`${label} rep ${r + 1}: ${which} done`)
       }
     }
@@ -153,11 +172,13 @@ async function main(): Promise<void> {
   const json = option(argv, '--json', 'bench-out/lazy.json')
   const parent = option(argv, '--dir', '/var/tmp')
   const clusterSize = option(argv, '--cluster-size', '1M')
+  const o: LazyOptions = { reads: Number(option(argv, '--reads', '200')), connect: argv.includes('--connect') }
   const qemu = requireQemu()
   const results: SizeResult[] = []
-  for (const size of sizes) results.push(await benchSize(parent, size, repeat, clusterSize))
+  for (const size of sizes) results.push(await benchSize(parent, size, repeat, clusterSize, o))
   const table = report(results)
-  process.stdout.write(`lazy vs eager restore, QEMU ${qemu.version} TCG, clusters of ${clusterSize}, medians of ${repeat}\n${table}\n`)
+  const how = o.connect ? 'over a unix socket with the preempt channel' : 'over exec:'
+  process.stdout.write(`lazy vs eager restore, QEMU ${qemu.version} TCG, clusters of ${clusterSize}, lazy ${how}, up to ${o.reads} guest reads, medians of ${repeat}\n${table}\n`)
   mkdirSync(dirname(json), { recursive: true })
   writeFileSync(json, `${JSON.stringify({ date: new Date().toISOString(), qemu: qemu.version, repeat, clusterSize, results }, null, 2)}\n`)
 }
