@@ -184,9 +184,8 @@ export class Session {
     await this.requestChain
     this.check()
     this.rp.onClose = null
-    // Every data page is out. A request from now on is for a zero page (never pushed) and
-    // needs no answer: after EOF the destination stops trapping, and the page reads as zero.
-    // Answering would write after EOF, into a pipe QEMU may already have closed.
+    // Every page is out (queued ahead of the END): a request from now on is for a page on its
+    // way and needs no answer. Answering would write after EOF, into a pipe QEMU may have closed.
     this.ended = true
     await this.enqueue(Buffer.concat([enc.sectionEndHeader(this.ramId), enc.eosFooter(this.ramId), Buffer.from([0])]))
     await this.drain()
@@ -270,10 +269,12 @@ export class Session {
 
   /**
    * Every cluster in file order, skipping what was requested; after a request, the push goes on
-   * with the requested page's cluster and the next one (the pages that follow it) first. Zero
-   * pages are not pushed: ADVISE made the destination discard all its RAM, so a page it never
-   * receives reads as zero after postcopy ends; one it touches before then it asks for, and gets
-   * a ZERO record (serve()).
+   * with the requested page's cluster and the next one (the pages that follow it) first. Then
+   * every page not sent yet as a ZERO record (zero pages, and pages QEMU never sent, which the
+   * destination also had as zeroes): every page must be placed before the END, else a thread that
+   * touches one after it faults with nobody to answer, and if that thread holds QEMU's big lock
+   * (the main loop reading guest memory), the destination's end of postcopy waits for the lock
+   * forever and the VM hangs. QEMU's own source sends every page for the same reason.
    */
   private async pushEverything(): Promise<void> {
     await this.pushWorkingSet()
@@ -285,10 +286,26 @@ export class Session {
       this.trimCache()
       await this.pushCluster(cluster)
     }
-    // Pages QEMU never sent: the destination must not be left waiting on them if it asks,
-    // but pushing them is not needed (postcopy's end leaves untouched memory zero).
+    await this.pushZeroPages()
     await this.flushBackground()
     await this.pushHostPages()
+  }
+
+  /** Every target-page-backed page not sent yet, as ZERO records (a few bytes each). */
+  private async pushZeroPages(): Promise<void> {
+    for (const block of this.reader.blocks) {
+      if (this.hostPages[block.id] > 1) continue // whole host pages: pushHostPages()
+      const sent = this.sent[block.id]
+      for (let p = 0; p < sent.length; p++) {
+        if (sent[p] !== 0) continue
+        sent[p] = 1
+        this.pages++
+        this.bg ??= this.newSection(CHUNK_BYTES + (32 << 10))
+        this.bg.zero(block.id, p)
+        if (this.bg.size() >= CHUNK_BYTES) await this.flushBackground()
+      }
+      this.check()
+    }
   }
 
   /**
@@ -350,7 +367,8 @@ export class Session {
   /**
    * Hugepage-backed blocks: the destination places a host page once all its target pages have
    * come, one after the other, so each host page goes in one section, whole (zero pages as ZERO
-   * records), and never split by an urgent answer. Host pages that are all zero stay unsent.
+   * records), and never split by an urgent answer; host pages that are all zero too (see
+   * pushEverything()).
    */
   private async pushHostPages(): Promise<void> {
     for (const block of this.reader.blocks) {
@@ -358,21 +376,13 @@ export class Session {
       if (n === 1) continue
       for (let first = 0; first < block.size / this.pageSize; first += n) {
         this.check()
-        if (this.sent[block.id][first] !== 0 || !this.hasData(block.id, first, n)) continue
+        if (this.sent[block.id][first] !== 0) continue
         const section = this.newSection(n * (this.pageSize + RECORD_OVERHEAD) + 64)
         this.addHostPage(section, block.id, first, n)
         this.bytesPushed += n * this.pageSize
         await this.enqueue(section.finish())
       }
     }
-  }
-
-  private hasData(b: number, first: number, n: number): boolean {
-    for (let p = first; p < first + n; p++) {
-      const l = this.locator.where(b, p)
-      if (l !== LOC_NEVER_SENT && l !== LOC_ZERO) return true
-    }
-    return false
   }
 
   /** Every target page of one host page, in order; marks them sent. */

@@ -93,13 +93,14 @@ test('load writes exactly the stream the encoder builds', async () => {
   assert.is(r.bytesOut, expected.length)
 })
 
-/** One PART section of a lazy restore (every record names its block). */
-function part(records: Array<[number, number, Buffer]>): Buffer {
+/** One PART section of a lazy restore (every record names its block; null data: a ZERO record). */
+function part(records: Array<[number, number, Buffer | null]>): Buffer {
   const w = new enc.PageRecordWriter(BLOCKS)
   w.raw(enc.sectionPartHeader(ID))
   for (const [b, p, data] of records) {
     w.forgetBlock()
-    w.page(b, p, data)
+    if (data) w.page(b, p, data)
+    else w.zero(b, p)
   }
   w.raw(enc.eosFooter(ID))
   return Buffer.concat(w.flush())
@@ -115,7 +116,8 @@ test('postcopy: the setup, then a requested page ahead of the push, then the end
     blob,
   ])
   const answer = part([[0, 2, page(0x44)]])
-  const push = part([[0, 1, page(0x11)], [1, 0, page(0x33)]]) // 0:2 was sent already
+  // 0:2 was sent already; then every page not sent, zero or never sent, as ZERO records
+  const push = part([[0, 1, page(0x11)], [1, 0, page(0x33)], [0, 0, null], [0, 3, null], [0, 4, null], [0, 5, null], [0, 6, null], [0, 7, null], [1, 1, null]])
   const end = Buffer.concat([enc.sectionEndHeader(ID), enc.eosFooter(ID), Buffer.from([0])])
   const expected = Buffer.concat([setup1, setup2, answer, push, end])
 
@@ -140,6 +142,7 @@ test('postcopy: the setup, then a requested page ahead of the push, then the end
   assert.ok(got.subarray(setup1.length, setup1.length + setup2.length).equals(setup2), 'ram START, DISCARD, PACKAGED[LISTEN, devices, PING 3, RUN]')
   assert.ok(got.subarray(setup1.length + setup2.length).equals(Buffer.concat([answer, push, end])), 'the answer, then the push, then END and EOF')
   assert.is(stats.requests, 1)
+  assert.is(stats.pagesSent, 10, 'every page of both blocks is placed before the END')
 })
 
 test.run()
