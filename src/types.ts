@@ -62,4 +62,6 @@ export interface StreamCounters {
 export const PAGE_NEVER_SENT = 0
 export const PAGE_ZERO = 1
 export const PAGE_DATA = 2
-export type PageState = typeof PAGE_NEVER_SENT | typeof PAGE_ZERO | typeof PAGE_DATA
+/** an incremental image's page equal to what its base restores there (container.md, "page_map") */
+export const PAGE_BASE = 3
+export type PageState = typeof PAGE_NEVER_SENT | typeof PAGE_ZERO | typeof PAGE_DATA | typeof PAGE_BASE

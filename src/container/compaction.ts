@@ -7,7 +7,7 @@ import { SnapError } from '../errors.js'
 import { decodePayload } from './cluster.js'
 import type { ClusterFile } from './cluster-file.js'
 import { PAGE_SIZE } from './header.js'
-import { LOC_ZERO, type PageMap } from './locator.js'
+import { LOC_BASE, LOC_ZERO, type PageMap } from './locator.js'
 
 export interface CompactionTarget {
   /** the new partial file, and its page map */
@@ -20,9 +20,9 @@ export interface CompactionTarget {
   maxInflight: number
 }
 
-/** The zero pages of `from` into `to` (a zero page has no cluster to copy). */
+/** The zero and base pages of `from` into `to` (they have no cluster to copy). */
 export function copyZeros(from: PageMap, to: PageMap): void {
-  from.loc.forEach((loc, b) => loc.forEach((l, p) => l === LOC_ZERO && to.setZero(b, p)))
+  from.loc.forEach((loc, b) => loc.forEach((l, p) => (l === LOC_ZERO ? to.setZero(b, p) : l === LOC_BASE && to.setBase(b, p))))
 }
 
 /** Copy the live pages of `old` (whose page map is `oldMap`) into `to`: whole clusters first. */

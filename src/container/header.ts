@@ -19,8 +19,8 @@ export const MAX_MACHINE_LENGTH = 62
 export const INCOMPAT_BASE_IMAGE = 1n << 0n
 export const INCOMPAT_ENCRYPTED = 1n << 1n
 export const INCOMPAT_HUGE_PAGES = 1n << 2n
-/** Incompatible bits this version can open: none (every v1 bit is reserved and refused). */
-export const SUPPORTED_INCOMPATIBLE = 0n
+/** Incompatible bits this version can open: base_image (an incremental image). */
+export const SUPPORTED_INCOMPATIBLE = INCOMPAT_BASE_IMAGE
 export const COMPAT_XBZRLE_SOURCE = 1n << 0n
 
 export interface ImageHeader {
@@ -124,7 +124,8 @@ export function decodeHeader(buf: Buffer, fileSize: number): ImageHeader {
   r.pos = 168
   h.baseImageOffset = r.u64('base_image_offset', 'SNAP_CORRUPT')
   h.encryptionMethod = r.u32('encryption_method')
-  if (h.baseImageOffset !== 0 || h.encryptionMethod !== 0) fail('SNAP_CORRUPT', 'base_image_offset or encryption_method set without their feature bit')
+  const hasBase = (incompatibleFeatures & INCOMPAT_BASE_IMAGE) !== 0n
+  if (hasBase !== (h.baseImageOffset !== 0) || h.encryptionMethod !== 0) fail('SNAP_CORRUPT', 'base_image_offset or encryption_method set without their feature bit (or bit 0 without base_image_offset)')
   if (h.fileLength % ALIGN !== 0) fail('SNAP_CORRUPT', `file_length ${h.fileLength} is not a multiple of ${ALIGN}`)
   if (fileSize < h.fileLength) fail('SNAP_TRUNCATED', `the file is ${fileSize} bytes, its header says ${h.fileLength}: the image was cut short`)
   if (fileSize > h.fileLength) fail('SNAP_CORRUPT', `the file is ${fileSize} bytes, its header says ${h.fileLength}`)

@@ -14,15 +14,21 @@
 //   use it. Live slots are counted per cluster as pages move.
 //
 // Layers (an incremental image over its base, container.md incompatible bit 0) stack with
-// `layered()`: a lookup that finds NEVER_SENT in one layer asks the next.
+// `layered()`: a lookup that finds BASE (LOC_BASE: "as the base has it") in one layer asks the
+// next; NEVER_SENT is an answer, as ZERO is (three states that must never be confused).
 import { SnapError } from '../errors.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type PageState } from '../types.js'
-import { ZERO_CLUSTER, type PageRun } from './trailer.js'
+import { PAGE_BASE, PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type PageState } from '../types.js'
+import { BASE_CLUSTER, ZERO_CLUSTER, type PageRun } from './trailer.js'
 
-export { ZERO_CLUSTER, type PageRun }
+export { BASE_CLUSTER, ZERO_CLUSTER, type PageRun }
 
 export const LOC_NEVER_SENT = 0
 export const LOC_ZERO = 0xffffffff
+/** an incremental image's page that its base holds (page_map cluster BASE_CLUSTER) */
+export const LOC_BASE = 0xfffffffe
+
+/** A page_map run's cluster that holds no data: zero or base. */
+export const noData = (cluster: number): boolean => cluster === ZERO_CLUSTER || cluster === BASE_CLUSTER
 
 export interface PageLocation {
   state: PageState
@@ -77,8 +83,8 @@ export class PageLocator implements PageLookup {
 
   protected addRun(r: PageRun): void {
     const end = r.firstPage + r.pageCount
-    if (r.cluster === ZERO_CLUSTER) {
-      this.loc[r.blockId].fill(LOC_ZERO, r.firstPage, end)
+    if (noData(r.cluster)) {
+      this.loc[r.blockId].fill(r.cluster === ZERO_CLUSTER ? LOC_ZERO : LOC_BASE, r.firstPage, end)
       return
     }
     this.grow(r.cluster)
@@ -99,14 +105,13 @@ export class PageLocator implements PageLookup {
     return this.loc.length
   }
 
-  /** The raw location: LOC_NEVER_SENT, LOC_ZERO or cluster + 1 (no allocation: hot paths). */
+  /** The raw location: LOC_NEVER_SENT, LOC_ZERO, LOC_BASE or cluster + 1 (no allocation: hot paths). */
   where(block: number, page: number): number {
     return this.loc[block][page]
   }
 
   state(block: number, page: number): PageState {
-    const l = this.loc[block][page]
-    return l === LOC_NEVER_SENT ? PAGE_NEVER_SENT : l === LOC_ZERO ? PAGE_ZERO : PAGE_DATA
+    return stateOf(this.loc[block][page])
   }
 
   /** The page's cluster; only meaningful when state() is PAGE_DATA. */
@@ -122,6 +127,7 @@ export class PageLocator implements PageLookup {
     const l = this.loc[block]?.[page]
     if (l === undefined || l === LOC_NEVER_SENT) return { state: PAGE_NEVER_SENT }
     if (l === LOC_ZERO) return { state: PAGE_ZERO }
+    if (l === LOC_BASE) return { state: PAGE_BASE }
     return { state: PAGE_DATA, cluster: l - 1, slot: this.slot[block][page] }
   }
 
@@ -136,26 +142,30 @@ export class PageLocator implements PageLookup {
     return dead
   }
 
-  counts(block: number): { zeroPages: number; storedPages: number } {
+  counts(block: number): { zeroPages: number; storedPages: number; basePages: number } {
     let zeroPages = 0
     let storedPages = 0
+    let basePages = 0
     for (const l of this.loc[block]) {
       if (l === LOC_ZERO) zeroPages++
+      else if (l === LOC_BASE) basePages++
       else if (l !== LOC_NEVER_SENT) storedPages++
     }
-    return { zeroPages, storedPages }
+    return { zeroPages, storedPages, basePages }
   }
 
-  /** Pages the image holds (storedPages + zeroPages), over every block. */
-  totals(): { pages: number; storedPages: number; zeroPages: number } {
+  /** Pages the image holds (storedPages + zeroPages), over every block; basePages: taken from the base. */
+  totals(): { pages: number; storedPages: number; zeroPages: number; basePages: number } {
     let zeroPages = 0
     let storedPages = 0
+    let basePages = 0
     for (let b = 0; b < this.loc.length; b++) {
       const c = this.counts(b)
       zeroPages += c.zeroPages
       storedPages += c.storedPages
+      basePages += c.basePages
     }
-    return { pages: zeroPages + storedPages, storedPages, zeroPages }
+    return { pages: zeroPages + storedPages, storedPages, zeroPages, basePages }
   }
 
   /** The spec's page_map: sorted by (block, first_page), adjacent pages merged into runs. */
@@ -171,9 +181,9 @@ export class PageLocator implements PageLookup {
           run = null
           continue
         }
-        const cluster = l === LOC_ZERO ? ZERO_CLUSTER : l - 1
-        const s = l === LOC_ZERO ? 0 : slot[p]
-        if (run && run.cluster === cluster && (cluster === ZERO_CLUSTER || run.firstSlot + run.pageCount === s)) {
+        const cluster = l === LOC_ZERO ? ZERO_CLUSTER : l === LOC_BASE ? BASE_CLUSTER : l - 1
+        const s = noData(cluster) ? 0 : slot[p]
+        if (run && run.cluster === cluster && (noData(cluster) || run.firstSlot + run.pageCount === s)) {
           run.pageCount++
         } else {
           run = { blockId: b, firstPage: p, pageCount: 1, cluster, firstSlot: s }
@@ -207,6 +217,13 @@ export class PageMap extends PageLocator {
     this.slot[block][page] = 0
   }
 
+  /** The page is what the base restores there (an incremental image). */
+  setBase(block: number, page: number): void {
+    this.release(block, page)
+    this.loc[block][page] = LOC_BASE
+    this.slot[block][page] = 0
+  }
+
   /** Move a page to another slot of the same cluster (the writer fills holes in its open cluster). */
   moveSlot(block: number, page: number, slot: number): void {
     this.slot[block][page] = slot
@@ -214,8 +231,12 @@ export class PageMap extends PageLocator {
 
   private release(block: number, page: number): void {
     const l = this.loc[block][page]
-    if (l !== LOC_NEVER_SENT && l !== LOC_ZERO) this.live[l - 1]--
+    if (l !== LOC_NEVER_SENT && l !== LOC_ZERO && l !== LOC_BASE) this.live[l - 1]--
   }
+}
+
+function stateOf(l: number): PageState {
+  return l === LOC_NEVER_SENT ? PAGE_NEVER_SENT : l === LOC_ZERO ? PAGE_ZERO : l === LOC_BASE ? PAGE_BASE : PAGE_DATA
 }
 
 /** The page map's runs, grouped by cluster: the readers' locator (see the top of this file). */
@@ -231,7 +252,7 @@ export class RunLocator implements PageLookup {
   ) {
     this.live = new Uint32Array(clusterCount)
     for (const r of runs) {
-      if (r.cluster === ZERO_CLUSTER) continue
+      if (noData(r.cluster)) continue
       this.live[r.cluster] += r.pageCount
       const list = this.byCluster.get(r.cluster)
       if (list) list.push(r)
@@ -257,6 +278,7 @@ export class RunLocator implements PageLookup {
     const r = runs[found]
     if (!r || r.blockId !== block || page >= r.firstPage + r.pageCount) return { state: PAGE_NEVER_SENT }
     if (r.cluster === ZERO_CLUSTER) return { state: PAGE_ZERO }
+    if (r.cluster === BASE_CLUSTER) return { state: PAGE_BASE }
     return { state: PAGE_DATA, cluster: r.cluster, slot: r.firstSlot + page - r.firstPage }
   }
 
@@ -264,26 +286,14 @@ export class RunLocator implements PageLookup {
     return cluster < this.live.length ? this.live[cluster] : 0
   }
 
-  counts(block: number): { zeroPages: number; storedPages: number } {
-    let zeroPages = 0
-    let storedPages = 0
-    for (const r of this.runs) {
-      if (r.blockId !== block) continue
-      if (r.cluster === ZERO_CLUSTER) zeroPages += r.pageCount
-      else storedPages += r.pageCount
-    }
-    return { zeroPages, storedPages }
+  counts(block: number): { zeroPages: number; storedPages: number; basePages: number } {
+    return runCounts(this.runs, (r) => r.blockId === block)
   }
 
-  /** Pages the image holds (storedPages + zeroPages), over every block. */
-  totals(): { pages: number; storedPages: number; zeroPages: number } {
-    let zeroPages = 0
-    let storedPages = 0
-    for (const r of this.runs) {
-      if (r.cluster === ZERO_CLUSTER) zeroPages += r.pageCount
-      else storedPages += r.pageCount
-    }
-    return { pages: zeroPages + storedPages, storedPages, zeroPages }
+  /** Pages the image holds (storedPages + zeroPages), over every block; basePages: taken from the base. */
+  totals(): { pages: number; storedPages: number; zeroPages: number; basePages: number } {
+    const c = runCounts(this.runs, () => true)
+    return { pages: c.zeroPages + c.storedPages, ...c }
   }
 
   /** Every zero page, in (block, page) order. */
@@ -317,16 +327,30 @@ export class RunLocator implements PageLookup {
   }
 }
 
+function runCounts(runs: readonly PageRun[], keep: (r: PageRun) => boolean): { zeroPages: number; storedPages: number; basePages: number } {
+  let zeroPages = 0
+  let storedPages = 0
+  let basePages = 0
+  for (const r of runs) {
+    if (!keep(r)) continue
+    if (r.cluster === ZERO_CLUSTER) zeroPages += r.pageCount
+    else if (r.cluster === BASE_CLUSTER) basePages += r.pageCount
+    else storedPages += r.pageCount
+  }
+  return { zeroPages, storedPages, basePages }
+}
+
 /**
- * Layers, top first: each lookup is answered by the first layer that has the page (zero or
- * data); NEVER_SENT only when no layer has it. `layer` says which one answered.
+ * Layers, top first: each lookup is answered by the first layer whose answer is not BASE (data,
+ * zero, or never sent: an image that does not take a page from its base says so for itself).
+ * A bottom layer answering BASE has no base to ask: NEVER_SENT. `layer` says which one answered.
  */
 export function layered(layers: readonly PageLookup[]): PageLookup {
   return {
     locate(block: number, page: number): PageLocation {
       for (let i = 0; i < layers.length; i++) {
         const l = layers[i].locate(block, page)
-        if (l.state !== PAGE_NEVER_SENT) return { ...l, layer: i }
+        if (l.state !== PAGE_BASE) return { ...l, layer: i }
       }
       return { state: PAGE_NEVER_SENT }
     },

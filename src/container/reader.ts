@@ -9,7 +9,8 @@ import {
 import { LocalFile, type ByteSource } from './byte-source.js'
 import { isS3Url } from '../s3/url.js'
 import { FOOTER_SIZE, decodeFooter, type ImageFooter } from './footer.js'
-import { ALIGN, HEADER_SIZE, decodeHeader, type ImageHeader } from './header.js'
+import { ALIGN, HEADER_SIZE, INCOMPAT_BASE_IMAGE, decodeHeader, type ImageHeader } from './header.js'
+import { decodeBaseImage, type BaseImageRef } from './base-image.js'
 import { RunLocator, type PageLocation } from './locator.js'
 import * as T from './trailer.js'
 
@@ -69,6 +70,8 @@ export class ImageReader {
     readonly clusterOffsets: number[],
     readonly runs: T.PageRun[],
     readonly device: DeviceState,
+    /** an incremental image's base (trailer record 8), else null: chain.ts opens it */
+    readonly base: BaseImageRef | null,
   ) {
     this.lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
   }
@@ -105,7 +108,9 @@ export class ImageReader {
     const trailer = await src.read(trailerOffset, trailerLength)
     if (crc32(trailer) !== footer.trailerCrc) throw new SnapError('SNAP_CHECKSUM', 'the trailer checksum does not match', { offset: trailerOffset })
 
-    const records = T.decodeTrailer(trailer, trailerOffset)
+    const at = new Map<number, number>()
+    const records = T.decodeTrailer(trailer, trailerOffset, at)
+    const base = baseOf(header, records, at)
     const streamInfo = T.decodeStreamInfo(records.get(T.REC_STREAM_INFO)!)
     const blocks = T.decodeBlockTable(records.get(T.REC_BLOCK_TABLE)!, header.pageSize)
     const lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
@@ -121,7 +126,7 @@ export class ImageReader {
       }
     }
     if (offsets.length === 0 && trailerOffset !== HEADER_SIZE) corrupt('no clusters, yet the trailer does not follow the header')
-    const runs = T.decodePageMap(records.get(T.REC_PAGE_MAP)!, blocks, offsets.length, lim.maxPages)
+    const runs = T.decodePageMap(records.get(T.REC_PAGE_MAP)!, blocks, offsets.length, lim.maxPages, base !== null)
     const config = records.get(T.REC_CONFIG)!
     const device: DeviceState = {
       machine: typeof streamInfo.machine === 'string' ? streamInfo.machine : (machineFromConfig(config) ?? header.machine),
@@ -134,7 +139,7 @@ export class ImageReader {
       deviceSections: records.get(T.REC_DEVICE_SECTIONS)!,
       streamEnd: records.get(T.REC_STREAM_END)!,
     }
-    return new ImageReader(src, size, header, footer, records, streamInfo, blocks, offsets, runs, device)
+    return new ImageReader(src, size, header, footer, records, streamInfo, blocks, offsets, runs, device, base)
   }
 
   blockId(nameOrId: string | number): number {
@@ -323,6 +328,19 @@ export class ImageReader {
 async function openS3(path: string): Promise<ByteSource> {
   const { S3Source } = await import('./s3-source.js')
   return S3Source.open(path)
+}
+
+/** Incompatible bit 0, base_image_offset and record 8 go together (container.md, "base_image"). */
+function baseOf(header: ImageHeader, records: Map<number, Buffer>, at: Map<number, number>): BaseImageRef | null {
+  const body = records.get(T.REC_BASE_IMAGE)
+  if ((header.incompatibleFeatures & INCOMPAT_BASE_IMAGE) === 0n) {
+    if (body) corrupt('a base_image record in an image without incompatible bit 0')
+    return null
+  }
+  if (!body || at.get(T.REC_BASE_IMAGE) !== header.baseImageOffset) {
+    corrupt(`base_image_offset ${header.baseImageOffset} does not point at a base_image record`, { offset: header.baseImageOffset })
+  }
+  return decodeBaseImage(body!)
 }
 
 /** QEMU_VM_CONFIGURATION: 0x07, be32 length, the machine type name. */

@@ -16,6 +16,9 @@ export const RECORD_HEADER = 16
 export const MAX_BLOCKS = 4096
 /** page_map `cluster` of a run of zero pages */
 export const ZERO_CLUSTER = 0xffffffff
+/** page_map `cluster` of a run of pages an incremental image takes from its base */
+export const BASE_CLUSTER = 0xfffffffe
+export const REC_BASE_IMAGE = 8
 const RUN_SIZE = 20
 const BLOCK_ENTRY_MIN = 17
 
@@ -48,8 +51,11 @@ export function encodeTrailer(records: TrailerRecord[]): Buffer {
   return w.buf
 }
 
-/** Split the trailer into records by type; `offset` is the trailer's file offset. */
-export function decodeTrailer(buf: Buffer, offset = 0): Map<number, Buffer> {
+/**
+ * Split the trailer into records by type; `offset` is the trailer's file offset. `at` gets each
+ * kept record's file offset (its 16-byte record header).
+ */
+export function decodeTrailer(buf: Buffer, offset = 0, at?: Map<number, number>): Map<number, Buffer> {
   const out = new Map<number, Buffer>()
   const r = new Reader(buf, 0, buf.length, 'SNAP_CORRUPT', offset)
   while (r.left > 0) {
@@ -57,11 +63,15 @@ export function decodeTrailer(buf: Buffer, offset = 0): Map<number, Buffer> {
     if (r.left === 0) break
     const type = r.u32('record type')
     r.u32('record flags')
+    const start = offset + r.pos - 8
     const length = r.u64('record length', 'SNAP_CORRUPT')
     if (length > r.left) corrupt(`trailer record ${type} runs past the trailer end`, { offset: offset + r.pos })
     const body = r.bytes(length)
-    if (type >= REC_STREAM_INFO && type <= REC_CLUSTER_DIRECTORY && out.has(type)) corrupt(`trailer record ${type} appears twice`)
-    if (!out.has(type)) out.set(type, body)
+    if (type >= REC_STREAM_INFO && type <= REC_BASE_IMAGE && out.has(type)) corrupt(`trailer record ${type} appears twice`)
+    if (!out.has(type)) {
+      out.set(type, body)
+      at?.set(type, start)
+    }
   }
   for (let t = REC_STREAM_INFO; t <= REC_STREAM_END; t++) if (!out.has(t)) corrupt(`the trailer lacks record type ${t}`)
   return out
@@ -168,9 +178,10 @@ export function encodePageMap(runs: PageRun[]): Buffer {
 
 /**
  * Decode and check the page map against the block table and the cluster count: sorted,
- * not overlapping, inside its block, slots inside a cluster's largest page count.
+ * not overlapping, inside its block, slots inside a cluster's largest page count. Base runs
+ * (BASE_CLUSTER) only in an image with a base (`hasBase`).
  */
-export function decodePageMap(body: Buffer, blocks: RamBlock[], clusterCount: number, maxPages: number): PageRun[] {
+export function decodePageMap(body: Buffer, blocks: RamBlock[], clusterCount: number, maxPages: number, hasBase = false): PageRun[] {
   const r = new Reader(body, 0, body.length, 'SNAP_CORRUPT')
   const count = r.u32('run_count')
   // Check before allocating: a count of 0xFFFFFFFF must cost nothing.
@@ -185,8 +196,8 @@ export function decodePageMap(body: Buffer, blocks: RamBlock[], clusterCount: nu
     if (!b) corrupt(`page_map run ${i} names block ${run.blockId}, which is not in the block table`)
     if (run.pageCount < 1 || run.firstPage + run.pageCount > b.size / b.pageSize) corrupt(`page_map run ${i} is outside block ${b.name}`)
     if (run.blockId < prevBlock || (run.blockId === prevBlock && run.firstPage < prevEnd)) corrupt(`page_map run ${i} is out of order or overlaps`)
-    if (run.cluster === ZERO_CLUSTER) {
-      if (run.firstSlot !== 0) corrupt(`page_map zero run ${i} has first_slot ${run.firstSlot}`)
+    if (run.cluster === ZERO_CLUSTER || (run.cluster === BASE_CLUSTER && hasBase)) {
+      if (run.firstSlot !== 0) corrupt(`page_map zero or base run ${i} has first_slot ${run.firstSlot}`)
     } else if (run.cluster >= clusterCount || run.firstSlot + run.pageCount > maxPages) {
       corrupt(`page_map run ${i} points outside the data clusters`)
     }

@@ -9,18 +9,19 @@ import lz4 from 'lz4-napi'
 import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import { renameIntoPlace } from '../paths.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
+import { PAGE_BASE, PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
 import { CODEC_LZ4, CODEC_NONE } from './cluster.js'
 import { ClusterFile, fsyncDir, type ClusterFileOptions, type Stored } from './cluster-file.js'
 import { copyLive, copyZeros } from './compaction.js'
 import { FOOTER_SIZE, encodeFooter } from './footer.js'
 import {
-  ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
+  ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, INCOMPAT_BASE_IMAGE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
   encodeHeader, isPowerOfTwo,
 } from './header.js'
 import { localIndexPath } from './byte-source.js'
 import { holds, listPartials, lockedError, partialPath, runningCreates } from './lock.js'
-import { LOC_NEVER_SENT, LOC_ZERO, PageMap } from './locator.js'
+import { LOC_BASE, LOC_NEVER_SENT, LOC_ZERO, PageMap } from './locator.js'
+import { encodeBaseImage, type BaseImageRef } from './base-image.js'
 import * as T from './trailer.js'
 import type * as PageIndexModule from '../index/page-index.js'
 
@@ -51,8 +52,24 @@ export interface WriterOptions {
    * filesystem that refuses it, through the cache, and `note` says so
    */
   bypassCache?: boolean
+  /** write an incremental image: pages equal to what this base restores are stored as base runs */
+  base?: WriterBase
 }
 
+/**
+ * What the writer asks of the base of an incremental image (container.md, "Incremental images";
+ * chain.ts implements it over a chain of images).
+ */
+export interface WriterBase {
+  /** trailer record 8, its path relative to the new image's directory */
+  ref: BaseImageRef
+  /** the base's RAM blocks: the stream must declare the same */
+  blocks: RamBlock[]
+  /** whether the base restores exactly `data` at (block, page); `null`: a zero page */
+  same(block: number, page: number, data: Uint8Array | null): boolean
+  /** what the base restores at (block, page), into `into` (zeroes where it has no data) */
+  read(block: number, page: number, into: Buffer): void
+}
 
 export interface FinishInfo {
   source: 'qemu' | 'libvirt'
@@ -75,6 +92,8 @@ export interface ImageSummary {
   pages: number
   zeroPages: number
   storedPages: number
+  /** an incremental image's pages taken from its base (0 without a base) */
+  basePages: number
   /** every page of the RAM blocks (pages QEMU never sent included) and their bytes */
   ramPages: number
   ramBytes: number
@@ -115,6 +134,7 @@ export class ImageWriter {
     private readonly force: boolean,
     private readonly sync: boolean,
     private readonly fileOpts: ClusterFileOptions,
+    private readonly base: WriterBase | null,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
     this.file.onEvict = (b) => this.recycle(b)
@@ -149,7 +169,7 @@ export class ImageWriter {
       await unlink(partial).catch(() => {})
       throw lockedError(path, running)
     }
-    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false, fileOpts)
+    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false, fileOpts, opts.base ?? null)
   }
 
   /** Why --bypass-cache could not be honoured (the filesystem refuses O_DIRECT), for the caller to print. */
@@ -169,6 +189,10 @@ export class ImageWriter {
       }
       names.add(b.name)
     }
+    const base = this.base?.blocks
+    if (base && (base.length !== blocks.length || base.some((b, i) => b.name !== blocks[i].name || b.size !== blocks[i].size))) {
+      throw new SnapError('SNAP_BASE_MISMATCH', `the base has RAM blocks ${describeBlocks(base)}, the stream ${describeBlocks(blocks)}: not a save of the same VM`)
+    }
     this.blocks = blocks.map((b, id) => ({ id, name: b.name, size: b.size, pageSize: PAGE_SIZE }))
     this.map = new PageMap(blocks.map((b) => b.size / PAGE_SIZE))
   }
@@ -187,6 +211,12 @@ export class ImageWriter {
   putPage(block: number, page: number, data: Uint8Array): void {
     const map = this.check(block, page)
     if (data.length !== PAGE_SIZE) throw new SnapError('SNAP_INTERNAL', `a page of ${data.length} bytes`)
+    // Compared before anything is copied or compressed: an unchanged page costs no bytes.
+    if (this.base?.same(block, page, data)) {
+      this.vacate(map, block, page)
+      map.setBase(block, page)
+      return
+    }
     if (map.loc[block][page] === this.seq + 1) {
       // Re-sent while its cluster is still open: replace it in place, no dead copy.
       this.buf.set(data, map.slot[block][page] * PAGE_SIZE)
@@ -202,6 +232,13 @@ export class ImageWriter {
 
   putZero(block: number, page: number): void {
     const map = this.check(block, page)
+    this.vacate(map, block, page)
+    if (this.base?.same(block, page, null)) map.setBase(block, page)
+    else map.setZero(block, page)
+  }
+
+  /** A page of the open cluster leaves it: its slot is filled with the last page, so no dead slot is written. */
+  private vacate(map: PageMap, block: number, page: number): void {
     if (map.loc[block][page] === this.seq + 1) {
       // Fill the hole with the open cluster's last page so that no dead slot is written.
       const hole = map.slot[block][page]
@@ -215,12 +252,15 @@ export class ImageWriter {
         map.moveSlot(b, p, hole)
       }
     }
-    map.setZero(block, page)
   }
 
   readPage(block: number, page: number, into: Buffer): PageState {
     const map = this.check(block, page)
     const loc = map.loc[block][page]
+    if (loc === LOC_BASE) {
+      this.base!.read(block, page, into)
+      return PAGE_BASE
+    }
     if (loc === LOC_NEVER_SENT || loc === LOC_ZERO) {
       into.fill(0, 0, PAGE_SIZE)
       return loc === LOC_NEVER_SENT ? PAGE_NEVER_SENT : PAGE_ZERO
@@ -333,7 +373,7 @@ export class ImageWriter {
       switchoverStart: device.switchoverStart, ramEnd: device.ramEnd, source: info.source,
       libvirtHeader: info.libvirtHeader, creator: CREATOR, counters: { ...counters }, machine: device.machine,
     }
-    const trailer = T.encodeTrailer([
+    const records: T.TrailerRecord[] = [
       { type: T.REC_STREAM_INFO, body: T.encodeStreamInfo(streamInfo) },
       { type: T.REC_BLOCK_TABLE, body: T.encodeBlockTable(this.blocks) },
       { type: T.REC_PAGE_MAP, body: T.encodePageMap(runs) },
@@ -341,8 +381,12 @@ export class ImageWriter {
       { type: T.REC_DEVICE_SECTIONS, body: device.deviceSections },
       { type: T.REC_STREAM_END, body: device.streamEnd },
       { type: T.REC_CLUSTER_DIRECTORY, body: T.encodeClusterDirectory(f.offsets) },
-    ])
+    ]
     const trailerOffset = f.dataEnd
+    // Record 8 goes last, so that base_image_offset is where the records before it end.
+    const baseImageOffset = this.base ? trailerOffset + roundUp(T.trailerSize(records), 8) : 0
+    if (this.base) records.push({ type: T.REC_BASE_IMAGE, body: encodeBaseImage(this.base.ref) })
+    const trailer = T.encodeTrailer(records)
     const fileLength = roundUp(trailerOffset + trailer.length + FOOTER_SIZE, ALIGN)
     const trailerCrc = crc32(trailer)
     const footer = encodeFooter({
@@ -350,9 +394,9 @@ export class ImageWriter {
       clusterCount: f.offsets.length, generation: 1,
     })
     const header = encodeHeader({
-      version: 1, headerLength: HEADER_LENGTH_V1, incompatibleFeatures: 0n, compatibleFeatures: compat, autoclearFeatures: 0n,
+      version: 1, headerLength: HEADER_LENGTH_V1, incompatibleFeatures: this.base ? INCOMPAT_BASE_IMAGE : 0n, compatibleFeatures: compat, autoclearFeatures: 0n,
       clusterSize: this.clusterSize, pageSize: PAGE_SIZE, uuid: this.uuid, creationTime: this.createdAt, generation: 1,
-      trailerOffset, trailerLength: trailer.length, fileLength, machine: device.machine, baseImageOffset: 0, encryptionMethod: 0,
+      trailerOffset, trailerLength: trailer.length, fileLength, machine: device.machine, baseImageOffset, encryptionMethod: 0,
     })
     const pad = Buffer.alloc(fileLength - FOOTER_SIZE - trailerOffset - trailer.length)
     await f.writeEnd([trailer, pad, footer], trailerOffset)
@@ -363,11 +407,11 @@ export class ImageWriter {
     // Renamed while still open, so that the partial is held (locked) until it has its name.
     await this.publish()
     await f.close()
-    const { pages, zeroPages, storedPages } = map.totals()
+    const { pages, zeroPages, storedPages, basePages } = map.totals()
     const summary: ImageSummary = {
       path: this.path, uuid: this.uuid.toString('hex'), clusters: f.offsets.length, fileBytes: fileLength,
       storedBytes: f.storedLengths.reduce((a, b) => a + b, 0), rawBytes: f.pageCounts.reduce((a, b) => a + b, 0) * PAGE_SIZE,
-      deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages, zeroPages, storedPages,
+      deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages, zeroPages, storedPages, basePages,
       ramPages: this.blocks.reduce((n, b) => n + b.size / b.pageSize, 0), ramBytes: this.blocks.reduce((n, b) => n + b.size, 0),
       compacted, indexPath: localIndexPath(this.path),
     }
@@ -404,6 +448,10 @@ export class ImageWriter {
     this.old = null
     this.partialPath = ''
   }
+}
+
+function describeBlocks(blocks: RamBlockDecl[]): string {
+  return blocks.map((b) => `${b.name} (${b.size} bytes)`).join(', ')
 }
 
 async function exists(path: string): Promise<boolean> {

@@ -4,7 +4,7 @@
 import { pack, unpack } from 'msgpackr'
 import { Reader, Writer } from '../bytes.js'
 import { SnapError } from '../errors.js'
-import { ZERO_CLUSTER, type PageRun } from '../container/trailer.js'
+import { BASE_CLUSTER, ZERO_CLUSTER, type PageRun } from '../container/trailer.js'
 
 export const INDEX_VERSION = 1
 export const P_META = 0x00
@@ -14,6 +14,8 @@ export const P_NAME = 0x03
 export const META_KEY = Buffer.from([P_META, 0x6d, 0x65, 0x74, 0x61])
 export const KIND_ZERO = 1
 export const KIND_DATA = 2
+/** an incremental image's run of pages taken from its base */
+export const KIND_BASE = 3
 
 const bad = (what: string): never => {
   throw new SnapError('SNAP_INDEX_CORRUPT', `the page index holds a malformed ${what}`)
@@ -41,7 +43,7 @@ export function decodeRunKey(key: Buffer): { blockId: number; byteOffset: number
 }
 
 export interface RunValue {
-  kind: typeof KIND_ZERO | typeof KIND_DATA
+  kind: typeof KIND_ZERO | typeof KIND_DATA | typeof KIND_BASE
   pageCount: number
   cluster: number
   firstSlot: number
@@ -52,22 +54,22 @@ export function encodeRunValue(v: RunValue): Buffer {
 }
 
 export function decodeRunValue(b: Buffer): RunValue {
-  if (b.length !== 14 || b[0] !== INDEX_VERSION || (b[1] !== KIND_ZERO && b[1] !== KIND_DATA)) bad('run value')
+  if (b.length !== 14 || b[0] !== INDEX_VERSION || (b[1] !== KIND_ZERO && b[1] !== KIND_DATA && b[1] !== KIND_BASE)) bad('run value')
   return { kind: b[1] as RunValue['kind'], pageCount: b.readUInt32BE(2), cluster: b.readUInt32BE(6), firstSlot: b.readUInt32BE(10) }
 }
 
 /** A page_map run as the index stores it (format-spec/index.md: a zero run has kind 1, cluster and slot 0xFFFFFFFF/0 as written). */
 export function runEntry(r: PageRun, pageSize: number): [Buffer, Buffer] {
-  const zero = r.cluster === ZERO_CLUSTER
-  return [runKey(r.blockId, r.firstPage * pageSize), encodeRunValue({ kind: zero ? KIND_ZERO : KIND_DATA, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot })]
+  const kind = r.cluster === ZERO_CLUSTER ? KIND_ZERO : r.cluster === BASE_CLUSTER ? KIND_BASE : KIND_DATA
+  return [runKey(r.blockId, r.firstPage * pageSize), encodeRunValue({ kind, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot })]
 }
 
 /** The page_map run an index entry stands for. */
 export function runFromEntry(key: Buffer, value: Buffer, pageSize: number): PageRun {
   const k = decodeRunKey(key)
   const v = decodeRunValue(value)
-  const zero = v.kind === KIND_ZERO
-  return { blockId: k.blockId, firstPage: k.byteOffset / pageSize, pageCount: v.pageCount, cluster: zero ? ZERO_CLUSTER : v.cluster, firstSlot: zero ? 0 : v.firstSlot }
+  const cluster = v.kind === KIND_ZERO ? ZERO_CLUSTER : v.kind === KIND_BASE ? BASE_CLUSTER : v.cluster
+  return { blockId: k.blockId, firstPage: k.byteOffset / pageSize, pageCount: v.pageCount, cluster, firstSlot: v.kind === KIND_DATA ? v.firstSlot : 0 }
 }
 
 // ---- 02: clusters --------------------------------------------------------------------------

@@ -5,9 +5,9 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
 import { Level } from 'level'
 import { SnapError, isSnapError } from '../errors.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type RamBlock } from '../types.js'
+import { PAGE_BASE, PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type RamBlock } from '../types.js'
 import type { DecodedCluster, ImageReader } from '../container/reader.js'
-import { ZERO_CLUSTER, sameRun, slotHolds, type PageLocation, type PageRun } from '../container/locator.js'
+import { BASE_CLUSTER, ZERO_CLUSTER, sameRun, slotHolds, type PageLocation, type PageRun } from '../container/locator.js'
 import * as K from './keys.js'
 import { localIndexPath } from '../container/byte-source.js'
 
@@ -259,14 +259,16 @@ export class PageIndex {
     const run = hit.length === 0 ? null : K.runFromEntry(hit[0][0], hit[0][1], b.pageSize)
     if (!run || run.blockId !== id || page >= run.firstPage + run.pageCount) return { state: PAGE_NEVER_SENT }
     if (run.cluster === ZERO_CLUSTER) return { state: PAGE_ZERO }
+    if (run.cluster === BASE_CLUSTER) return { state: PAGE_BASE }
     return { state: PAGE_DATA, cluster: run.cluster, slot: run.firstSlot + page - run.firstPage }
   }
 
-  /** A page's bytes (a view into a cached decoded cluster), 'zero', or null if never sent. */
-  async readPage(block: number | string, byteOffset: number): Promise<Buffer | 'zero' | null> {
+  /** A page's bytes (a view into a cached decoded cluster), 'zero', 'base' (ask the base image), or null if never sent. */
+  async readPage(block: number | string, byteOffset: number): Promise<Buffer | 'zero' | 'base' | null> {
     const loc = await this.lookup(block, byteOffset)
     if (loc.state === PAGE_NEVER_SENT) return null
     if (loc.state === PAGE_ZERO) return 'zero'
+    if (loc.state === PAGE_BASE) return 'base'
     const seq = loc.cluster!
     let p = this.cache.get(seq)
     if (p) {
