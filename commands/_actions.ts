@@ -35,6 +35,8 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
     sync: flags.sync === true,
     bypassCache: flags['bypass-cache'] === true,
     log: (msg) => void process.stderr.write(`snapctl: note: ${msg}\n`),
+    base: flags.base as string | undefined,
+    baseRelativeTo: flags['base-relative-to'] as string | undefined,
     listen,
     timeoutMs: parseTimeout(flags.timeout),
     onProgress: progress ? (done, total) => progress.update(done, total) : undefined,
@@ -43,7 +45,7 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
   progress?.finish(r.bytesIn, r.bytesTotal)
   const s = r.image
   const stats = {
-    pages: s.pages, storedPages: s.storedPages, zeroPages: s.zeroPages, ramPages: s.ramPages,
+    pages: s.pages, storedPages: s.storedPages, zeroPages: s.zeroPages, basePages: s.basePages, ramPages: s.ramPages,
     bytesIn: r.bytesIn, bytesOut: s.fileBytes, seconds: r.seconds, source: r.source, stream: streamReport(r.counters),
     ...(listen !== undefined ? { channels: r.channels, epochs: r.epochs } : {}),
   }

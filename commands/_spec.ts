@@ -24,6 +24,7 @@ export const CREATE: CommandSpec = {
     '<%= config.bin %> create vm1.snap --from saved.stream',
     '<%= config.bin %> create vm1.snap --from /var/lib/libvirt/qemu/save/vm1.save',
     '<%= config.bin %> create vm1.snap --listen unix:/run/vm1.mig   # then (qemu) migrate unix:/run/vm1.mig, multifd on or off',
+    `(qemu) migrate "exec:<%= config.bin %> create /var/lib/snaps/vm1-2.snap --base /var/lib/snaps/vm1.snap"   # incremental`,
   ],
   image: 'the image to write',
   flags: {
@@ -33,6 +34,8 @@ export const CREATE: CommandSpec = {
     compress: { type: 'string', options: ['lz4', 'none'], default: 'lz4', description: 'cluster compression' },
     'cluster-size': { type: 'string', default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' },
     force: { type: 'boolean', description: 'replace an existing image' },
+    base: { type: 'string', description: 'write an incremental image over BASE (an image of the same VM, or the top of a chain): only pages whose content differs from what BASE restores are stored; BASE is only read, and its path is stored relative to the image' },
+    'base-relative-to': { type: 'string', description: 'with --base: store the base\'s path relative to this directory, where the image will be moved (save uses it); default the image\'s own directory' },
     sync: { type: 'boolean', description: 'make the image durable (fdatasync) before exiting; off, a power loss can lose it, but never yields a wrong restore' },
     'bypass-cache': { type: 'boolean', description: 'write the image with direct I/O (O_DIRECT), so that it neither fills nor evicts the host\'s page cache (as virsh save --bypass-cache); on a filesystem that refuses O_DIRECT (ramfs, tmpfs before Linux 6.6) a note says so and the image goes through the page cache' },
     progress: { type: 'boolean', description: 'show progress on stderr' },

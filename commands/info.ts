@@ -3,7 +3,7 @@ import { formatBytes } from './_format.js'
 import { printJson, reportError, runCommand } from './_run-command.js'
 import { unlessAborted } from '../src/abort.js'
 import { SnapError } from '../src/errors.js'
-import { imageInfo } from '../src/info.js'
+import { imageInfo, type ChainInfo } from '../src/info.js'
 import type { DeviceCheck } from '../src/stream/device-tail.js'
 
 export default class Info extends Command {
@@ -32,7 +32,7 @@ export default class Info extends Command {
         ['uuid', info.uuid],
         ['format', `snapctl v${info.version}, generation ${info.generation}, created ${info.createdAt}`],
         ['machine', `${info.machine} (from ${info.source}${info.creator ? `, written by ${info.creator}` : ''})`],
-        ['ram', `${formatBytes(info.ramBytes)} in ${info.ramBlocks.length} block${info.ramBlocks.length === 1 ? '' : 's'}, ${info.ramPages} pages: ${info.pages} held (${info.storedPages} with data, ${info.zeroPages} zero)`],
+        ['ram', `${formatBytes(info.ramBytes)} in ${info.ramBlocks.length} block${info.ramBlocks.length === 1 ? '' : 's'}, ${info.ramPages} pages: ${info.pages} held (${info.storedPages} with data, ${info.zeroPages} zero)${info.basePages ? `, ${info.basePages} from the base` : ''}`],
         ['clusters', `${info.clusters} of up to ${formatBytes(info.clusterSize)}, ${info.codecs.lz4} lz4, ${info.codecs.none} raw`],
         ['file', `${formatBytes(info.fileBytes)}: ${formatBytes(info.storedBytes)} of page data (${formatBytes(info.rawBytes)} before compression, ratio ${info.compressionRatio.toFixed(2)}), ${formatBytes(info.deadBytes)} dead`],
         ['device state', `${info.deviceStateBytes} bytes, ${deviceCheckText(info.deviceCheck)}`],
@@ -40,18 +40,27 @@ export default class Info extends Command {
         ['working set', info.workingSet === null ? 'none (restore --lazy --record stores one)'
           : info.workingSet.error ? `unusable, ignored by lazy restores: ${info.workingSet.error}` : `${info.workingSet.pages} pages, recorded ${info.workingSet.recordedAt}`],
       ]
+      if (info.chain) rows.push(...chainRows(info.chain))
       if (info.createRunning?.length) rows.push(['create running', `pid ${info.createRunning.join(', ')}: this image is being replaced`])
       const w = Math.max(...rows.map((r) => r[0].length))
       let out = rows.map(([k, v]) => `${k.padEnd(w)}  ${v}\n`).join('')
       const nw = Math.max(5, ...info.ramBlocks.map((b) => b.name.length))
       out += `\n${'block'.padEnd(nw)}  ${'size'.padStart(12)}  ${'pages'.padStart(9)}  ${'stored'.padStart(9)}  ${'zero'.padStart(9)}  ${'never sent'.padStart(10)}\n`
       for (const b of info.ramBlocks) {
-        const never = b.ramPages - b.pages
+        const never = b.ramPages - b.pages - b.basePages
         out += `${b.name.padEnd(nw)}  ${formatBytes(b.size).padStart(12)}  ${String(b.ramPages).padStart(9)}  ${String(b.storedPages).padStart(9)}  ${String(b.zeroPages).padStart(9)}  ${String(never).padStart(10)}\n`
       }
       process.stdout.write(out)
     })
   }
+}
+
+/** An incremental image: its base, and the chain top first (or why it does not open). */
+function chainRows(c: ChainInfo): Array<[string, string]> {
+  const rows: Array<[string, string]> = [['base', `${c.base.path} (${c.base.resolved}), uuid ${c.base.uuid}, generation ${c.base.generation}`]]
+  if (c.error) rows.push(['chain', `${c.error.code}: ${c.error.message}`])
+  c.layers.forEach((l, i) => rows.push([i === 0 ? 'chain' : '', `${i}: ${l.path}, ${formatBytes(l.fileBytes)}, ${l.storedPages} pages with data, ${l.zeroPages} zero, ${l.basePages} from its base`]))
+  return rows
 }
 
 function deviceCheckText(c: DeviceCheck): string {

@@ -33,7 +33,7 @@ export default class Verify extends Command {
       progress?.finish(r.bytesRead, r.fileBytes)
       if (flags.json) printJson(r)
       else if (r.ok) {
-        process.stdout.write(`${r.path}: ok: ${r.clusters} clusters, ${r.pages} pages, ${formatBytes(r.fileBytes)} checked at ${formatRate(r.fileBytes, r.seconds)}; ${INDEX_TEXT[r.index]}\n`)
+        process.stdout.write(`${r.path}: ok: ${r.clusters} clusters, ${r.pages} pages, ${formatBytes(r.fileBytes)} checked at ${formatRate(r.fileBytes, r.seconds)}; ${INDEX_TEXT[r.index]}${r.chain ? `; its chain of ${r.chain.length} images checks out` : ''}\n`)
       }
       for (const p of flags.json ? [] : r.problems) {
         const where = p.cluster !== undefined ? ` [cluster ${p.cluster}, offset ${p.offset}]` : p.offset !== undefined ? ` [offset ${p.offset}]` : ''

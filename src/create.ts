@@ -8,6 +8,7 @@
 
 import { throwIfAborted, unlessAborted } from './abort.js'
 import { ImageWriter, type ImageSummary } from './container/writer.js'
+import { openBaseFor, writerBase } from './container/chain.js'
 import { SnapError } from './errors.js'
 import { fdIncoming } from './transport/fd.js'
 import type { IncomingMigration } from './transport/types.js'
@@ -41,6 +42,13 @@ export interface CreateOptions {
   timeoutMs?: number
   /** with `listen`: called once the socket is listening */
   onListening?: (path: string) => void
+  /**
+   * an incremental image over this base (one image, or the top of a chain): pages equal to what
+   * it restores are not stored (format-spec/container.md, "Incremental images")
+   */
+  base?: string
+  /** with `base`: the directory the image will be moved to, which the base's path is stored relative to */
+  baseRelativeTo?: string
   /** called after every chunk read with the bytes read so far (and the input's size, if known) */
   onProgress?: (bytesIn: number, bytesTotal?: number) => void
   /** stops the create: the partial image is removed and createImage rejects with SNAP_ABORTED */
@@ -70,12 +78,15 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
   // Paths first: a bad one must fail before QEMU's stream is read, not after.
   const bytesTotal = opts.from === undefined ? undefined : (await checkInputFile(opts.from, '--from')).size
   await checkOutputFile(path, 'the image')
+  // The base chain is opened and checked before QEMU's stream is read; it is only ever read.
+  const base = opts.base === undefined ? null : await openBaseFor(opts.base, path)
   const opening = ImageWriter.create(path, {
     clusterSize: opts.clusterSize,
     compress: opts.compress,
     force: opts.force,
     sync: opts.sync,
     bypassCache: opts.bypassCache,
+    base: base ? writerBase(base, path, opts.baseRelativeTo) : undefined,
   })
   // Undone on abort even while the partial file is being made.
   const undo = async (): Promise<string | undefined> => {
@@ -87,7 +98,7 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
     if (writer.note) opts.log?.(writer.note)
     return opts.listen !== undefined ? fillFromSocket(writer, opts.listen, opts, started) : fill(writer, opts, bytesTotal, started)
   })
-  return unlessAborted(opts.signal, work, undo)
+  return unlessAborted(opts.signal, work, undo).finally(() => base?.close())
 }
 
 /** The stream from a unix socket, with multifd channels (src/multifd/receive.ts). */

@@ -5,6 +5,7 @@ import { isSnapError } from './errors.js'
 import { isS3Url } from './s3/url.js'
 import { lockedError, runningCreates } from './container/lock.js'
 import { ImageReader, type ImageSummaryInfo } from './container/reader.js'
+import { basePath, openImage } from './container/chain.js'
 import { HEADER_SIZE, decodeHeader } from './container/header.js'
 import { PageIndex } from './index/page-index.js'
 import { workingSetOf } from './container/working-set.js'
@@ -17,9 +18,18 @@ export interface WorkingSetInfo {
   error?: string
 }
 
-/** createRunning: the PIDs of creates writing a new image to this path right now. */
+/** An incremental image's chain, top first (container.md, "Incremental images"). */
+export interface ChainInfo {
+  /** the base as the image names it (relative to its directory), and where that is */
+  base: { path: string; resolved: string; uuid: string; generation: number }
+  /** every image of the chain, top first, when it opens and checks out; else `error` */
+  layers: Array<{ path: string; uuid: string; generation: number; fileBytes: number; storedPages: number; zeroPages: number; basePages: number }>
+  error?: { code: string; message: string }
+}
+
+/** createRunning: the PIDs of creates writing a new image to this path right now. chain: null for a standalone image. */
 export type ImageInfo =
-  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean; deviceCheck: DeviceCheck; createRunning?: number[]; workingSet: WorkingSetInfo | null } & ImageSummaryInfo)
+  | ({ format: 'snapctl'; complete: true; path: string; indexPresent: boolean; deviceCheck: DeviceCheck; createRunning?: number[]; workingSet: WorkingSetInfo | null; chain: ChainInfo | null } & ImageSummaryInfo)
   | { format: 'snapctl'; complete: false; reason: string; path: string; fileBytes: number; uuid?: string; clusterSize?: number; machine?: string; createRunning?: number[] }
 
 /**
@@ -46,10 +56,32 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
     const ws = workingSetOf(reader, (e) => (wsError = (e as Error).message))
     const workingSet: WorkingSetInfo | null = ws ? { pages: ws.pages.length / 2, recordedAt: new Date(ws.recordedTime).toISOString() }
       : wsError ? { pages: 0, recordedAt: null, error: wsError } : null
-    return { format: 'snapctl', complete: true, path, indexPresent, deviceCheck, ...summary, workingSet, ...pids }
+    const chain = reader.base ? await chainInfo(reader) : null
+    return { format: 'snapctl', complete: true, path, indexPresent, deviceCheck, ...summary, workingSet, chain, ...pids }
   } finally {
     await reader.close()
   }
+}
+
+/** The chain under an incremental image; a base that is missing or changed is described, not thrown. */
+async function chainInfo(reader: ImageReader): Promise<ChainInfo> {
+  const ref = reader.base!
+  const info: ChainInfo = { base: { path: ref.path, resolved: basePath(reader.path, ref), uuid: ref.uuid.toString('hex'), generation: ref.generation }, layers: [] }
+  try {
+    const chain = await openImage(reader.path)
+    try {
+      for (const l of 'layers' in chain ? chain.layers : [chain]) {
+        const { storedPages, zeroPages, basePages } = l.locator.totals()
+        info.layers.push({ path: l.path, uuid: l.header.uuid.toString('hex'), generation: l.header.generation, fileBytes: l.fileLength, storedPages, zeroPages, basePages })
+      }
+    } finally {
+      await chain.close()
+    }
+  } catch (e) {
+    if (!isSnapError(e)) throw e
+    info.error = { code: e.code, message: e.message }
+  }
+  return info
 }
 
 async function incomplete(path: string, reason: string): Promise<ImageInfo> {

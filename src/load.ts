@@ -7,7 +7,7 @@
 // sent; a failed check stops the stream, so QEMU never receives a wrong page.
 
 import { unlessAborted } from './abort.js'
-import { ImageReader } from './container/reader.js'
+import { openImage, topOf, type RestoreImage } from './container/chain.js'
 import { refreshIndex } from './index/refresh.js'
 import { fdOutgoing } from './transport/fd.js'
 import type { OutgoingMigration, SinkOptions } from './transport/types.js'
@@ -57,8 +57,8 @@ export interface LoadResult {
 
 export async function loadImage(path: string, opts: LoadOptions = {}): Promise<LoadResult> {
   const started = performance.now()
-  const reader = await ImageReader.open(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
-  if (reader.source.note) opts.log?.(`note: ${reader.source.note}`)
+  const reader = await openImage(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
+  if (topOf(reader).source.note) opts.log?.(`note: ${topOf(reader).source.note}`)
   const rec = new PageRecordWriter(reader.blocks)
   // Chunks of the record writer's own are handed to the sink whole and come back for reuse.
   const sink = { transferable: (c: Buffer) => rec.owns(c), returned: (c: Buffer) => rec.recycle(c) }
@@ -68,13 +68,13 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
   return unlessAborted(opts.signal, writeStream(reader, rec, opening, opts, started), async () => (await opening.catch(() => null))?.discard())
 }
 
-async function writeStream(reader: ImageReader, rec: PageRecordWriter, opening: Promise<OutgoingMigration>, opts: LoadOptions, started: number): Promise<LoadResult> {
+async function writeStream(reader: RestoreImage, rec: PageRecordWriter, opening: Promise<OutgoingMigration>, opts: LoadOptions, started: number): Promise<LoadResult> {
   let out: OutgoingMigration | null = null
   let done = false
   try {
     out = await opening
     const writer = out.main
-    if (opts.index !== false) await refreshIndex(reader, opts.log)
+    if (opts.index !== false) await refreshIndex(topOf(reader), opts.log)
     const locator = reader.locator
     const send = async (chunks: Buffer[]): Promise<void> => {
       for (const chunk of chunks) await writer.write(chunk)

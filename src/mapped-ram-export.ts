@@ -17,7 +17,7 @@ import { write } from 'node:fs'
 import { promisify } from 'node:util'
 import { unlessAborted, throwIfAborted } from './abort.js'
 import { Writer } from './bytes.js'
-import { ImageReader } from './container/reader.js'
+import { openImage, type RestoreImage } from './container/chain.js'
 import { SnapError, fromSystemError } from './errors.js'
 import { checkOutputFile } from './paths.js'
 import { withCapability } from './stream/configuration.js'
@@ -62,7 +62,7 @@ export async function exportMappedRam(path: string, opts: MappedRamExportOptions
   const started = performance.now()
   const st = await checkOutputFile(opts.to, '--to')
   if (st && !st.isFile()) throw new SnapError('SNAP_BAD_PATH', `--to ${opts.to}: a mapped-ram file is written at offsets, so it must be a regular file`)
-  const reader = await ImageReader.open(path, { whileCreating: 'refuse' })
+  const reader = await openImage(path, { whileCreating: 'refuse' })
   const opening = openOutput(opts.to, { force: opts.force })
   opening.catch(() => {})
   const work = (async () => {
@@ -83,7 +83,7 @@ export async function exportMappedRam(path: string, opts: MappedRamExportOptions
   }
 }
 
-async function writeFile(reader: ImageReader, fd: number, opts: MappedRamExportOptions, started: number): Promise<MappedRamExportResult> {
+async function writeFile(reader: RestoreImage, fd: number, opts: MappedRamExportOptions, started: number): Promise<MappedRamExportResult> {
   let bytesOut = 0
   const put = async (buf: Uint8Array, pos: number): Promise<void> => {
     for (let done = 0; done < buf.length;) {

@@ -19,6 +19,7 @@
 // CONTINUE is never used: sections are built independently and may interleave.
 
 import { ImageReader } from './container/reader.js'
+import { openImage, topOf } from './container/chain.js'
 import { SnapError } from './errors.js'
 import { refreshIndex } from './index/refresh.js'
 import { ReturnPathReader } from './postcopy/return-path-reader.js'
@@ -85,8 +86,8 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
   const started = performance.now()
   if (opts.record && isS3Url(path)) throw new SnapError('SNAP_USAGE', '--record stores the working set in the image: it needs a local image, not s3://')
   if (opts.record && opts.recover) throw new SnapError('SNAP_USAGE', '--record cannot go with --recover: the order of the requests before the recovery is lost')
-  const reader = await ImageReader.open(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
-  if (reader.source.note) opts.log?.(`note: ${reader.source.note}`)
+  const reader = await openImage(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
+  if (topOf(reader).source.note) opts.log?.(`note: ${topOf(reader).source.note}`)
   let out: OutgoingMigration | undefined
   let rp: ReturnPathReader | undefined
   try {
@@ -103,13 +104,13 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     if (!out.returnPath) throw new SnapError('SNAP_USAGE', `a lazy restore needs a return path from QEMU, and ${out.main.what} has none`)
     rp = new ReturnPathReader(out.returnPath)
     // A working set that fails its checks is only a lost optimisation: say so, restore without it.
-    const ws = workingSetOf(reader, (e) => opts.log?.(`the image's working set is not used: ${(e as Error).message}`))
+    const ws = workingSetOf(topOf(reader), (e) => opts.log?.(`the image's working set is not used: ${(e as Error).message}`))
     const session = new Session(reader, reader.locator, out.main, rp, {
       log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,
       workingSet: ws?.pages ?? null, record: opts.record, recover: opts.recover, pushRate: pushRate(),
     })
-    const stats = await session.run(started, () => refreshIndex(reader, opts.log))
+    const stats = await session.run(started, () => refreshIndex(topOf(reader), opts.log))
     await out.finish()
     if (opts.record) {
       // The VM has all its pages: a failure to store is reported, the restore stands.

@@ -14,6 +14,7 @@ import { link, mkdtemp, open, rename, rm, stat, unlink, type FileHandle } from '
 import { basename, dirname, join, resolve } from 'node:path'
 import { MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, isPowerOfTwo } from './container/header.js'
 import { lockedError, partialPath, runningCreates } from './container/lock.js'
+import { openBaseFor } from './container/chain.js'
 import { SnapError, fromSystemError, isSnapError } from './errors.js'
 import { ACTIVE, RateMeter, abortedError, imagePages, pause, waitInactive, type MigrateInfo, type ProgressListener } from './qemu/migration.js'
 import { Peer } from './qemu/peer.js'
@@ -29,6 +30,8 @@ export interface SaveOptions {
   resume?: boolean
   compress?: 'lz4' | 'none'
   clusterSize?: number
+  /** an incremental image over this base (create --base) */
+  base?: string
   force?: boolean
   sync?: boolean
   /** the create writes the image with O_DIRECT, around the host's page cache (`create --bypass-cache`) */
@@ -90,6 +93,8 @@ export async function saveVm(image: string, opts: SaveOptions): Promise<SaveResu
     throw new SnapError('SNAP_USAGE', `cluster size ${clusterSize} must be a power of two from 64 KiB to 64 MiB`)
   }
   await checkTarget(path, opts.force === true)
+  // A base that would be refused is refused before the VM is touched.
+  if (opts.base !== undefined) await (await openBaseFor(opts.base, path)).close()
   const lock = await takeLock(path)
   let work: string | undefined
   let qmp: QmpClient | undefined
@@ -149,6 +154,7 @@ class Save {
       const args = ['create', tmp, '--compress', this.opts.compress ?? 'lz4', '--cluster-size', String(this.opts.clusterSize ?? 1 << 20)]
       if (this.opts.sync) args.push('--sync')
       if (this.opts.bypassCache) args.push('--bypass-cache')
+      if (this.opts.base !== undefined) args.push('--base', resolve(this.opts.base), '--base-relative-to', dirname(this.path))
       this.migrateIssued = true
       if (n) {
         // QEMU connects to the create, which must listen first.

@@ -7,11 +7,14 @@ import { stat } from 'node:fs/promises'
 import { SnapError, fromSystemError, type ErrorCode } from './errors.js'
 import { ImageReader } from './container/reader.js'
 import { clusterDeadBytes } from './container/locator.js'
+import { openImage } from './container/chain.js'
 import { PageIndex } from './index/page-index.js'
 
 export interface Problem {
   code: ErrorCode
   message: string
+  /** in a chain: the image of the chain it is about, when not the top one */
+  image?: string
   cluster?: number
   offset?: number
 }
@@ -39,6 +42,11 @@ export interface VerifyReport {
    * unchecked: the image has problems, or the index cannot be opened here (a read-only place)
    */
   index: 'ok' | 'missing' | 'built' | 'rebuilt' | 'bad' | 'unchecked'
+  /**
+   * an incremental image: every image of its chain, top first, each checked as this one is
+   * (the top's counts are above); null for a standalone image
+   */
+  chain: Array<{ path: string; ok: boolean; clusters: number; fileBytes: number }> | null
 }
 
 /** Errors that are not about the image's content: raised, not listed. */
@@ -65,11 +73,39 @@ export interface VerifyOptions {
   rebuildIndex?: boolean
 }
 
+/** The image, and when it is incremental, its chain: opened (SNAP_BASE_*) and every image checked. */
 export async function verifyImage(path: string, opts: VerifyOptions = {}): Promise<VerifyReport> {
+  let base = false
+  const report = await verifyOne(path, opts, (r) => (base = r.base !== null))
+  if (!base || !report.imageOk) return report
+  const started = performance.now() - report.seconds * 1000
+  report.chain = [{ path: report.path, ok: report.ok, clusters: report.clusters, fileBytes: report.fileBytes }]
+  let lower: string[]
+  try {
+    const chain = await openImage(path, { whileCreating: 'refuse' })
+    lower = 'layers' in chain ? chain.layers.slice(1).map((l) => l.path) : []
+    await chain.close()
+  } catch (e) {
+    if (e instanceof SnapError && NOT_DAMAGE.includes(e.code)) throw e
+    report.problems.push(problem(e))
+    lower = []
+  }
+  for (const p of lower) {
+    const sub = await verifyOne(p, { ...opts, onProgress: undefined }, () => {})
+    report.chain.push({ path: p, ok: sub.ok, clusters: sub.clusters, fileBytes: sub.fileBytes })
+    for (const pr of sub.problems) report.problems.push({ ...pr, image: p, message: `${p}: ${pr.message}` })
+  }
+  report.ok = report.problems.length === 0
+  report.imageOk = !report.problems.some((p) => p.code !== 'SNAP_INDEX_MISMATCH' && p.code !== 'SNAP_INDEX_CORRUPT')
+  report.seconds = (performance.now() - started) / 1000
+  return report
+}
+
+async function verifyOne(path: string, opts: VerifyOptions, opened: (r: ImageReader) => void): Promise<VerifyReport> {
   const started = performance.now()
   const report: VerifyReport = {
     path, ok: false, imageOk: false, problems: [], clusters: 0, clustersOk: 0, pages: 0, zeroPages: 0, storedPages: 0,
-    fileBytes: 0, storedBytes: 0, deadBytes: 0, bytesRead: 0, seconds: 0, index: 'unchecked',
+    fileBytes: 0, storedBytes: 0, deadBytes: 0, bytesRead: 0, seconds: 0, index: 'unchecked', chain: null,
   }
   const finish = () => {
     report.imageOk = !report.problems.some((p) => p.code !== 'SNAP_INDEX_MISMATCH' && p.code !== 'SNAP_INDEX_CORRUPT')
@@ -87,6 +123,7 @@ export async function verifyImage(path: string, opts: VerifyOptions = {}): Promi
     report.problems.push(problem(e))
     return finish()
   }
+  opened(reader)
   try {
     report.fileBytes = reader.fileLength
     report.clusters = reader.clusterOffsets.length

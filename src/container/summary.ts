@@ -20,16 +20,17 @@ export async function imageSummary(reader: ImageReader): Promise<ImageSummaryInf
     if (c.codec === CODEC_LZ4) lz4++
   }
   const ramBlocks = reader.blocks.map((b) => {
-    const { zeroPages, storedPages } = locator.counts(b.id)
-    return { id: b.id, name: b.name, size: b.size, pageSize: b.pageSize, ramPages: b.size / b.pageSize, pages: zeroPages + storedPages, storedPages, zeroPages }
+    const { zeroPages, storedPages, basePages } = locator.counts(b.id)
+    return { id: b.id, name: b.name, size: b.size, pageSize: b.pageSize, ramPages: b.size / b.pageSize, pages: zeroPages + storedPages, storedPages, zeroPages, basePages }
   })
-  const sum = (k: 'pages' | 'storedPages' | 'zeroPages' | 'ramPages' | 'size'): number => ramBlocks.reduce((n, b) => n + b[k], 0)
+  const sum = (k: 'pages' | 'storedPages' | 'zeroPages' | 'basePages' | 'ramPages' | 'size'): number => ramBlocks.reduce((n, b) => n + b[k], 0)
   const h = reader.header
   const info = reader.streamInfo
   return {
     version: h.version, uuid: h.uuid.toString('hex'), machine: reader.device.machine, clusterSize: h.clusterSize, pageSize: h.pageSize,
     compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 },
     ramBytes: sum('size'), ramPages: sum('ramPages'), pages: sum('pages'), storedPages: sum('storedPages'), zeroPages: sum('zeroPages'),
+    basePages: sum('basePages'),
     ramBlocks, clusters: infos.length, fileBytes: reader.fileLength, storedBytes, rawBytes, deadBytes,
     compressionRatio: storedBytes > 0 ? Math.round((100 * rawBytes) / storedBytes) / 100 : 1,
     deviceStateBytes: reader.device.config.length + reader.device.deviceSections.length + reader.device.streamEnd.length,
@@ -56,7 +57,9 @@ export interface ImageSummaryInfo {
   pages: number
   storedPages: number
   zeroPages: number
-  ramBlocks: Array<{ id: number; name: string; size: number; pageSize: number; ramPages: number; pages: number; storedPages: number; zeroPages: number }>
+  /** an incremental image's pages taken from its base (0 for a standalone image) */
+  basePages: number
+  ramBlocks: Array<{ id: number; name: string; size: number; pageSize: number; ramPages: number; pages: number; storedPages: number; zeroPages: number; basePages: number }>
   clusters: number
   fileBytes: number
   /** page data as stored (after compression), and decoded */

@@ -17,7 +17,7 @@
 
 import type { Socket } from 'node:net'
 import { unlessAborted } from '../abort.js'
-import { ImageReader } from '../container/reader.js'
+import { openImage, topOf, type RestoreImage } from '../container/chain.js'
 import { SnapError } from '../errors.js'
 import { refreshIndex } from '../index/refresh.js'
 import { MULTIFD_PAGE_COUNT, RAM_SAVE_FLAG_MULTIFD_FLUSH, TARGET_PAGE_SIZE } from '../stream/constants.js'
@@ -77,12 +77,12 @@ export async function loadOverSocket(path: string, opts: ConnectOptions): Promis
   const uuid = parseUuid(opts.uuid)
   const sockPath = unixPath(opts.connect)
   const timeoutMs = channelTimeout(opts.timeoutMs)
-  const reader = await ImageReader.open(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
-  if (reader.source.note) opts.log?.(`note: ${reader.source.note}`)
+  const reader = await openImage(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
+  if (topOf(reader).source.note) opts.log?.(`note: ${topOf(reader).source.note}`)
   const sockets: Socket[] = []
   const work = (async (): Promise<ConnectResult> => {
     try {
-      if (opts.index !== false) await refreshIndex(reader, opts.log)
+      if (opts.index !== false) await refreshIndex(topOf(reader), opts.log)
       const d = reader.device
       // The first bytes go with connect(): a silent connection freezes the destination's main loop.
       const main = new SocketSink(await connectWith(sockPath, fileHeader(d.config), 'the main channel', timeoutMs), 'the main channel', timeoutMs)
@@ -111,7 +111,7 @@ const flushWord = (): Buffer => {
   return b
 }
 
-async function send(reader: ImageReader, main: SocketSink, chans: SocketSink[], opts: ConnectOptions, timeoutMs: number): Promise<Omit<ConnectResult, 'channels' | 'seconds'>> {
+async function send(reader: RestoreImage, main: SocketSink, chans: SocketSink[], opts: ConnectOptions, timeoutMs: number): Promise<Omit<ConnectResult, 'channels' | 'seconds'>> {
   return new Sender(reader, main, chans, opts, timeoutMs).run()
 }
 
@@ -126,7 +126,7 @@ class Sender {
   private packets = 0
 
   constructor(
-    private readonly reader: ImageReader,
+    private readonly reader: RestoreImage,
     private readonly main: SocketSink,
     private readonly chans: SocketSink[],
     private readonly opts: ConnectOptions,

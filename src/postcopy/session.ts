@@ -3,7 +3,8 @@
 // (format-spec and src/postcopy.ts describe the stream). No page is sent twice (a `sent` byte
 // per page), and no page is sent before its cluster passed its checks and agreed with the page
 // map. The session sees the transport only as a StreamSink and a ReturnPathReader.
-import type { DecodedCluster, ImageReader } from '../container/reader.js'
+import type { DecodedCluster } from '../container/reader.js'
+import type { RestoreImage } from '../container/chain.js'
 import { LOC_NEVER_SENT, LOC_ZERO, disagreement, slotHolds, type PageLocator, type RunLocator } from '../container/locator.js'
 import { SnapError } from '../errors.js'
 import * as enc from '../stream/encoder.js'
@@ -126,7 +127,7 @@ export class Session {
   private readonly locator: PageLocator
 
   constructor(
-    private readonly reader: ImageReader,
+    private readonly reader: RestoreImage,
     /** the page map's runs by cluster: what the background push walks */
     private readonly runs: RunLocator,
     private readonly out: StreamSink,

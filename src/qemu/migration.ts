@@ -1,6 +1,6 @@
 // What `save` and `restore` share about following one QEMU migration: its states, progress
 // figures, the image's page counts, and waits that a Ctrl-C (an AbortSignal) cuts short.
-import { ImageReader } from '../container/reader.js'
+import { openImage } from '../container/chain.js'
 import { SnapError } from '../errors.js'
 import type { QmpClient } from './qmp.js'
 
@@ -86,7 +86,7 @@ export interface PageCounts {
 
 /** The image's blocks and pages, from its header and trailer (the clusters are not read). */
 export async function imagePages(path: string): Promise<PageCounts> {
-  const reader = await ImageReader.open(path)
+  const reader = await openImage(path)
   try {
     const { zeroPages, storedPages } = reader.locator.totals()
     const d = reader.device

@@ -3,7 +3,8 @@
 // path `create` uses (libvirt prefix -> StreamParser -> sink, XBZRLE applied). `image`: small
 // real images mutated by region (header, cluster headers, payloads, trailer records, footer),
 // often with their checksums recomputed so that the damage reaches the structure checks behind
-// them, then opened, scanned, verified and loaded. Outcomes are classified by the worker.
+// them, then opened, scanned, verified and loaded. One of them is an incremental image (record 8,
+// base runs) over another, so that mutated chains are opened, verified and loaded too. Outcomes are classified by the worker.
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -11,6 +12,7 @@ import { crc32 } from 'node:zlib'
 import { PrefixSplitter, createImage } from '../../src/create.js'
 import { ImageWriter } from '../../src/container/writer.js'
 import { ImageReader } from '../../src/container/reader.js'
+import { openImage, writerBase } from '../../src/container/chain.js'
 import { clusterHeaderLength } from '../../src/container/cluster.js'
 import { loadImage } from '../../src/load.js'
 import { verifyImage } from '../../src/verify.js'
@@ -190,6 +192,33 @@ async function writeSynthImage(path: string, seed: number, compress: 'lz4' | 'no
   await w.finish(device, { source: 'qemu', counters: { pages: 0, zeroPages: 0, xbzrlePages: 0, resentPages: 0, bytesIn: 0, sections: 0 } })
 }
 
+/** An incremental image over `basePath` (records 8 and base runs to mutate): half its pages unchanged. */
+async function writeIncrImage(path: string, basePath: string, device: DeviceState): Promise<void> {
+  const rand = caseRng(3, 0)
+  const base = await openImage(basePath)
+  try {
+    const w = await ImageWriter.create(path, { clusterSize: 65536, base: writerBase(base, path) })
+    w.setBlocks(base.blocks)
+    const page = Buffer.alloc(PAGE)
+    for (const b of base.blocks) {
+      for (let p = 0; p < b.size / PAGE; p++) {
+        const r = rand()
+        if (r < 0.1) continue
+        if (r < 0.2) w.putZero(b.id, p)
+        else if (r < 0.4) w.putPage(b.id, p, pageOf(rand))
+        else {
+          w.readPage(b.id, p, page)
+          w.putPage(b.id, p, page)
+        }
+        if (w.needsDrain()) await w.drain()
+      }
+    }
+    await w.finish(device, { source: 'qemu', counters: { pages: 0, zeroPages: 0, xbzrlePages: 0, resentPages: 0, bytesIn: 0, sections: 0 } })
+  } finally {
+    await base.close()
+  }
+}
+
 async function describe(path: string): Promise<Base> {
   const r = await ImageReader.open(path)
   try {
@@ -260,7 +289,9 @@ export async function imageTarget(classify: Classify): Promise<Target> {
     await writeSynthImage(join(dir, 'lz4.snap'), 1, 'lz4', device)
     await writeSynthImage(join(dir, 'raw.snap'), 2, 'none', device)
     await createImage(join(dir, 'fixture.snap'), { from: FIXTURE, clusterSize: 65536 })
-    const bases = [await describe(join(dir, 'lz4.snap')), await describe(join(dir, 'raw.snap')), await describe(join(dir, 'fixture.snap'))]
+    // Its base is lz4.snap, beside case.snap: mutated copies of it open as a chain.
+    await writeIncrImage(join(dir, 'incr.snap'), join(dir, 'lz4.snap'), device)
+    const bases = [await describe(join(dir, 'lz4.snap')), await describe(join(dir, 'raw.snap')), await describe(join(dir, 'fixture.snap')), await describe(join(dir, 'incr.snap'))]
     const path = join(dir, 'case.snap')
     const out = join(dir, 'case.stream')
     return {
