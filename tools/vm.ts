@@ -2,7 +2,7 @@
 // over QMP, and make sure no QEMU outlives the test process. See DESIGN.md "Real components in tests".
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process'
 import { createCipheriv, createHash } from 'node:crypto'
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs'
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs'
 import { chmod, open, readFile, stat, unlink, type FileHandle } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { delimiter, dirname, join, resolve } from 'node:path'
@@ -428,6 +428,25 @@ function patternBytes(rand: () => number): Buffer {
 
 /** Compares two files in 4 MiB chunks; firstDiff is the first differing byte offset (or the shorter length). */
 /** Waits for the file an `exec:` command line writes its exit status to (`CMD; echo $? > FILE`). */
+/**
+ * The pids of processes whose argv holds every word of `words` (a shell's `-c` line excluded):
+ * how a test finds the snapctl a restore started, to kill exactly that one.
+ */
+export function processesWith(words: string[]): number[] {
+  const found: number[] = []
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue
+    let argv: string[]
+    try {
+      argv = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0')
+    } catch {
+      continue
+    }
+    if (!argv.includes('-c') && words.every((w) => argv.includes(w))) found.push(Number(d))
+  }
+  return found
+}
+
 export async function waitExitStatus(path: string, timeoutMs = 120_000, pollMs = 10): Promise<number> {
   const deadline = Date.now() + timeoutMs
   for (;;) {

@@ -3,7 +3,7 @@
 import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { Vm, requireQemu, waitExitStatus, type VmOptions } from '../../tools/vm.js'
+import { Vm, fillRam, requireQemu, waitExitStatus, type VmOptions } from '../../tools/vm.js'
 import { SNAPCTL, type RunResult } from '../snapctl.js'
 
 export { SNAPCTL, SNAPCTL_BIN, snapctl, type RunResult } from '../snapctl.js'
@@ -43,6 +43,20 @@ export function execUri(args: string, statusFile: string, stderrFile?: string): 
 
 /** Waits for an exec: child to have exited; returns its exit status. */
 export const waitStatus = (statusFile: string, timeoutMs = 120_000): Promise<number> => waitExitStatus(statusFile, timeoutMs, 20)
+
+/**
+ * A paused source VM of `memMiB` whose RAM file is filled with the default mix (`seed`), saved
+ * with execCreate and quit: the RAM file (what every restore must give back) and the image.
+ */
+export async function savedVm(w: Workdir, name: string, memMiB: number, seed: number): Promise<{ ram: string; image: string }> {
+  const ram = w.path(`${name}.ram`)
+  await fillRam(ram, memMiB * MiB, { seed })
+  const src = await w.vm({ name, memMiB, memPath: ram })
+  const image = w.path(`${name}.snap`)
+  await execCreate(w, src, image)
+  await src.quit()
+  return { ram, image }
+}
 
 /** Saves a VM with `migrate exec:snapctl create`; resolves when snapctl has exited 0. */
 export async function execCreate(w: Workdir, vm: Vm, image: string, extra = '', opts: Parameters<Vm['migrate']>[1] = {}): Promise<void> {

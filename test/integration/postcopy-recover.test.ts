@@ -6,9 +6,9 @@
 // ($SNAPCTL_POSTCOPY_PUSH_RATE) so that each kill lands while pages are still missing.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { readdirSync, readFileSync } from 'node:fs'
-import { fillRam, filesEqual } from '../../tools/vm.js'
-import { MiB, Workdir, execCreate, parseJson, snapctl } from './helpers.js'
+import { readFileSync } from 'node:fs'
+import { filesEqual, processesWith } from '../../tools/vm.js'
+import { MiB, Workdir, savedVm, parseJson, snapctl } from './helpers.js'
 
 const w = new Workdir('pc-recover')
 test.after(() => w.cleanup())
@@ -20,27 +20,12 @@ let ram = ''
 let image = ''
 
 test.before(async () => {
-  ram = w.path('src.ram')
-  await fillRam(ram, RAM_MIB * MiB, { seed: 33 })
-  const src = await w.vm({ name: 'rec-src', memMiB: RAM_MIB, memPath: ram })
-  image = w.path('src.snap')
-  await execCreate(w, src, image)
-  await src.quit()
+  ({ ram, image } = await savedVm(w, 'rec-src', RAM_MIB, 33))
 })
 
 /** The pid of the `snapctl load --postcopy` serving `image` (the restore's peer). */
 function loadPid(recover: boolean): number {
-  const found: number[] = []
-  for (const d of readdirSync('/proc')) {
-    if (!/^\d+$/.test(d)) continue
-    let argv: string[]
-    try {
-      argv = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0')
-    } catch {
-      continue
-    }
-    if (argv.includes('load') && argv.includes('--postcopy') && argv.includes(image) && argv.includes('--recover') === recover && !argv.includes('-c')) found.push(Number(d))
-  }
+  const found = processesWith(['load', '--postcopy', image]).filter((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').includes('--recover') === recover)
   assert.is(found.length, 1, `one load --postcopy${recover ? ' --recover' : ''} of ${image}: ${found.join(', ')}`)
   return found[0]
 }
@@ -86,7 +71,7 @@ test('load killed in postcopy: postcopy-paused; refused without --recover; recov
   const t0 = performance.now()
   const third = await snapctl(['restore', image, '--qmp', qmp, '--lazy', '--recover', '--paused', '--json'])
   const ms = performance.now() - t0
-  assert.is(third.code, 0, third.stderr)
+  assert.is(third.code, 0, `${third.stdout}${third.stderr}\nQEMU: ${dst.stderr}`)
   const j = parseJson(third)
   assert.ok(j.recovered === true && j.lazy === true && j.pagesReceivedBefore > 0 && j.pagesReceivedBefore < j.pages, JSON.stringify(j))
   assert.is((await dst.qmp.execute<{ status: string }>('query-migrate')).status, 'completed')

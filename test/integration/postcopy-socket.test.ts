@@ -6,8 +6,8 @@ import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { readFileSync } from 'node:fs'
 import { spawn } from 'node:child_process'
-import { fillRam, filesEqual } from '../../tools/vm.js'
-import { MiB, fileRange, SNAPCTL_BIN, Workdir, execCreate, parseJson, snapctl } from './helpers.js'
+import { filesEqual } from '../../tools/vm.js'
+import { fileRange, SNAPCTL_BIN, Workdir, savedVm, parseJson, snapctl } from './helpers.js'
 
 const w = new Workdir('pc-socket')
 test.after(() => w.cleanup())
@@ -18,12 +18,7 @@ let ram = ''
 let image = ''
 
 test.before(async () => {
-  ram = w.path('src.ram')
-  await fillRam(ram, RAM_MIB * MiB, { seed: 21 })
-  const src = await w.vm({ name: 'sock-src', memMiB: RAM_MIB, memPath: ram })
-  image = w.path('src.snap')
-  await execCreate(w, src, image)
-  await src.quit()
+  ({ ram, image } = await savedVm(w, 'sock-src', RAM_MIB, 21))
 })
 
 /** Guest reads at scattered addresses while postcopy runs: each must see the saved bytes. */
