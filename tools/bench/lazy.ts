@@ -1,4 +1,4 @@
-// `npm run bench:lazy -- --sizes 256M,1G,4G [--cluster-size 1M] [--repeat 3] [--reads 200] [--connect]`: lazy restore (load --postcopy) against the eager
+// `npm run bench:lazy -- --sizes 256M,1G,4G [--cluster-size 1M] [--repeat 3] [--reads 200] [--connect] [--recover]`: lazy restore (load --postcopy) against the eager
 // restore (load) of the same image, alternated in one run, each confirmed byte-identical.
 //
 // For each size: fill a paused source VM, save it once with exec:snapctl create; then per
@@ -11,11 +11,17 @@
 //             snapctl's --stats gives the request service latency (request read -> page written).
 //   --connect: the lazy restore goes over a unix socket with the preempt channel
 //          (migrate-incoming unix:PATH, postcopy-ram + postcopy-preempt, load --postcopy --connect).
+//   --recover adds, per repetition, a lazy restore that survives its source:
+//          restore --lazy (background push throttled to 1/8 of the RAM per second) into a
+//          destination with its own QMP socket, its load SIGKILLed 1 s after the VM could run
+//          (postcopy-paused), then `restore --lazy --recover` -> seconds from its start to
+//          `completed` (its lastPageSeconds), to the VM running again, its CPU (user+sys,
+//          /usr/bin/time, the load included), the pages the destination already had.
 import { spawn } from 'node:child_process'
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
-import { Vm, fillRam, filesEqual, requireQemu, waitExitStatus } from '../vm.js'
+import { Vm, fillRam, filesEqual, processesWith, requireQemu, waitExitStatus } from '../vm.js'
 import { RUN_JS } from './contenders.js'
 import { parseSize } from './options.js'
 import { median } from './report.js'
@@ -34,6 +40,18 @@ interface LazySample {
 interface LazyOptions {
   reads: number
   connect: boolean
+  /** also time restore --lazy --recover after a killed lazy restore */
+  recover: boolean
+}
+
+interface RecoverSample {
+  /** --recover's start to completed, to the VM running again (RESUME_ACK), the command's wall time */
+  completedSeconds: number
+  resumedSeconds: number
+  commandSeconds: number
+  cpuSeconds: number
+  pagesReceivedBefore: number
+  pages: number
 }
 
 interface SizeResult {
@@ -41,6 +59,51 @@ interface SizeResult {
   imageBytes: number
   eagerSeconds: number[]
   lazy: LazySample[]
+  recover: RecoverSample[]
+}
+
+/** Runs `cmd` to its end: exit code, stdout, stderr. */
+function run(cmd: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd[0], cmd.slice(1), { env, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d) => (stdout += d))
+    child.stderr.on('data', (d) => (stderr += d))
+    child.on('close', (code) => resolve({ code, stdout, stderr }))
+  })
+}
+
+async function recovery(work: string, memMiB: number, image: string, ram: string, tag: string): Promise<RecoverSample> {
+  const qmp = join(work, `recover-${tag}-snapctl.qmp`) // not ${name}.qmp: the Vm's own
+  const dst = await Vm.start({ name: `recover-${tag}`, memMiB, incoming: 'defer', dir: work, extraArgs: ['-qmp', `unix:${qmp},server=on,wait=off`] })
+  try {
+    const slow = { ...process.env, SNAPCTL_POSTCOPY_PUSH_RATE: String((memMiB * MiB) / 8) }
+    const first = run([process.execPath, RUN_JS, 'restore', image, '--qmp', qmp, '--lazy', '--paused', '-q'], slow)
+    const early = first.then((r) => `the lazy restore exited (${r.code}) before postcopy: ${r.stderr}`)
+    const st = await Promise.race([pollUntil(dst, ['postcopy-active', 'completed', 'failed']), early])
+    if (st !== 'postcopy-active') throw new Error(`${st}\n${dst.stderr}`)
+    while ((await dst.qmp.execute<{ status: string }>('query-status')).status === 'inmigrate') await sleep(10)
+    await sleep(1000)
+    const pids = processesWith(['load', '--postcopy', image])
+    if (pids.length !== 1) throw new Error(`expected one load --postcopy, found ${pids.join(', ')}`)
+    process.kill(pids[0], 'SIGKILL')
+    if ((await pollUntil(dst, ['postcopy-paused', 'completed', 'failed'], 30_000)) !== 'postcopy-paused') throw new Error('the destination did not pause')
+    await first
+    const t0 = performance.now()
+    const r = await run(['/usr/bin/time', '-f', 'cpu %U %S', process.execPath, RUN_JS, 'restore', image, '--qmp', qmp, '--lazy', '--recover', '--paused', '--json'])
+    const commandSeconds = (performance.now() - t0) / 1000
+    if (r.code !== 0) throw new Error(`restore --recover: ${r.stderr}`)
+    if (!(await filesEqual(ram, dst.memPath)).equal) throw new Error('recovered restore: RAM differs')
+    const j = JSON.parse(r.stdout)
+    const cpu = /cpu ([\d.]+) ([\d.]+)/.exec(r.stderr)
+    return {
+      completedSeconds: j.lastPageSeconds, resumedSeconds: j.runnableSeconds, commandSeconds,
+      cpuSeconds: cpu ? Number(cpu[1]) + Number(cpu[2]) : NaN, pagesReceivedBefore: j.pagesReceivedBefore, pages: j.pages,
+    }
+  } finally {
+    await dst.quit()
+  }
 }
 
 function option(argv: string[], name: string, fallback: string): string {
@@ -134,13 +197,15 @@ async function benchSize(parent: string, sizeText: string, repeat: number, clust
       throw new Error(`save failed\n${src.stderr}`)
     }
     await src.quit()
-    const result: SizeResult = { size: label, imageBytes: statSync(image).size, eagerSeconds: [], lazy: [] }
+    const result: SizeResult = { size: label, imageBytes: statSync(image).size, eagerSeconds: [], lazy: [], recover: [] }
     for (let r = 0; r < repeat; r++) {
       // alternate which goes first
-      const order = r % 2 === 0 ? ['eager', 'lazy'] : ['lazy', 'eager']
+      const order = r % 2 === 0 ? ['eager', 'lazy', 'recover'] : ['recover', 'lazy', 'eager']
       for (const which of order) {
         if (which === 'eager') result.eagerSeconds.push(await eager(work, memMiB, image, ram, `${r}`))
-        else result.lazy.push(await lazy(work, memMiB, image, ram, `${r}`, o))
+        else if (which === 'lazy') result.lazy.push(await lazy(work, memMiB, image, ram, `${r}`, o))
+        else if (o.recover) result.recover.push(await recovery(work, memMiB, image, ram, `${r}`))
+        else continue
         log(`${label} rep ${r + 1}: ${which} done`)
       }
     }
@@ -162,6 +227,14 @@ function report(results: SizeResult[]): string {
     const lat = (k: 'p50' | 'p99' | 'max'): string => median(r.lazy.map((l) => l.latencyMs[k])).toFixed(3)
     lines.push(`| ${r.size} | ${eagerS.toFixed(2)} | ${median(r.lazy.map((l) => l.toActiveMs)).toFixed(0)} | ${total.toFixed(2)} | ${(total / eagerS).toFixed(2)}x | ${median(r.lazy.map((l) => l.requests))} | ${lat('p50')} / ${lat('p99')} / ${lat('max')} |`)
   }
+  if (results.some((r) => r.recover.length > 0)) {
+    const range = (xs: number[], d = 2): string => `${median(xs).toFixed(d)} [${Math.min(...xs).toFixed(d)}-${Math.max(...xs).toFixed(d)}]`
+    lines.push('', '| size | eager restore s | --recover to completed s | --recover to VM running s | --recover command s | CPU user+sys s | pages the destination had |', '|---|---|---|---|---|---|---|')
+    for (const r of results) {
+      const x = r.recover
+      lines.push(`| ${r.size} | ${range(r.eagerSeconds)} | ${range(x.map((s) => s.completedSeconds))} | ${range(x.map((s) => s.resumedSeconds), 3)} | ${range(x.map((s) => s.commandSeconds))} | ${range(x.map((s) => s.cpuSeconds))} | ${median(x.map((s) => s.pagesReceivedBefore))} of ${x[0].pages} |`)
+    }
+  }
   return lines.join('\n')
 }
 
@@ -172,7 +245,7 @@ async function main(): Promise<void> {
   const json = option(argv, '--json', 'bench-out/lazy.json')
   const parent = option(argv, '--dir', '/var/tmp')
   const clusterSize = option(argv, '--cluster-size', '1M')
-  const o: LazyOptions = { reads: Number(option(argv, '--reads', '200')), connect: argv.includes('--connect') }
+  const o: LazyOptions = { reads: Number(option(argv, '--reads', '200')), connect: argv.includes('--connect'), recover: argv.includes('--recover') }
   const qemu = requireQemu()
   const results: SizeResult[] = []
   for (const size of sizes) results.push(await benchSize(parent, size, repeat, clusterSize, o))
