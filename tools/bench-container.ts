@@ -65,7 +65,7 @@ async function main(): Promise<void> {
 
   const reader = await ImageReader.open(path)
   const infos = await reader.clusterInfos()
-  const headerBlocks = infos.reduce((n, c) => n + clusterHeaderBlock(c.pageCount), 0)
+  const headerBlocks = infos.reduce((n, c) => n + clusterHeaderBlock(c.pageCount, c.frames), 0)
   const payloadPadding = infos.reduce((n, c) => n + (Math.ceil(c.storedLength / 4096) * 4096 - c.storedLength), 0)
   const tailBytes = s.fileBytes - reader.header.trailerOffset
   const t1 = performance.now()

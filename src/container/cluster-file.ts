@@ -9,14 +9,19 @@ import { crc32 } from 'node:zlib'
 import { roundUp } from '../bytes.js'
 import { readFullySync } from './byte-source.js'
 import { SnapError, fromSystemError } from '../errors.js'
-import { clusterExtent, decodePayloadSync, encodeClusterHeader, splitCluster, type ClusterHeader, type ClusterLimits } from './cluster.js'
+import { FLAG_FRAMED, clusterExtent, decodePayloadSync, encodeClusterHeader, frameTableCrc, splitCluster, type ClusterHeader, type ClusterLimits } from './cluster.js'
 import { ALIGN, HEADER_SIZE } from './header.js'
 import { AlignedPool, bypassRefusedNote, openDirect, probeWriteZeros, writeDirect } from './direct-io.js'
 
 export interface Stored {
   codec: number
   stored: Buffer
+  /** a framed LZ4 payload (cluster.ts encodeFrames): pages per frame and the frame table */
+  framePages?: number
+  frames?: Uint32Array
 }
+
+const NO_FRAMES = new Uint32Array(0)
 
 const ZEROS = Buffer.alloc(ALIGN)
 export const LRU_BYTES = 16 * 1024 * 1024
@@ -49,6 +54,7 @@ export class ClusterFile {
   readonly storedLengths: number[] = []
   readonly pageCounts: number[] = []
   readonly codecs: number[] = []
+  readonly frameCounts: number[] = []
   dataEnd = HEADER_SIZE
   inflight = 0
   failure: SnapError | null = null
@@ -140,9 +146,11 @@ export class ClusterFile {
       .then(async () => {
         if (this.failure) return
         const s = await stored
+        const frames = s.frames ?? NO_FRAMES
         const header = encodeClusterHeader({
-          sequence: seq, codec: s.codec, flags: 0, pageCount, rawLength: pageCount * this.lim.pageSize,
-          storedLength: s.stored.length, dataCrc: crc32(s.stored), pages,
+          sequence: seq, codec: s.codec, flags: frames.length ? FLAG_FRAMED : 0, pageCount, rawLength: pageCount * this.lim.pageSize,
+          storedLength: s.stored.length, dataCrc: frames.length ? frameTableCrc(frames) : crc32(s.stored), pages,
+          framePages: frames.length ? s.framePages! : 0, frames,
         })
         const offset = this.dataEnd
         const pad = roundUp(s.stored.length, ALIGN) - s.stored.length
@@ -150,6 +158,7 @@ export class ClusterFile {
         this.offsets[seq] = offset
         this.storedLengths[seq] = s.stored.length
         this.codecs[seq] = s.codec
+        this.frameCounts[seq] = frames.length / 2
         const w = this.write(pad && !this.direct ? [header, s.stored, ZEROS.subarray(0, pad)] : [header, s.stored], offset).then(
           () => this.written(seq),
           (e) => this.fail(e),
@@ -223,7 +232,7 @@ export class ClusterFile {
   /** Read a written cluster back and check its header (not its payload). */
   readSync(seq: number): { header: ClusterHeader; stored: Buffer } {
     const offset = this.offsets[seq]
-    const buf = Buffer.allocUnsafe(clusterExtent(this.pageCounts[seq], this.storedLengths[seq]))
+    const buf = Buffer.allocUnsafe(clusterExtent(this.pageCounts[seq], this.storedLengths[seq], this.frameCounts[seq]))
     const got = readFullySync(this.fh.fd, buf, offset)
     return splitCluster(buf.subarray(0, got), { cluster: seq, offset }, this.lim)
   }

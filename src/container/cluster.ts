@@ -10,6 +10,10 @@ import { Lz4Error, decodeLz4Block } from './lz4-block.js'
 export const CLUSTER_MAGIC = Buffer.from([0x53, 0x4e, 0x43, 0x4c])
 export const CODEC_NONE = 0
 export const CODEC_LZ4 = 1
+/** Cluster flags bit 0: the LZ4 payload is a run of independently decodable frames. */
+export const FLAG_FRAMED = 1
+/** Pages per frame that create writes: 64 KiB, what a page request decodes (see "Frames"). */
+export const DEFAULT_FRAME_PAGES = 16
 /** Bytes of the header before the pages list, and the crc after it. */
 const FIXED = 32
 
@@ -23,6 +27,10 @@ export interface ClusterHeader {
   dataCrc: number
   /** page_count (block_id, page_index) pairs, in slot order */
   pages: Uint32Array
+  /** framed clusters (flags bit 0): pages per frame, else 0 */
+  framePages: number
+  /** framed clusters: (stored_length, crc) per frame, in payload order; else empty */
+  frames: Uint32Array
 }
 
 /** Where a cluster is, for error details. */
@@ -31,22 +39,25 @@ export interface ClusterWhere {
   offset: number
 }
 
-export const clusterHeaderLength = (pageCount: number): number => FIXED + 8 * pageCount + 4
+export const clusterHeaderLength = (pageCount: number, frameCount = 0): number => FIXED + 8 * pageCount + 8 * frameCount + 4
 /** The header padded to the 4096 boundary where the payload starts. */
-export const clusterHeaderBlock = (pageCount: number): number => roundUp(clusterHeaderLength(pageCount), ALIGN)
+export const clusterHeaderBlock = (pageCount: number, frameCount = 0): number => roundUp(clusterHeaderLength(pageCount, frameCount), ALIGN)
 /** The whole cluster on disk: header block, payload, padding. */
-export const clusterExtent = (pageCount: number, storedLength: number): number =>
-  clusterHeaderBlock(pageCount) + roundUp(storedLength, ALIGN)
+export const clusterExtent = (pageCount: number, storedLength: number, frameCount = 0): number =>
+  clusterHeaderBlock(pageCount, frameCount) + roundUp(storedLength, ALIGN)
+/** Frames of a cluster: none unless framed. */
+export const frameCount = (h: { pageCount: number; framePages: number }): number => (h.framePages ? Math.ceil(h.pageCount / h.framePages) : 0)
 /** The largest stored_length codec 1 may have (see "Cluster header"). */
 export const maxLz4Stored = (rawLength: number): number => rawLength - rawLength / 8 + 4
 
 /** Encode the header, zero padded to its 4096-byte block. */
 export function encodeClusterHeader(h: ClusterHeader): Buffer {
-  const len = clusterHeaderLength(h.pageCount)
+  const len = clusterHeaderLength(h.pageCount, h.frames.length / 2)
   const w = new Writer(Buffer.alloc(roundUp(len, ALIGN)))
-  w.bytes(CLUSTER_MAGIC).u32(len).u32(h.sequence).u8(h.codec).u8(h.flags).u16(0)
+  w.bytes(CLUSTER_MAGIC).u32(len).u32(h.sequence).u8(h.codec).u8(h.flags).u16(h.framePages)
   w.u32(h.pageCount).u32(h.rawLength).u32(h.storedLength).u32(h.dataCrc)
   for (let i = 0; i < 2 * h.pageCount; i++) w.u32(h.pages[i])
+  for (let i = 0; i < h.frames.length; i++) w.u32(h.frames[i])
   w.u32(crc32(w.buf.subarray(0, len - 4)))
   return w.buf
 }
@@ -55,6 +66,8 @@ export interface ClusterLimits {
   pageSize: number
   /** cluster_size / page_size */
   maxPages: number
+  /** the image header has incompatible bit 3 (framed_clusters): clusters may be framed */
+  framed?: boolean
 }
 
 function err(code: ErrorCode, where: ClusterWhere, msg: string): SnapError {
@@ -73,10 +86,15 @@ export function decodeClusterHeader(buf: Buffer, at: number, where: ClusterWhere
   const sequence = r.u32()
   const codec = r.u8()
   const flags = r.u8()
-  r.u16()
+  const framePages = r.u16()
   const pageCount = r.u32()
   if (pageCount < 1 || pageCount > lim.maxPages) throw err('SNAP_CORRUPT', where, `page_count ${pageCount} is out of range`)
-  if (headerLength !== clusterHeaderLength(pageCount)) throw err('SNAP_CORRUPT', where, `header_length ${headerLength} does not match page_count ${pageCount}`)
+  if (flags & ~FLAG_FRAMED || (flags === FLAG_FRAMED && !lim.framed)) throw err('SNAP_CORRUPT', where, `flags ${flags} are not allowed in this image`)
+  if (flags === FLAG_FRAMED ? framePages < 1 || framePages > lim.maxPages : framePages !== 0) {
+    throw err('SNAP_CORRUPT', where, `frame_pages ${framePages} is out of range`)
+  }
+  const frames = frameCount({ pageCount, framePages })
+  if (headerLength !== clusterHeaderLength(pageCount, frames)) throw err('SNAP_CORRUPT', where, `header_length ${headerLength} does not match page_count ${pageCount}`)
   if (sequence !== where.cluster) throw err('SNAP_CORRUPT', where, `sequence ${sequence} is not its position ${where.cluster}`)
   if (headerLength > buf.length - at) throw err('SNAP_CORRUPT', where, 'the cluster header is cut short')
   if (buf.readUInt32BE(at + headerLength - 4) !== crc32(buf.subarray(at, at + headerLength - 4))) {
@@ -90,19 +108,72 @@ export function decodeClusterHeader(buf: Buffer, at: number, where: ClusterWhere
   if (codec === CODEC_NONE ? storedLength !== rawLength : storedLength <= 4 || storedLength > maxLz4Stored(rawLength)) {
     throw err('SNAP_CORRUPT', where, `stored_length ${storedLength} is out of range for codec ${codec}`)
   }
+  if (frames && codec !== CODEC_LZ4) throw err('SNAP_CORRUPT', where, `a framed cluster with codec ${codec}`)
   const pages = new Uint32Array(2 * pageCount)
   for (let i = 0; i < pages.length; i++) pages[i] = r.u32()
-  return { sequence, codec, flags, pageCount, rawLength, storedLength, dataCrc, pages }
+  const table = new Uint32Array(2 * frames)
+  for (let i = 0; i < table.length; i++) table[i] = r.u32()
+  const h = { sequence, codec, flags, pageCount, rawLength, storedLength, dataCrc, pages, framePages, frames: table }
+  if (frames) checkFrameTable(h, lim.pageSize, where)
+  return h
+}
+
+/** Bytes [start, end) of frame `i` in the stored payload, and how many bytes it decodes to. */
+export interface FrameExtent {
+  start: number
+  end: number
+  rawLength: number
+}
+
+/** Where frame `i` is in the payload (the frames' stored lengths add up, in order). */
+export function frameExtent(h: ClusterHeader, i: number, pageSize: number): FrameExtent {
+  let start = 0
+  for (let k = 0; k < i; k++) start += h.frames[2 * k]
+  const pages = Math.min(h.framePages, h.pageCount - i * h.framePages)
+  return { start, end: start + h.frames[2 * i], rawLength: pages * pageSize }
+}
+
+/** A frame is stored raw (its length is its raw length) or as LZ4 with a length prefix (shorter). */
+function checkFrameTable(h: ClusterHeader, pageSize: number, where: ClusterWhere): void {
+  let sum = 0
+  for (let i = 0; i < h.frames.length / 2; i++) {
+    const len = h.frames[2 * i]
+    const raw = Math.min(h.framePages, h.pageCount - i * h.framePages) * pageSize
+    if (len !== raw && (len <= 4 || len > raw)) throw err('SNAP_CORRUPT', where, `frame ${i}'s stored_length ${len} is out of range`)
+    sum += len
+  }
+  if (sum !== h.storedLength) throw err('SNAP_CORRUPT', where, `the frames add up to ${sum} bytes, not stored_length ${h.storedLength}`)
+}
+
+/** data_crc of a framed cluster: the CRC-32 of its frame table (each frame has its own crc). */
+export function frameTableCrc(frames: Uint32Array): number {
+  const b = Buffer.allocUnsafe(4 * frames.length)
+  for (let i = 0; i < frames.length; i++) b.writeUInt32BE(frames[i], 4 * i)
+  return crc32(b)
 }
 
 /** Check data_crc and the LZ4 length prefix: everything that can be checked before decoding. */
 function checkStored(h: ClusterHeader, stored: Uint8Array, where: ClusterWhere): void {
   if (stored.length !== h.storedLength) throw err('SNAP_CORRUPT', where, 'the payload is cut short')
-  if (crc32(stored) !== h.dataCrc) throw err('SNAP_CHECKSUM', where, 'the payload checksum does not match')
+  if (!storedCrcOk(h, stored)) throw err('SNAP_CHECKSUM', where, 'the payload checksum does not match')
+  if (h.frames.length) return
   // lz4-napi sizes its output from the prefix: check it before it allocates anything.
   if (h.codec === CODEC_LZ4 && Buffer.from(stored.buffer, stored.byteOffset, 4).readUInt32LE(0) !== h.rawLength) {
     throw err('SNAP_CORRUPT', where, 'the LZ4 length prefix is not raw_length')
   }
+}
+
+/**
+ * Every stored byte against its checksum: data_crc over the payload, or for a framed cluster
+ * data_crc over the frame table and each frame's crc over its bytes (each byte checked once).
+ */
+export function storedCrcOk(h: ClusterHeader, stored: Uint8Array): boolean {
+  if (!h.frames.length) return crc32(stored) === h.dataCrc
+  if (frameTableCrc(h.frames) !== h.dataCrc) return false
+  for (let i = 0, at = 0; i < h.frames.length / 2; at += h.frames[2 * i], i++) {
+    if (crc32(stored.subarray(at, at + h.frames[2 * i])) !== h.frames[2 * i + 1]) return false
+  }
+  return true
 }
 
 function checkDecoded(h: ClusterHeader, raw: Buffer, where: ClusterWhere): Buffer {
@@ -114,6 +185,7 @@ function checkDecoded(h: ClusterHeader, raw: Buffer, where: ClusterWhere): Buffe
 export async function decodePayload(h: ClusterHeader, stored: Buffer, where: ClusterWhere): Promise<Buffer> {
   checkStored(h, stored, where)
   if (h.codec === CODEC_NONE) return stored
+  if (h.frames.length) return decodeFrames(h, stored, where, Buffer.allocUnsafe(h.rawLength))
   let raw: Buffer
   try {
     raw = await lz4.uncompress(stored)
@@ -131,6 +203,7 @@ export async function decodePayload(h: ClusterHeader, stored: Buffer, where: Clu
 export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into?: Buffer): Buffer {
   checkStored(h, stored, where)
   if (h.codec === CODEC_NONE) return stored
+  if (h.frames.length) return decodeFrames(h, stored, where, into && into.length >= h.rawLength ? into : Buffer.allocUnsafe(h.rawLength))
   if (into && into.length >= h.rawLength) {
     try {
       decodeLz4Block(stored, 4, stored.length, into, h.rawLength)
@@ -149,16 +222,77 @@ export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: Clust
   return checkDecoded(h, raw, where)
 }
 
+/** Every frame of a checked payload into `into` (raw_length bytes or more). */
+function decodeFrames(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into: Buffer): Buffer {
+  for (let i = 0, at = 0, out = 0; i < h.frames.length / 2; i++) {
+    const len = h.frames[2 * i]
+    const raw = Math.min(h.framePages, h.pageCount - i * h.framePages) * (h.rawLength / h.pageCount)
+    decodeFrameInto(stored.subarray(at, at + len), raw, into.subarray(out), where, i)
+    at += len
+    out += raw
+  }
+  return into.subarray(0, h.rawLength)
+}
+
+function decodeFrameInto(frame: Buffer, rawLength: number, into: Buffer, where: ClusterWhere, i: number): void {
+  if (frame.length === rawLength) {
+    frame.copy(into, 0)
+    return
+  }
+  if (frame.readUInt32LE(0) !== rawLength) throw err('SNAP_CORRUPT', where, `frame ${i}'s LZ4 length prefix is not its raw length`)
+  try {
+    decodeLz4Block(frame, 4, frame.length, into, rawLength)
+  } catch (e) {
+    if (!(e instanceof Lz4Error)) throw e
+    throw err('SNAP_CORRUPT', where, `frame ${i} does not decode (${e.message})`)
+  }
+}
+
+/**
+ * One frame of a framed cluster, read alone (a page request): its crc checked, decoded into
+ * `into` (at least its raw length). The header (and with it the frame table) was checked.
+ */
+export function decodeFrameSync(h: ClusterHeader, i: number, frame: Buffer, where: ClusterWhere, into: Buffer): Buffer {
+  const { start, end, rawLength } = frameExtent(h, i, h.rawLength / h.pageCount)
+  if (frame.length !== end - start) throw err('SNAP_CORRUPT', where, `frame ${i} is cut short`)
+  if (crc32(frame) !== h.frames[2 * i + 1]) throw err('SNAP_CHECKSUM', where, `frame ${i}'s checksum does not match`)
+  decodeFrameInto(frame, rawLength, into, where, i)
+  return into.subarray(0, rawLength)
+}
+
+/**
+ * Compress raw pages as frames of `framePages` pages (codec 1, flags bit 0). Null when the whole
+ * would not save one eighth of raw_length: the cluster is then stored raw.
+ */
+export function encodeFrames(raw: Buffer, pageSize: number, framePages: number, compress: (b: Buffer) => Buffer): { stored: Buffer; frames: Uint32Array } | null {
+  const size = framePages * pageSize
+  const n = Math.ceil(raw.length / size)
+  const parts: Buffer[] = new Array(n)
+  const frames = new Uint32Array(2 * n)
+  let total = 0
+  for (let i = 0; i < n; i++) {
+    const part = raw.subarray(i * size, Math.min(raw.length, (i + 1) * size))
+    const c = compress(part)
+    parts[i] = c.length < part.length ? c : part
+    frames[2 * i] = parts[i].length
+    frames[2 * i + 1] = crc32(parts[i])
+    total += parts[i].length
+  }
+  if (total > maxLz4Stored(raw.length) - 4) return null
+  return { stored: Buffer.concat(parts, total), frames }
+}
+
 /**
  * Decode a whole cluster held in `buf` (header block, payload and padding: exactly its
  * extent). Checks that the extent matches the header.
  */
 export function splitCluster(buf: Buffer, where: ClusterWhere, lim: ClusterLimits): { header: ClusterHeader; stored: Buffer } {
   const header = decodeClusterHeader(buf, 0, where, lim)
-  const extent = clusterExtent(header.pageCount, header.storedLength)
+  const frames = header.frames.length / 2
+  const extent = clusterExtent(header.pageCount, header.storedLength, frames)
   if (extent !== buf.length) {
     throw err('SNAP_CORRUPT', where, `the cluster takes ${extent} bytes but the next one starts ${buf.length} bytes on`)
   }
-  const start = clusterHeaderBlock(header.pageCount)
+  const start = clusterHeaderBlock(header.pageCount, frames)
   return { header, stored: buf.subarray(start, start + header.storedLength) }
 }

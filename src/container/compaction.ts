@@ -2,9 +2,8 @@
 // bytes kept under 2%): the live pages of the partial file are copied into a new one. A cluster
 // whose pages are all live is copied verbatim, its stored payload checked and not recompressed;
 // the live pages of the others go back through the writer, to be re-clustered.
-import { crc32 } from 'node:zlib'
 import { SnapError } from '../errors.js'
-import { decodePayload } from './cluster.js'
+import { decodePayload, storedCrcOk } from './cluster.js'
 import type { ClusterFile } from './cluster-file.js'
 import { PAGE_SIZE } from './header.js'
 import { LOC_BASE, LOC_ZERO, type PageMap } from './locator.js'
@@ -36,12 +35,12 @@ export async function copyLive(old: ClusterFile, oldMap: PageMap, to: Compaction
   }
   for (const c of full) {
     const { header, stored } = old.readSync(c)
-    if (crc32(stored) !== header.dataCrc) {
+    if (!storedCrcOk(header, stored)) {
       throw new SnapError('SNAP_CHECKSUM', `cluster ${c} changed on disk while the image was written`, { cluster: c, offset: old.offsets[c] })
     }
     const seq = to.nextSeq()
     for (let i = 0; i < header.pageCount; i++) to.map.setData(header.pages[2 * i], header.pages[2 * i + 1], seq, i)
-    to.file.enqueue(seq, header.pages, header.pageCount, null, Promise.resolve({ codec: header.codec, stored }))
+    to.file.enqueue(seq, header.pages, header.pageCount, null, Promise.resolve({ codec: header.codec, stored, framePages: header.framePages, frames: header.frames }))
     await to.file.waitBelow(to.maxInflight)
   }
   for (const c of partial) {

@@ -19,8 +19,9 @@ export const MAX_MACHINE_LENGTH = 62
 export const INCOMPAT_BASE_IMAGE = 1n << 0n
 export const INCOMPAT_ENCRYPTED = 1n << 1n
 export const INCOMPAT_HUGE_PAGES = 1n << 2n
-/** Incompatible bits this version can open: base_image (an incremental image). */
-export const SUPPORTED_INCOMPATIBLE = INCOMPAT_BASE_IMAGE
+export const INCOMPAT_FRAMED = 1n << 3n
+/** Incompatible bits this version can open: base_image (an incremental image), framed_clusters. */
+export const SUPPORTED_INCOMPATIBLE = INCOMPAT_BASE_IMAGE | INCOMPAT_FRAMED
 export const COMPAT_XBZRLE_SOURCE = 1n << 0n
 
 export interface ImageHeader {

@@ -1,15 +1,17 @@
 // Opens and reads an image: format-spec/container.md, "Reading an image". open() does steps
 // 1-4 in the spec's order; every cluster passes step 5 before any of its pages is handed out.
 import { crc32 } from 'node:zlib'
+import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import type { DeviceState, RamBlock } from '../types.js'
 import {
-  clusterExtent, clusterHeaderBlock, decodeClusterHeader, decodePayload, decodePayloadSync, splitCluster, type ClusterLimits,
+  clusterExtent, clusterHeaderBlock, clusterHeaderLength, decodeClusterHeader, decodeFrameSync, decodePayload, decodePayloadSync, frameExtent,
+  splitCluster, type ClusterHeader, type ClusterLimits,
 } from './cluster.js'
 import { LocalFile, type ByteSource } from './byte-source.js'
 import { isS3Url } from '../s3/url.js'
 import { FOOTER_SIZE, decodeFooter, type ImageFooter } from './footer.js'
-import { ALIGN, HEADER_SIZE, INCOMPAT_BASE_IMAGE, decodeHeader, type ImageHeader } from './header.js'
+import { ALIGN, HEADER_SIZE, INCOMPAT_BASE_IMAGE, INCOMPAT_FRAMED, decodeHeader, type ImageHeader } from './header.js'
 import { decodeBaseImage, type BaseImageRef } from './base-image.js'
 import { RunLocator, type PageLocation } from './locator.js'
 import * as T from './trailer.js'
@@ -39,6 +41,8 @@ export interface ClusterInfo {
   codec: number
   storedLength: number
   pageCount: number
+  /** frames of a framed cluster, else 0 */
+  frames: number
 }
 
 /** One cluster of a sequential scan: decoded, or the error that stopped it. */
@@ -73,7 +77,7 @@ export class ImageReader {
     /** an incremental image's base (trailer record 8), else null: chain.ts opens it */
     readonly base: BaseImageRef | null,
   ) {
-    this.lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
+    this.lim = clusterLimits(header)
   }
 
   /** A local image or `s3://BUCKET/KEY` (checked as the spec says); or any other ByteSource, given open. */
@@ -113,11 +117,11 @@ export class ImageReader {
     const base = baseOf(header, records, at)
     const streamInfo = T.decodeStreamInfo(records.get(T.REC_STREAM_INFO)!)
     const blocks = T.decodeBlockTable(records.get(T.REC_BLOCK_TABLE)!, header.pageSize)
-    const lim = { pageSize: header.pageSize, maxPages: header.clusterSize / header.pageSize }
+    const lim = clusterLimits(header)
     const dir = records.get(T.REC_CLUSTER_DIRECTORY)
     const offsets = dir ? T.decodeClusterDirectory(dir) : await scanClusters(src, trailerOffset, lim)
     if (offsets.length !== footer.clusterCount) corrupt(`the cluster directory has ${offsets.length} clusters, the footer says ${footer.clusterCount}`)
-    const maxExtent = clusterExtent(lim.maxPages, header.clusterSize)
+    const maxExtent = clusterExtent(lim.maxPages, header.clusterSize, lim.framed ? lim.maxPages : 0)
     for (let i = 0; i < offsets.length; i++) {
       const start = offsets[i]
       const end = i + 1 < offsets.length ? offsets[i + 1] : trailerOffset
@@ -193,6 +197,34 @@ export class ImageReader {
     const { header, stored } = splitCluster(buf, where, this.lim)
     const raw = decodePayloadSync(header, stored, where)
     return { seq, offset: start, codec: header.codec, storedLength: header.storedLength, pages: header.pages, raw }
+  }
+
+  /** A cluster's header alone, read and checked on the calling thread (for a page request). */
+  readClusterHeaderSync(seq: number): ClusterHeader {
+    const [start, end] = this.checkedExtent(seq)
+    const read = this.syncRead()
+    let buf = read(start, Math.min(ALIGN, end - start))
+    const need = headerBlockOf(buf, this.lim)
+    if (need > buf.length && need <= end - start) buf = read(start, need)
+    const where = { cluster: seq, offset: start }
+    const h = decodeClusterHeader(buf, 0, where, this.lim)
+    if (clusterExtent(h.pageCount, h.storedLength, h.frames.length / 2) !== end - start) {
+      corrupt(`cluster ${seq} at offset ${start}: its extent does not match the directory`, where)
+    }
+    return h
+  }
+
+  /** Frame `i` of a framed cluster whose header `h` was read: read, checked and decoded alone. */
+  readFrameSync(seq: number, h: ClusterHeader, i: number, into?: Buffer): Buffer {
+    const start = this.clusterOffsets[seq]
+    const x = frameExtent(h, i, this.lim.pageSize)
+    const at = start + clusterHeaderBlock(h.pageCount, h.frames.length / 2) + x.start
+    return decodeFrameSync(h, i, this.syncRead()(at, x.end - x.start), { cluster: seq, offset: start }, into ?? Buffer.allocUnsafe(x.rawLength))
+  }
+
+  private syncRead(): (pos: number, len: number) => Buffer {
+    if (!this.source.readSync) throw new SnapError('SNAP_INTERNAL', `${this.path} cannot be read synchronously`)
+    return this.source.readSync.bind(this.source)
   }
 
   private checkedExtent(seq: number): [number, number] {
@@ -297,14 +329,13 @@ export class ImageReader {
     const one = async (seq: number) => {
       const [start, end] = this.extent(seq)
       let buf = await this.source.read(start, Math.min(ALIGN, end - start))
-      const pageCount = buf.readUInt32BE(16)
-      const need = pageCount <= this.lim.maxPages ? clusterHeaderBlock(pageCount) : ALIGN
+      const need = headerBlockOf(buf, this.lim)
       if (need > buf.length && need <= end - start) buf = await this.source.read(start, need)
       const h = decodeClusterHeader(buf, 0, { cluster: seq, offset: start }, this.lim)
-      if (clusterExtent(h.pageCount, h.storedLength) !== end - start) {
+      if (clusterExtent(h.pageCount, h.storedLength, h.frames.length / 2) !== end - start) {
         corrupt(`cluster ${seq} at offset ${start}: its extent does not match the directory`, { cluster: seq, offset: start })
       }
-      out[seq] = { seq, offset: start, codec: h.codec, storedLength: h.storedLength, pageCount: h.pageCount }
+      out[seq] = { seq, offset: start, codec: h.codec, storedLength: h.storedLength, pageCount: h.pageCount, frames: h.frames.length / 2 }
     }
     for (let i = 0; i < out.length; i += 64) {
       const batch: Array<Promise<void>> = []
@@ -343,6 +374,16 @@ function baseOf(header: ImageHeader, records: Map<number, Buffer>, at: Map<numbe
   return decodeBaseImage(body!)
 }
 
+function clusterLimits(h: ImageHeader): ClusterLimits {
+  return { pageSize: h.pageSize, maxPages: h.clusterSize / h.pageSize, framed: (h.incompatibleFeatures & INCOMPAT_FRAMED) !== 0n }
+}
+
+/** The header block a cluster header claims (its header_length at byte 4, rounded up), when sane. */
+function headerBlockOf(buf: Buffer, lim: ClusterLimits): number {
+  const len = buf.length >= 8 ? buf.readUInt32BE(4) : 0
+  return len <= clusterHeaderLength(lim.maxPages, lim.framed ? lim.maxPages : 0) ? roundUp(len, ALIGN) : ALIGN
+}
+
 /** QEMU_VM_CONFIGURATION: 0x07, be32 length, the machine type name. */
 function machineFromConfig(config: Buffer): string | undefined {
   if (config.length < 5 || config[0] !== 0x07) return undefined
@@ -356,13 +397,11 @@ async function scanClusters(src: ByteSource, trailerOffset: number, lim: Cluster
   for (let pos = HEADER_SIZE; pos < trailerOffset; ) {
     const where = { cluster: offsets.length, offset: pos }
     let buf = await src.read(pos, Math.min(ALIGN, trailerOffset - pos))
-    if (buf.length >= 20 && buf.readUInt32BE(16) <= lim.maxPages) {
-      const need = clusterHeaderBlock(buf.readUInt32BE(16))
-      if (need > buf.length && pos + need <= trailerOffset) buf = await src.read(pos, need)
-    }
+    const need = headerBlockOf(buf, lim)
+    if (need > buf.length && pos + need <= trailerOffset) buf = await src.read(pos, need)
     const h = decodeClusterHeader(buf, 0, where, lim)
     offsets.push(pos)
-    pos += clusterExtent(h.pageCount, h.storedLength)
+    pos += clusterExtent(h.pageCount, h.storedLength, h.frames.length / 2)
     if (pos > trailerOffset) corrupt(`cluster ${where.cluster} runs past the trailer`, where)
   }
   return offsets

@@ -10,12 +10,12 @@ import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import { renameIntoPlace } from '../paths.js'
 import { PAGE_BASE, PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
-import { CODEC_LZ4, CODEC_NONE } from './cluster.js'
+import { CODEC_LZ4, CODEC_NONE, DEFAULT_FRAME_PAGES, encodeFrames } from './cluster.js'
 import { ClusterFile, fsyncDir, type ClusterFileOptions, type Stored } from './cluster-file.js'
 import { copyLive, copyZeros } from './compaction.js'
 import { FOOTER_SIZE, encodeFooter } from './footer.js'
 import {
-  ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, INCOMPAT_BASE_IMAGE, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
+  ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, INCOMPAT_BASE_IMAGE, INCOMPAT_FRAMED, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
   encodeHeader, isPowerOfTwo,
 } from './header.js'
 import { localIndexPath } from './byte-source.js'
@@ -156,7 +156,7 @@ export class ImageWriter {
     }
     const partial = partialPath(path)
     const fileOpts: ClusterFileOptions = { bypassCache: opts.bypassCache }
-    const file = await ClusterFile.create(partial, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, { ...fileOpts, lruBytes: opts.cacheBytes })
+    const file = await ClusterFile.create(partial, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE, framed: true }, { ...fileOpts, lruBytes: opts.cacheBytes })
     // Our partial exists before we look, so of two creates that start together the later one
     // always sees the earlier (in an exact tie both see each other and both refuse).
     const running = await runningCreates(path).catch(async (e) => {
@@ -290,10 +290,12 @@ export class ImageWriter {
     // MIMALLOC_PURGE_DELAY=0). Measured, 1 GiB stream, --from FILE, medians of 3: pool 2.41
     // CPU-s and 307,000 faults, here 1.81 CPU-s and 60,000 faults, 157 MiB peak; the main
     // thread's one heap reuses the freed outputs (bin/run.js keeps mimalloc's purge delay for create).
+    // In frames of 64 KiB, each decodable alone: a page request reads and decodes one frame, not
+    // the megabyte around it (format-spec/container.md, "Frames").
     let stored: Promise<Stored> = Promise.resolve({ codec: CODEC_NONE, stored: raw })
     if (this.lz4) {
-      const c = lz4.compressSync(raw)
-      if (c.length <= raw.length - raw.length / 8) stored = Promise.resolve({ codec: CODEC_LZ4, stored: c })
+      const f = encodeFrames(raw, PAGE_SIZE, DEFAULT_FRAME_PAGES, lz4.compressSync)
+      if (f) stored = Promise.resolve({ codec: CODEC_LZ4, stored: f.stored, framePages: DEFAULT_FRAME_PAGES, frames: f.frames })
     }
     this.file.enqueue(this.seq++, pages, n, raw, stored)
     this.buf = this.newBuffer()
@@ -394,7 +396,8 @@ export class ImageWriter {
       clusterCount: f.offsets.length, generation: 1,
     })
     const header = encodeHeader({
-      version: 1, headerLength: HEADER_LENGTH_V1, incompatibleFeatures: this.base ? INCOMPAT_BASE_IMAGE : 0n, compatibleFeatures: compat, autoclearFeatures: 0n,
+      version: 1, headerLength: HEADER_LENGTH_V1, incompatibleFeatures: (this.base ? INCOMPAT_BASE_IMAGE : 0n) | (f.frameCounts.some((n) => n > 0) ? INCOMPAT_FRAMED : 0n),
+      compatibleFeatures: compat, autoclearFeatures: 0n,
       clusterSize: this.clusterSize, pageSize: PAGE_SIZE, uuid: this.uuid, creationTime: this.createdAt, generation: 1,
       trailerOffset, trailerLength: trailer.length, fileLength, machine: device.machine, baseImageOffset, encryptionMethod: 0,
     })

@@ -1,12 +1,16 @@
 // Exact bytes and round trips for every container and index codec.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
+import { randomBytes } from 'node:crypto'
 import { crc32 } from 'node:zlib'
 import lz4 from 'lz4-napi'
 import type { SnapError } from '../../src/errors.js'
 import { decodeHeader, encodeHeader, type ImageHeader } from '../../src/container/header.js'
 import { decodeFooter, encodeFooter } from '../../src/container/footer.js'
-import { decodeClusterHeader, decodePayload, encodeClusterHeader, splitCluster } from '../../src/container/cluster.js'
+import {
+  FLAG_FRAMED, decodeClusterHeader, decodeFrameSync, decodePayload, decodePayloadSync, encodeClusterHeader, encodeFrames, frameExtent, frameTableCrc, splitCluster,
+} from '../../src/container/cluster.js'
+import { roundUp } from '../../src/bytes.js'
 import * as T from '../../src/container/trailer.js'
 import { PageMap } from '../../src/container/locator.js'
 import * as K from '../../src/index/keys.js'
@@ -105,7 +109,7 @@ test('footer: exact bytes, round trip, damage is SNAP_INCOMPLETE', () => {
 
 const lim = { pageSize: 4096, maxPages: 256 }
 test('cluster header: exact bytes and checks', () => {
-  const h = { sequence: 5, codec: 0, flags: 0, pageCount: 2, rawLength: 8192, storedLength: 8192, dataCrc: 0x01020304, pages: Uint32Array.of(0, 7, 1, 0xffff) }
+  const h = { sequence: 5, codec: 0, flags: 0, pageCount: 2, rawLength: 8192, storedLength: 8192, dataCrc: 0x01020304, pages: Uint32Array.of(0, 7, 1, 0xffff), framePages: 0, frames: new Uint32Array(0) }
   const b = encodeClusterHeader(h)
   assert.is(b.length, 4096)
   const want = hex('534E434C 00000034 00000005 00 00 0000 00000002 00002000 00002000 01020304 00000000 00000007 00000001 0000FFFF')
@@ -139,7 +143,7 @@ test('cluster header: exact bytes and checks', () => {
 test('payload codecs 0 and 1: exact bytes and round trips', async () => {
   const raw = Buffer.alloc(8192, 0x41)
   const where = { cluster: 0, offset: 4096 }
-  const h0 = { sequence: 0, codec: 0, flags: 0, pageCount: 2, rawLength: 8192, storedLength: 8192, dataCrc: crc32(raw), pages: Uint32Array.of(0, 0, 0, 1) }
+  const h0 = { sequence: 0, codec: 0, flags: 0, pageCount: 2, rawLength: 8192, storedLength: 8192, dataCrc: crc32(raw), pages: Uint32Array.of(0, 0, 0, 1), framePages: 0, frames: new Uint32Array(0) }
   assert.equal(await decodePayload(h0, raw, where), raw)
   const stored = lz4.compressSync(raw)
   // 4-byte little-endian decoded length, then an LZ4 block: one 'A' literal, then a match.
@@ -161,6 +165,63 @@ test('payload codecs 0 and 1: exact bytes and round trips', async () => {
   damaged[6] ^= 0xff
   assert.is(await acode(decodePayload(h1, damaged, where)), 'SNAP_CHECKSUM')
   assert.is(await acode(decodePayload({ ...h1, dataCrc: crc32(damaged) }, damaged, where)), 'SNAP_CORRUPT')
+})
+
+test('framed clusters: exact header bytes, whole and one-frame decodes, every check', async () => {
+  const flim = { ...lim, framed: true }
+  // Five pages in frames of two: an 'A' frame, a random (stored raw) frame, a one-page 'C' frame.
+  const raw = Buffer.concat([Buffer.alloc(8192, 0x41), randomBytes(8192), Buffer.alloc(4096, 0x43)])
+  const enc = encodeFrames(raw, 4096, 2, lz4.compressSync)!
+  assert.ok(enc)
+  assert.is(enc.frames.length, 6)
+  assert.is(enc.frames[2], 8192, 'the incompressible frame is stored raw')
+  assert.ok(enc.frames[0] < 8192 && enc.frames[4] < 4096)
+  const pages = Uint32Array.of(0, 0, 0, 1, 0, 2, 0, 3, 0, 4)
+  const h = { sequence: 0, codec: 1, flags: FLAG_FRAMED, pageCount: 5, rawLength: raw.length, storedLength: enc.stored.length, dataCrc: frameTableCrc(enc.frames), pages, framePages: 2, frames: enc.frames }
+  const hb = encodeClusterHeader(h)
+  assert.is(hb.readUInt32BE(4), 32 + 8 * 5 + 8 * 3 + 4, 'header_length counts the frame table')
+  assert.is(hb.readUInt16BE(14), 2, 'frame_pages in bytes 14-15')
+  assert.is(hb.readUInt32BE(32 + 40 + 8), 8192)
+  const where = { cluster: 0, offset: 4096 }
+  assert.equal(decodeClusterHeader(hb, 0, where, flim), h)
+  assert.equal(await decodePayload(h, enc.stored, where), raw)
+  assert.equal(decodePayloadSync(h, enc.stored, where, Buffer.alloc(1 << 20)), raw)
+  for (let i = 0; i < 3; i++) {
+    const x = frameExtent(h, i, 4096)
+    assert.equal(decodeFrameSync(h, i, enc.stored.subarray(x.start, x.end), where, Buffer.alloc(65536)), raw.subarray(i * 8192, i * 8192 + x.rawLength))
+  }
+  const block = Buffer.concat([hb, enc.stored, Buffer.alloc(roundUp(enc.stored.length, 4096) - enc.stored.length)])
+  assert.equal(splitCluster(block, where, flim).stored, enc.stored)
+  // Framed clusters only where the image header says so; other flag bits never.
+  assert.is(code(() => decodeClusterHeader(hb, 0, where, lim)), 'SNAP_CORRUPT')
+  const withHeader = (mut: (b: Buffer) => void) => {
+    const b = Buffer.from(hb)
+    mut(b)
+    b.writeUInt32BE(crc32(b.subarray(0, b.readUInt32BE(4) - 4)), b.readUInt32BE(4) - 4)
+    return code(() => decodeClusterHeader(b, 0, where, flim))
+  }
+  assert.is(withHeader((b) => (b[13] = 3)), 'SNAP_CORRUPT')
+  assert.is(withHeader((b) => b.writeUInt16BE(0, 14)), 'SNAP_CORRUPT')
+  assert.is(withHeader((b) => b.writeUInt16BE(257, 14)), 'SNAP_CORRUPT')
+  assert.is(withHeader((b) => b.writeUInt32BE(8193, 32 + 40 + 8)), 'SNAP_CORRUPT', 'a frame longer than its raw length')
+  assert.is(withHeader((b) => b.writeUInt32BE(4, 32 + 40)), 'SNAP_CORRUPT', 'a frame of 4 bytes or less')
+  assert.is(withHeader((b) => b.writeUInt32BE(h.storedLength + 1, 24)), 'SNAP_CORRUPT', 'frames that do not add up')
+  assert.is(withHeader((b) => (b[12] = 0)), 'SNAP_CORRUPT', 'a framed raw cluster')
+  // A damaged frame: the whole decode and the one-frame decode both say SNAP_CHECKSUM.
+  const damaged = Buffer.from(enc.stored)
+  damaged[enc.frames[0] + 100] ^= 1
+  assert.is(await acode(decodePayload(h, damaged, where)), 'SNAP_CHECKSUM')
+  const x1 = frameExtent(h, 1, 4096)
+  assert.is(code(() => decodeFrameSync(h, 1, damaged.subarray(x1.start, x1.end), where, Buffer.alloc(65536))), 'SNAP_CHECKSUM')
+  // A frame whose crc matches but whose LZ4 lies: SNAP_CORRUPT, nothing written past the frame.
+  const lying = Buffer.from(enc.stored)
+  lying.writeUInt32LE(99999, 0)
+  const frames = Uint32Array.from(enc.frames)
+  frames[1] = crc32(lying.subarray(0, frames[0]))
+  const hl = { ...h, frames, dataCrc: frameTableCrc(frames) }
+  assert.is(await acode(decodePayload(hl, lying, where)), 'SNAP_CORRUPT')
+  // A cluster that does not save an eighth is not framed (it is stored raw).
+  assert.is(encodeFrames(randomBytes(16384), 4096, 2, lz4.compressSync), null)
 })
 
 test('trailer records: exact bytes, alignment, round trip', () => {

@@ -26,6 +26,18 @@ const FIXTURES = [
     pages: 4226,
     zeroPages: 4175,
     clusters: 4,
+    incompatible: 0,
+    loadSha256: '6332da07996f87a4a90d74b87be149839540e3c95be414f5c63483e8bf810316',
+  },
+  {
+    // the same stream with framed clusters (incompatible bit 3), 256K clusters
+    file: 'v1-framed-pc-16M.snap',
+    version: 1,
+    machine: 'pc-i440fx-10.0',
+    pages: 4226,
+    zeroPages: 4175,
+    clusters: 1,
+    incompatible: 8,
     loadSha256: '6332da07996f87a4a90d74b87be149839540e3c95be414f5c63483e8bf810316',
   },
 ]
@@ -44,6 +56,7 @@ for (const f of FIXTURES) {
     assert.is(info.machine, f.machine)
     assert.is(info.pages, f.pages)
     assert.is(info.zeroPages, f.zeroPages)
+    assert.is(info.features.incompatible, f.incompatible)
 
     r = run('verify', img, '--json')
     assert.is(r.status, 0, r.stderr)

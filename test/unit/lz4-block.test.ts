@@ -55,7 +55,7 @@ test('a block that lies throws Lz4Error', () => {
 test('decodePayloadSync into a buffer: the same bytes as without, SNAP_CORRUPT for a bad block', () => {
   const raw = Buffer.concat([samples()[8], samples()[2]]).subarray(0, 4096 * 24)
   const stored = lz4.compressSync(raw)
-  const h: ClusterHeader = { sequence: 0, codec: CODEC_LZ4, flags: 0, pageCount: 24, rawLength: raw.length, storedLength: stored.length, dataCrc: crc32(stored), pages: new Uint32Array(48) }
+  const h: ClusterHeader = { sequence: 0, codec: CODEC_LZ4, flags: 0, pageCount: 24, rawLength: raw.length, storedLength: stored.length, dataCrc: crc32(stored), pages: new Uint32Array(48), framePages: 0, frames: new Uint32Array(0) }
   const where = { cluster: 0, offset: 4096 }
   const into = Buffer.alloc(1 << 20)
   assert.ok(decodePayloadSync(h, stored, where, into).equals(raw))
