@@ -12,6 +12,7 @@ import type { RamBlock } from '../types.js'
 import type { BaseImageRef } from './base-image.js'
 import { BASE_CLUSTER, LOC_NEVER_SENT, LOC_ZERO, RunLocator, noData, type PageLocator, type PageRun } from './locator.js'
 import { ImageReader, type ClusterResult, type DecodedCluster } from './reader.js'
+import type { ClusterHeader } from './cluster.js'
 import type { WriterBase } from './writer.js'
 
 /** Images in one chain at most (container.md, "Opening a chain", step 4). */
@@ -177,6 +178,18 @@ export class ImageChain {
   readClusterSync(seq: number): DecodedCluster {
     const [layer, local] = this.layerOf(seq)
     return { ...layer.readClusterSync(local), seq }
+  }
+
+  /** A cluster's header alone, on the calling thread (a page request). */
+  readClusterHeaderSync(seq: number): ClusterHeader {
+    const [layer, local] = this.layerOf(seq)
+    return layer.readClusterHeaderSync(local)
+  }
+
+  /** One frame of a framed cluster whose header was read (a page request). */
+  readFrameSync(seq: number, h: ClusterHeader, i: number, into?: Buffer): Buffer {
+    const [layer, local] = this.layerOf(seq)
+    return layer.readFrameSync(local, h, i, into)
   }
 
   /** Every layer's clusters in file order, top layer first; those of which no page is used are not read. */

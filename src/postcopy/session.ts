@@ -5,6 +5,7 @@
 // map. The session sees the transport only as a StreamSink and a ReturnPathReader.
 import type { DecodedCluster } from '../container/reader.js'
 import type { RestoreImage } from '../container/chain.js'
+import { PageFetcher } from './page-fetcher.js'
 import { LOC_NEVER_SENT, LOC_ZERO, disagreement, slotHolds, type PageLocator, type RunLocator } from '../container/locator.js'
 import { SnapError } from '../errors.js'
 import * as enc from '../stream/encoder.js'
@@ -19,7 +20,6 @@ const PING_ADVISED = 2
 const PING_PACKAGE = 3
 /** bytes of background pages per section: small keeps request latency low */
 const CHUNK_BYTES = 256 << 10
-const CLUSTER_CACHE = 16
 
 export interface SessionOptions {
   log?: (msg: string) => void
@@ -67,6 +67,9 @@ export interface PostcopyStats {
   pagesSent: number
   /** pages written in answer to requests (on the preempt channel when there is one) */
   pagesServedOnRequest: number
+  /** what requests had to read: single frames (framed clusters), whole clusters (the others, or the push's) */
+  requestFramesRead: number
+  requestClustersRead: number
   /** whether answers went on a postcopy-preempt channel */
   preempt: boolean
   /** pages of the image's recorded working set (0: none, or not used) */
@@ -92,7 +95,7 @@ export class Session {
   private readonly hostPages: number[]
   private readonly sent: Uint8Array[]
   private readonly byName: Map<string, number>
-  private readonly cache = new Map<number, DecodedCluster>()
+  private readonly fetch: PageFetcher
   private readonly urgent: Array<{ buf: Buffer; t0: number }> = []
   private readonly background: Buffer[] = []
   private pumping: Promise<void> | null = null
@@ -138,6 +141,7 @@ export class Session {
     this.ramId = reader.device.ramSectionId
     this.hostPages = opts.hostPages
     this.locator = runs.pageLocator()
+    this.fetch = new PageFetcher(reader)
     this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
     this.byName = new Map(reader.blocks.map((b) => [b.name, b.id]))
     this.pushed = new Uint8Array(reader.clusterOffsets.length)
@@ -198,7 +202,8 @@ export class Session {
     return {
       deviceStateSeconds, requests: this.requests, requestedPages: this.requestedPages, requestsAlreadySent: this.requestsAlreadySent,
       latencyMs: percentiles(this.latencies), bytesPushed: this.bytesPushed, bytesOut: this.out.bytes,
-      ...this.locator.totals(), pagesSent: this.pages, pagesServedOnRequest: this.pagesServedOnRequest, preempt: this.preempt !== null,
+      ...this.locator.totals(), pagesSent: this.pages, pagesServedOnRequest: this.pagesServedOnRequest,
+      requestFramesRead: this.fetch.framesRead, requestClustersRead: this.fetch.clustersRead, preempt: this.preempt !== null,
       workingSetPages: this.workingSetPages, prefetchedPages: this.prefetchedPages, prefetchedTouched: this.prefetchedTouched,
       lastPageSeconds, pagesReceivedBefore: this.pagesReceivedBefore, seconds: (performance.now() - started) / 1000,
     }
@@ -283,8 +288,7 @@ export class Session {
       this.check()
       await this.pushFollowed()
       if (this.pushed[cluster.seq]) continue
-      this.cache.set(cluster.seq, cluster)
-      this.trimCache()
+      this.fetch.remember(cluster)
       await this.pushCluster(cluster)
     }
     await this.pushZeroPages()
@@ -336,7 +340,7 @@ export class Session {
     while (this.follow.length > 0) {
       const seq = this.follow.shift()!
       for (const s of [seq, seq + 1]) {
-        if (s < this.pushed.length && !this.pushed[s]) await this.pushCluster(this.getCluster(s))
+        if (s < this.pushed.length && !this.pushed[s]) await this.pushCluster(this.fetch.cluster(s))
       }
       this.check()
     }
@@ -461,25 +465,7 @@ export class Session {
       section.zero(b, p) // zero, or never sent by QEMU: the destination had zeroes there too
       return
     }
-    const cluster = this.getCluster(l - 1)
-    const slot = this.locator.slotOf(b, p)
-    if (!slotHolds(cluster.pages, slot, b, p)) throw disagreement(b, p, cluster.seq, slot, { offset: cluster.offset })
-    section.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
-  }
-
-  /** Read on this thread: a request must not queue behind bulk I/O in the thread pool. */
-  private getCluster(seq: number): DecodedCluster {
-    let c = this.cache.get(seq)
-    if (c === undefined) {
-      c = this.reader.readClusterSync(seq)
-      this.cache.set(seq, c)
-      this.trimCache()
-    }
-    return c
-  }
-
-  private trimCache(): void {
-    while (this.cache.size > CLUSTER_CACHE) this.cache.delete(this.cache.keys().next().value as number)
+    section.page(b, p, this.fetch.page(l - 1, this.locator.slotOf(b, p), b, p))
   }
 
   /** Queue background bytes; waits while two chunks are already waiting. */

@@ -20,6 +20,8 @@ const PS = 4096
 const t = tempDir('restore-bytes')
 test.after(() => t.cleanup())
 const image = join(t.dir, 'tiny.snap')
+/** the same pages stored raw: unframed clusters, as every image before framed clusters had */
+const rawImage = join(t.dir, 'tiny-raw.snap')
 const d = device()
 const ID = d.ramSectionId
 const BLOCKS: RamBlockDecl[] = [
@@ -29,7 +31,12 @@ const BLOCKS: RamBlockDecl[] = [
 const page = (fill: number): Buffer => Buffer.alloc(PS, fill)
 
 test.before(async () => {
-  const w = await ImageWriter.create(image, { clusterSize: 65536 })
+  await writeTiny(image, 'lz4')
+  await writeTiny(rawImage, 'none')
+})
+
+async function writeTiny(path: string, compress: 'lz4' | 'none'): Promise<void> {
+  const w = await ImageWriter.create(path, { clusterSize: 65536, compress })
   w.setBlocks(BLOCKS)
   w.putZero(0, 0)
   w.putPage(0, 1, page(0x11))
@@ -40,7 +47,7 @@ test.before(async () => {
   w.putZero(1, 1)
   // 0:3, 0:4, 0:6, 0:7 never sent
   await w.finish(d, { source: 'qemu', counters: counters() })
-})
+}
 
 /** A sink that keeps a copy of everything written, and calls `onWrite` after each write. */
 function capture(onWrite: (all: () => Buffer) => void = () => {}): { sink: StreamSink; all: () => Buffer } {
@@ -106,7 +113,7 @@ function part(records: Array<[number, number, Buffer | null]>): Buffer {
   return Buffer.concat(w.flush())
 }
 
-test('postcopy: the setup, then a requested page ahead of the push, then the end', async () => {
+for (const [name, img, framed] of [['framed clusters', image, true], ['unframed clusters', rawImage, false]] as const) test(`postcopy (${name}): the setup, then a requested page ahead of the push, then the end`, async () => {
   const setup1 = Buffer.concat([enc.fileHeader(d.config), enc.openReturnPath(), enc.ping(1), enc.postcopyAdvise(PS, PS), enc.ping(2)])
   const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(3), enc.postcopyRun()])
   const setup2 = Buffer.concat([
@@ -136,13 +143,15 @@ test('postcopy: the setup, then a requested page ahead of the push, then the end
       rp.end(encodeRpMessage({ type: 'shut', status: 0 }))
     }
   })
-  const stats = await loadPostcopy(image, { open: async () => migration(out.sink, rp), timeoutMs: 5000 })
+  const stats = await loadPostcopy(img, { open: async () => migration(out.sink, rp), timeoutMs: 5000 })
   const got = out.all()
   assert.ok(got.subarray(0, setup1.length).equals(setup1), 'header, configuration, OPEN_RETURN_PATH, PING 1, ADVISE, PING 2')
   assert.ok(got.subarray(setup1.length, setup1.length + setup2.length).equals(setup2), 'ram START, DISCARD, PACKAGED[LISTEN, devices, PING 3, RUN]')
   assert.ok(got.subarray(setup1.length + setup2.length).equals(Buffer.concat([answer, push, end])), 'the answer, then the push, then END and EOF')
   assert.is(stats.requests, 1)
   assert.is(stats.pagesSent, 10, 'every page of both blocks is placed before the END')
+  // The request read one frame of a framed cluster; an unframed one whole.
+  assert.equal([stats.requestFramesRead, stats.requestClustersRead], framed ? [1, 0] : [0, 1])
 })
 
 test.run()
