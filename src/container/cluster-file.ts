@@ -109,7 +109,7 @@ export class ClusterFile {
     }
     // Slots for whole clusters (header blocks + the largest payload); the first is made now,
     // probed by writing the zero header block.
-    const slot = clusterExtent(this.lim.maxPages, this.lim.maxPages * this.lim.pageSize)
+    const slot = clusterExtent(this.lim.maxPages, this.lim.maxPages * this.lim.pageSize, this.lim.framed ? this.lim.maxPages : 0)
     const pool = new AlignedPool(slot, DIRECT_SLOTS, probeWriteZeros(dfh.fd))
     pool.give(pool.takeSync(slot))
     this.direct = { fh: dfh, pool }
