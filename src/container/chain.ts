@@ -162,11 +162,17 @@ export class ImageChain {
     return this.top.fileLength
   }
 
-  /** Which layer holds chain-wide cluster `seq`, and its number there. */
-  private layerOf(seq: number): [ImageReader, number] {
+  /** Which layer (0: the top) holds chain-wide cluster `seq`. */
+  layerIndex(seq: number): number {
     if (!(Number.isInteger(seq) && seq >= 0 && seq < this.clusterOffsets.length)) throw new SnapError('SNAP_CORRUPT', `there is no cluster ${seq}`, { cluster: seq })
     let i = this.firsts.length - 1
     while (this.firsts[i] > seq) i--
+    return i
+  }
+
+  /** The layer that holds chain-wide cluster `seq`, and its number there. */
+  private layerOf(seq: number): [ImageReader, number] {
+    const i = this.layerIndex(seq)
     return [this.layers[i], seq - this.firsts[i]]
   }
 
@@ -224,8 +230,12 @@ export function topOf(image: RestoreImage): ImageReader {
   return image instanceof ImageChain ? image.top : image
 }
 
-/** Decoded clusters kept for base comparisons: the new stream comes mostly in the base's order. */
-const BASE_CACHE = 8
+/**
+ * Decoded clusters kept for base comparisons, per image of the chain: the new stream comes mostly
+ * in each image's own order, so a few clusters per image are enough, and the few clusters of a
+ * small incremental image are not pushed out by the many of its base.
+ */
+const BASE_CACHE = 4
 
 /**
  * The base of an image being written (create --base): what `image` (one image or a chain)
@@ -235,9 +245,11 @@ export function writerBase(image: RestoreImage, newImagePath: string, relativeTo
   const top = topOf(image)
   const h = top.header
   const where: PageLocator = image.locator.pageLocator()
-  const cache = new Map<number, DecodedCluster>()
+  const caches = ('layers' in image ? image.layers : [image]).map(() => new Map<number, DecodedCluster>())
+  const layerOf = image instanceof ImageChain ? (seq: number) => image.layerIndex(seq) : () => 0
   const ps = h.pageSize
   const cluster = (seq: number): DecodedCluster => {
+    const cache = caches[layerOf(seq)]
     let c = cache.get(seq)
     if (c === undefined) {
       c = image.readClusterSync(seq)
