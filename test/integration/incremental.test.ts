@@ -2,13 +2,14 @@
 // changed (new data, data zeroed, zero filled), saved with --base, then again: a chain of 3.
 // Restored from the chain eagerly and lazily (postcopy), and flattened: RAM byte-identical each
 // time. A base deleted, replaced by another image, or changed (a working set stored in it):
-// refused with its code before a byte is written.
+// refused with its code before a byte is written. save --base and restore (eager and --lazy) over
+// QMP: the stored base path is relative to where save puts the image.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { copyFileSync, existsSync, openSync, readFileSync, renameSync, statSync, writeSync, closeSync } from 'node:fs'
+import { copyFileSync, existsSync, mkdirSync, openSync, readFileSync, renameSync, statSync, writeSync, closeSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import { execUri, MiB, Workdir, execCreate, execLoad, parseJson, snapctl, waitStatus } from './helpers.js'
-import { fillRam, filesEqual, type Vm } from '../../tools/vm.js'
+import { fillRam, filesEqual, type Vm, type VmOptions } from '../../tools/vm.js'
 
 const w = new Workdir('incremental')
 const RAM = 64 * MiB
@@ -117,6 +118,37 @@ test('a base deleted, replaced or changed: refused with its code, nothing writte
   assert.match(r.stderr, 'SNAP_BASE_CHANGED')
   const s = await snapctl(['create', img('d'), '--base', w.path('nope.snap'), '--from', out])
   assert.match(s.stderr, 'SNAP_BASE_MISSING')
+})
+
+/** A VM with a second QMP socket for snapctl save and restore (the harness holds the first). */
+async function qmpVm(opts: VmOptions): Promise<{ vm: Vm; sock: string }> {
+  const sock = w.path(`${opts.name}-snapctl.qmp`)
+  return { vm: await w.vm({ ...opts, extraArgs: ['-qmp', `unix:${sock},server=on,wait=off`] }), sock }
+}
+
+test('save --base over QMP into another directory; restore and restore --lazy from the chain', async () => {
+  mkdirSync(w.path('saves'))
+  const one = w.path('saves/one.snap')
+  const two = w.path('saves/two.snap')
+  const saveTo = async (name: string, image: string, extra: string[]) => {
+    const src = await qmpVm({ name, memMiB: 64, memPath: ram })
+    const r = await snapctl(['save', image, '--qmp', src.sock, '-q', ...extra])
+    assert.is(r.code, 0, r.stderr)
+    await src.vm.quit()
+  }
+  await saveTo('save-one', one, [])
+  change(ram, 0.05, 3)
+  await saveTo('save-two', two, ['--base', one])
+  const info = parseJson(await snapctl(['info', two, '--json']))
+  assert.is(info.chain.base.path, 'one.snap', 'relative to the image where save put it')
+  assert.ok(info.fileBytes < statSync(one).size / 10)
+  for (const lazy of [false, true]) {
+    const dst = await qmpVm({ name: `restore-${lazy}`, memMiB: 64, incoming: 'defer', keepMem: true })
+    const r = await snapctl(['restore', two, '--qmp', dst.sock, '--paused', ...(lazy ? ['--lazy'] : [])])
+    assert.is(r.code, 0, r.stderr)
+    assert.equal(await filesEqual(ram, dst.vm.memPath), { equal: true }, `restore${lazy ? ' --lazy' : ''} from the chain differs`)
+    await dst.vm.quit()
+  }
 })
 
 test.run()

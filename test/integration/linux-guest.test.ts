@@ -3,12 +3,14 @@
 // bandwidth limit), then restored eagerly and lazily into fresh QEMUs that run at once. The guest
 // checks itself: its heartbeat counter must go on from where the saved guest stopped, and every
 // heartbeat after the restore must say its tmpfs data and rewritten memory are what it wrote.
+// Between the two, the guest runs on and is saved again with --base (an incremental image over
+// the plain one), restored from that chain eagerly and lazily in the same way.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { existsSync, readFileSync } from 'node:fs'
 import { LINUX_CMDLINE, MEMWORK_DEFAULTS, SerialLog, linuxGuest, type Heartbeat } from '../../tools/linux-guest.js'
 import type { Vm, VmOptions } from '../../tools/vm.js'
-import { MiB, Workdir, execCreate, execLoad, execUri, snapctl, waitStatus } from './helpers.js'
+import { MiB, Workdir, execCreate, execLoad, execUri, parseJson, snapctl, waitStatus } from './helpers.js'
 
 const w = new Workdir('linux-guest')
 const logs: SerialLog[] = []
@@ -69,11 +71,11 @@ test('the guest boots, loads its virtio drivers, writes its data and beats', asy
   for (const hb of hbs) assert.equal([hb.ok, hb.detail], [true, dataSum], hb.text)
 })
 
-async function saveLive(kind: string, opts: Parameters<Vm['migrate']>[1], whileRunning?: () => Promise<void>): Promise<void> {
+async function saveLive(kind: string, opts: Parameters<Vm['migrate']>[1], whileRunning?: () => Promise<void>, extra = ''): Promise<void> {
   const image = w.path(`${kind}.snap`)
   const before = srcLog.lastHeartbeat()!
   const t0 = performance.now()
-  const migrating = execCreate(w, src, image, '', opts)
+  const migrating = execCreate(w, src, image, extra, opts)
   migrating.catch(() => {})
   await whileRunning?.()
   await migrating
@@ -92,13 +94,30 @@ async function saveLive(kind: string, opts: Parameters<Vm['migrate']>[1], whileR
   saved[kind] = { image, before, final, info }
 }
 
-test('saved live, plain', async () => {
-  await saveLive('plain', {})
-  // Back to running for the next save: a completed outgoing migration may be continued.
+/** Back to running for the next save: a completed outgoing migration may be continued. */
+async function runOn(kind: string): Promise<void> {
   const mark = srcLog.mark()
   await src.qmp.execute('cont')
   const [next] = await srcLog.waitHeartbeats(1, 10_000, mark)
-  assert.is(next!.counter, saved.plain!.final.counter + 1, next!.text)
+  assert.is(next!.counter, saved[kind]!.final.counter + 1, next!.text)
+}
+
+test('saved live, plain', async () => {
+  await saveLive('plain', {})
+  await runOn('plain')
+})
+
+test('runs on and writes, saved live again with --base plain.snap: an incremental image', async () => {
+  // memwork rewrites its hot pages every beat: a few beats, then the save.
+  await srcLog.waitHeartbeats(3, 10_000, srcLog.mark())
+  await saveLive('incremental', {}, undefined, `--base ${w.path('plain.snap')}`)
+  const info = parseJson(await snapctl(['info', w.path('incremental.snap'), '--json']))
+  const full = parseJson(await snapctl(['info', w.path('plain.snap'), '--json']))
+  timing(`incremental image ${info.fileBytes} bytes, ${info.basePages} of ${info.ramPages} pages from the base; the full one ${full.fileBytes} bytes (${((100 * info.fileBytes) / full.fileBytes).toFixed(1)}%)`)
+  assert.equal(info.chain.layers.map((l: { path: string }) => l.path), [w.path('incremental.snap'), w.path('plain.snap')])
+  assert.ok(info.basePages > 0 && info.storedPages > 0, JSON.stringify({ basePages: info.basePages, storedPages: info.storedPages }))
+  assert.ok(info.fileBytes < full.fileBytes / 2, `incremental ${info.fileBytes} bytes, full ${full.fileBytes}`)
+  await runOn('incremental')
 })
 
 test('saved live with xbzrle and a bandwidth limit', async () => {
@@ -167,5 +186,7 @@ test('plain image restored eagerly: the guest runs on, its data intact', () => r
 test('plain image restored lazily: the guest runs on, its data intact', () => restore('plain', true))
 test('xbzrle image restored eagerly: the guest runs on, its data intact', () => restore('xbzrle', false))
 test('xbzrle image restored lazily: the guest runs on, its data intact', () => restore('xbzrle', true))
+test('incremental image (a chain of 2) restored eagerly: the guest runs on, its data intact', () => restore('incremental', false))
+test('incremental image (a chain of 2) restored lazily: the guest runs on, its data intact', () => restore('incremental', true))
 
 test.run()
