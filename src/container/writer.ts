@@ -71,6 +71,15 @@ export interface WriterBase {
   read(block: number, page: number, into: Buffer): void
 }
 
+/**
+ * With --sync and without --bypass-cache: fdatasync every this many bytes while writing, so that
+ * the last one, before the image gets its name, has at most this much left to write back.
+ * Measured (1 GiB VM, 481 MiB image, create --from, 9 alternations, shared 2-core machine): the
+ * final fdatasync alone took 0.19 s here (the virtual disk is fast); every 32 MiB cost 1.22x of
+ * a create without --sync, every 128 MiB 1.11x (each fdatasync also commits the journal).
+ */
+const SYNC_EVERY = 128 * 1024 * 1024
+
 export interface FinishInfo {
   source: 'qemu' | 'libvirt'
   counters: StreamCounters
@@ -155,7 +164,7 @@ export class ImageWriter {
       if (!(await holds(p.pid, p.file))) await unlink(p.file).catch(() => {})
     }
     const partial = partialPath(path)
-    const fileOpts: ClusterFileOptions = { bypassCache: opts.bypassCache }
+    const fileOpts: ClusterFileOptions = { bypassCache: opts.bypassCache, syncEvery: opts.sync ? SYNC_EVERY : undefined }
     const file = await ClusterFile.create(partial, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE, framed: true }, { ...fileOpts, lruBytes: opts.cacheBytes })
     // Our partial exists before we look, so of two creates that start together the later one
     // always sees the earlier (in an exact tie both see each other and both refuse).
