@@ -63,6 +63,9 @@ const MULTIFD: Capabilities = { 'mapped-ram': false, multifd: true }
 
 export const SAVE: readonly Contender[] = [
   { id: 'snapctl-lz4', exec: true, snapctl: true, caps: NONE, target: (f, p) => snapctl(p, f, ['create', f.out, '--force']) },
+  // Issue 12: --sync (durable) and --bypass-cache (O_DIRECT), against the plain LZ4 create.
+  { id: 'snapctl-lz4-sync', exec: true, snapctl: true, caps: NONE, target: (f, p) => snapctl(p, f, ['create', f.out, '--sync', '--force']) },
+  { id: 'snapctl-lz4-direct', exec: true, snapctl: true, caps: NONE, target: (f, p) => snapctl(p, f, ['create', f.out, '--bypass-cache', '--force']) },
   { id: 'snapctl-none', exec: true, snapctl: true, caps: NONE, target: (f, p) => snapctl(p, f, ['create', f.out, '--compress', 'none', '--force']) },
   { id: 'exec-cat', exec: true, snapctl: false, caps: NONE, target: (f) => `cat > ${sh(f.out)}` },
   { id: 'file', exec: false, snapctl: false, caps: NONE, target: (f) => f.out },
@@ -74,6 +77,7 @@ export const SAVE: readonly Contender[] = [
 
 export const RESTORE: readonly RestoreContender[] = [
   { id: 'snapctl-load', from: 'snapctl-lz4', exec: true, snapctl: true, caps: NONE, target: (f, p) => snapctl(p, f, ['load', f.out]) },
+  { id: 'snapctl-load-direct', from: 'snapctl-lz4-direct', exec: true, snapctl: true, caps: NONE, target: (f, p) => snapctl(p, f, ['load', f.out, '--bypass-cache']) },
   { id: 'exec-cat', from: 'exec-cat', exec: true, snapctl: false, caps: NONE, target: (f) => `cat ${sh(f.out)}` },
   { id: 'file', from: 'file', exec: false, snapctl: false, caps: NONE, target: (f) => f.out },
   { id: 'mapped-ram', from: 'mapped-ram', exec: false, snapctl: false, caps: MAPPED, target: (f) => f.out },

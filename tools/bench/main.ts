@@ -109,6 +109,7 @@ async function main(): Promise<number> {
     process.stdout.write(`\n${title}\n${table(results)}\n\n${targetLines(targets)}\n`)
     const notes = [
       'Outputs are written through the page cache (no fsync, caches not dropped), as QEMU\'s own file: is; restores read files written moments before, likely still cached.',
+      'Except the issue-12 contenders: snapctl-lz4-sync (create --sync: fdatasync before exit), snapctl-lz4-direct and snapctl-load-direct (--bypass-cache: O_DIRECT, read from the disk, not the cache); "cached %" is the largest share of the image resident in the page cache after a sample (fincore).',
       `Contenders alternate round-robin within each repetition; "ratio" is median / ${BASELINE} median, "paired" the median of per-repetition ratios.`,
       `max-bandwidth is set to ${MAX_BANDWIDTH} B/s on every VM: QEMU's default of 128 MiB/s would throttle every save path to the same speed.`,
       'Save time runs from the migrate command until QEMU reports completed and, for exec:, the command has exited; restore time from migrate-incoming until the destination reports completed.',

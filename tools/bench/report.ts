@@ -29,6 +29,8 @@ export interface ContenderResult {
   cpuPerGiB?: { median: number; min: number; max: number }
   /** snapctl's page faults per GiB of guest RAM: median, min, max */
   faultsPerGiB?: { median: number; min: number; max: number }
+  /** snapctl's image: the largest share of it resident in the page cache after a sample (fincore) */
+  cachedMax?: number
 }
 
 export interface Target {
@@ -61,6 +63,8 @@ export function summarize(results: ContenderResult[], sizeBytes: number): void {
     }
     r.cpuPerGiB = perGiB(r.samples.map((s) => s.cpuS), sizeBytes)
     r.faultsPerGiB = perGiB(r.samples.map((s) => s.faults), sizeBytes)
+    const cached = r.samples.map((s) => s.cached).filter((x): x is number => x !== undefined)
+    if (cached.length) r.cachedMax = Math.max(...cached)
   }
   const base = results.find((r) => r.id === BASELINE)
   if (!base?.medianS) return
@@ -86,7 +90,7 @@ const f2 = (x?: number): string => (x === undefined ? '-' : x.toFixed(2))
 const mib = (x?: number): string => (x === undefined ? '-' : (x / MiB).toFixed(1))
 
 export function table(results: ContenderResult[]): string {
-  const head = ['phase', 'contender', 'median s', 'min s', 'max s', 'ratio', 'paired', 'MB/s', 'alloc MiB', 'logical MiB', 'RSS MiB', 'CPU s/GiB', 'faults/GiB']
+  const head = ['phase', 'contender', 'median s', 'min s', 'max s', 'ratio', 'paired', 'MB/s', 'alloc MiB', 'logical MiB', 'RSS MiB', 'CPU s/GiB', 'faults/GiB', 'cached %']
   const rows = results.map((r) => [
     r.phase,
     r.id + (r.id === BASELINE ? ' (base)' : ''),
@@ -101,6 +105,7 @@ export function table(results: ContenderResult[]): string {
     r.rssKiB === undefined ? '' : ((r.rssKiB * 1024) / MiB).toFixed(1),
     r.cpuPerGiB ? `${f2(r.cpuPerGiB.median)} (${f2(r.cpuPerGiB.min)}-${f2(r.cpuPerGiB.max)})` : '',
     r.faultsPerGiB ? `${r.faultsPerGiB.median.toFixed(0)} (${r.faultsPerGiB.min.toFixed(0)}-${r.faultsPerGiB.max.toFixed(0)})` : '',
+    r.cachedMax === undefined ? '' : (100 * r.cachedMax).toFixed(1),
   ])
   const all = [head, ...rows]
   const width = head.map((_, i) => Math.max(...all.map((row) => row[i]!.length)))
@@ -135,6 +140,16 @@ export function checkTargets(results: ContenderResult[], startupMs: number | und
       pass: v === undefined ? (a?.error ? false : null) : v <= limit,
     })
   }
+  // Issue 12: --sync and --bypass-cache against the plain LZ4 create and load (cached: the run's own files).
+  versus('create --sync vs create', 'save', 'snapctl-lz4-sync', 'snapctl-lz4', 1.1)
+  versus('save --bypass-cache vs cached save', 'save', 'snapctl-lz4-direct', 'snapctl-lz4', 1.15)
+  versus('restore --bypass-cache vs cached restore', 'restore', 'snapctl-load-direct', 'snapctl-load', 1.15)
+  const residency = (name: string, r: ContenderResult | undefined): void => {
+    const v = r?.cachedMax
+    targets.push({ name, limit: '<= 5%', figure: v === undefined ? (r?.error ? 'failed' : 'not measured') : `${(100 * v).toFixed(1)}% (largest of ${r!.samples.length})`, pass: v === undefined ? (r?.error ? false : null) : v <= 0.05 })
+  }
+  residency('image in page cache after save --bypass-cache', get('save', 'snapctl-lz4-direct'))
+  residency('image in page cache after restore --bypass-cache', get('restore', 'snapctl-load-direct'))
   versus('save --channels N vs mapped-ram+multifd', 'save', 'snapctl-channels', 'mapped-ram+multifd', 1.0)
   versus('restore --channels N vs mapped-ram+multifd', 'restore', 'snapctl-channels', 'mapped-ram+multifd', 1.0)
   const chImage = get('save', 'snapctl-channels')?.disk

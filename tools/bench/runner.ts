@@ -6,7 +6,7 @@
 // Restore: from `migrate-incoming` to the destination's `completed`; the destination was started
 //          (paused, -incoming defer) before the clock started. Then its RAM file must equal the
 //          source's byte for byte, or the whole run fails.
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { existsSync, lstatSync, readdirSync, readFileSync, rmSync } from 'node:fs'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -31,6 +31,8 @@ export interface Sample {
   /** snapctl's user+sys CPU seconds and page faults (minor+major), from its own process.resourceUsage() */
   cpuS?: number
   faults?: number
+  /** snapctl only: share of the image resident in the page cache once the sample is done (fincore) */
+  cached?: number
   disk?: DiskUse
 }
 
@@ -123,7 +125,7 @@ export async function runSave(ctx: BenchContext, c: Contender, probe: RssProbe =
   }
   if (exited && exited.status !== 0) throw new Error(`${c.id}: the exec: command exited with status ${exited.status}${childStderr(f)}`)
   const t1 = Math.max(ended.at, exited?.at ?? 0)
-  return { seconds: (t1 - t0) / 1000, ...readUsage(f, probe), disk: diskUse(ctx.work, f) }
+  return { seconds: (t1 - t0) / 1000, ...readUsage(f, probe), cached: c.snapctl ? cachedShare(f.out) : undefined, disk: diskUse(ctx.work, f) }
 }
 
 export async function runRestore(ctx: BenchContext, c: Contender, from: string, rep: number, probe: RssProbe = 'rusage'): Promise<Omit<Sample, 'rep' | 'order'>> {
@@ -159,10 +161,17 @@ export async function runRestore(ctx: BenchContext, c: Contender, from: string, 
     if (!same.equal) {
       throw new MismatchError(`${c.id}: restored RAM differs from the source at byte ${same.firstDiff} (${ctx.src.memPath} vs ${dst.memPath})`)
     }
-    return { seconds, ...readUsage(f, probe) }
+    return { seconds, ...readUsage(f, probe), cached: c.snapctl ? cachedShare(f.out) : undefined }
   } finally {
     await dst.quit({ timeoutMs: 5000 }).catch(() => dst.kill())
   }
+}
+
+/** Share of `file` resident in the page cache (fincore, util-linux), or undefined without fincore. */
+export function cachedShare(file: string): number | undefined {
+  const r = spawnSync('fincore', ['--bytes', '--noheadings', '--raw', '--output', 'RES,SIZE', file], { encoding: 'utf8' })
+  const [res, size] = (r.stdout ?? '').trim().split(/\s+/).map(Number)
+  return r.status === 0 && size! > 0 ? res! / size! : undefined
 }
 
 /** Runs a socket contender's command; a listening one (a save's create) until its socket is there. */
