@@ -8,7 +8,7 @@ import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { readFileSync } from 'node:fs'
 import { filesEqual, processesWith } from '../../tools/vm.js'
-import { MiB, Workdir, savedVm, parseJson, snapctl } from './helpers.js'
+import { MiB, SNAPCTL, Workdir, savedVm, parseJson, snapctl } from './helpers.js'
 
 const w = new Workdir('pc-recover')
 test.after(() => w.cleanup())
@@ -77,6 +77,25 @@ test('load killed in postcopy: postcopy-paused; refused without --recover; recov
   assert.is((await dst.qmp.execute<{ status: string }>('query-migrate')).status, 'completed')
   assert.equal(await filesEqual(ram, dst.memPath), { equal: true })
   console.log(`recover: the destination had ${j.pagesReceivedBefore} of ${j.pages} pages; --recover to completed ${j.lastPageSeconds?.toFixed(2)} s (command ${(ms / 1000).toFixed(2)} s), resumed after ${j.runnableSeconds?.toFixed(3)} s`)
+  await dst.quit()
+})
+
+test('an exec: lazy restore (no preempt channel) killed in postcopy: --recover goes over exec: too; RAM identical', async () => {
+  const qmp = w.path('ex-dst-snapctl.qmp')
+  const dst = await w.vm({ name: 'ex-dst', memMiB: RAM_MIB, incoming: 'defer', keepMem: true, extraArgs: ['-qmp', `unix:${qmp},server=on,wait=off`] })
+  await dst.qmp.execute('migrate-set-capabilities', { capabilities: [{ capability: 'postcopy-ram', state: true }] })
+  const rate = `SNAPCTL_POSTCOPY_PUSH_RATE=${24 * MiB}`
+  await dst.qmp.execute('migrate-incoming', { uri: `exec:env ${rate} ${SNAPCTL} load --postcopy ${image}`, 'exit-on-error': false })
+  await inPostcopy(dst, 1000)
+  process.kill(loadPid(false), 'SIGKILL')
+  const st = await dst.waitMigration({ until: ['postcopy-paused', 'completed', 'failed'], timeoutMs: 30_000 })
+  assert.is(st.status, 'postcopy-paused', JSON.stringify(st))
+  const r = await snapctl(['restore', image, '--qmp', qmp, '--lazy', '--recover', '--paused', '--json'])
+  assert.is(r.code, 0, `${r.stdout}${r.stderr}\nQEMU: ${dst.stderr}`)
+  const j = parseJson(r)
+  assert.ok(j.recovered === true && j.pagesReceivedBefore > 0, JSON.stringify(j))
+  assert.is((await dst.qmp.execute<{ status: string }>('query-migrate')).status, 'completed')
+  assert.equal(await filesEqual(ram, dst.memPath), { equal: true })
   await dst.quit()
 })
 
