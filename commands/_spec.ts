@@ -26,7 +26,7 @@ export const CREATE: CommandSpec = {
     '<%= config.bin %> create vm1.snap --listen unix:/run/vm1.mig   # then (qemu) migrate unix:/run/vm1.mig, multifd on or off',
     `(qemu) migrate "exec:<%= config.bin %> create /var/lib/snaps/vm1-2.snap --base /var/lib/snaps/vm1.snap"   # incremental`,
   ],
-  image: 'the image to write',
+  image: 'the image to write: a file, or s3://BUCKET/KEY (multipart upload; README, "Images in object storage")',
   flags: {
     from: { type: 'string', description: 'read the stream from FILE: a `migrate file:` stream (mapped-ram or not) or a libvirt save image (raw or sparse)', exclusive: ['listen'] },
     listen: { type: 'string', description: 'listen on unix:PATH for QEMU (migrate unix:PATH), with any number of multifd channels' },

@@ -22,7 +22,7 @@ QEMU runs the create as its own child, as QEMU's user: that user must be able to
     '<%= config.bin %> save vm1.snap --qmp /run/vm1.qmp --channels 4   # multifd: 4 parallel channels into one image',
   ]
 
-  static override args = { image: Args.string({ required: true, description: 'the image to write' }) }
+  static override args = { image: Args.string({ required: true, description: 'the image to write: a file, or s3://BUCKET/KEY' }) }
   static override flags = {
     qmp: Flags.string({ required: true, description: "the VM's QMP socket (QEMU started with -qmp unix:PATH,server=on,wait=off); no other client may hold it" }),
     live: Flags.boolean({ description: 'save while the VM runs (precopy); QEMU stops it when little is left to send' }),

@@ -13,6 +13,7 @@ import { SnapError } from './errors.js'
 import { fdIncoming } from './transport/fd.js'
 import type { IncomingMigration } from './transport/types.js'
 import { checkInputFile, checkOutputFile } from './paths.js'
+import { isS3Url } from './s3/url.js'
 import { libvirtHeaderLength, parseLibvirtHeader } from './stream/libvirt.js'
 import { importMappedRam } from './mapped-ram-import.js'
 import { StreamParser } from './stream/parser.js'
@@ -77,7 +78,8 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
   throwIfAborted(opts.signal)
   // Paths first: a bad one must fail before QEMU's stream is read, not after.
   const bytesTotal = opts.from === undefined ? undefined : (await checkInputFile(opts.from, '--from')).size
-  await checkOutputFile(path, 'the image')
+  if (!isS3Url(path)) await checkOutputFile(path, 'the image')
+  else if (opts.base !== undefined) throw new SnapError('SNAP_USAGE', '--base: an incremental image refers to its base by a local path: it needs a local image, not s3://')
   // The base chain is opened and checked before QEMU's stream is read; it is only ever read.
   const base = opts.base === undefined ? null : await openBaseFor(opts.base, path)
   const opening = ImageWriter.create(path, {

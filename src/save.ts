@@ -11,6 +11,7 @@
 // the migration is cancelled, DIR is removed, settings go back, and a VM that was running runs
 // again.
 import { link, mkdtemp, open, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
 import { basename, dirname, join, resolve } from 'node:path'
 import { MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, isPowerOfTwo } from './container/header.js'
 import { lockedError, partialPath, runningCreates } from './container/lock.js'
@@ -20,6 +21,7 @@ import { ACTIVE, RateMeter, abortedError, imagePages, pause, waitInactive, type 
 import { Peer } from './qemu/peer.js'
 import { QmpClient } from './qemu/qmp.js'
 import { MigrationSettings, UNLIMITED_BANDWIDTH } from './qemu/settings.js'
+import { isS3Url } from './s3/url.js'
 
 export interface SaveOptions {
   /** QEMU's QMP socket */
@@ -86,29 +88,36 @@ const UNSAVEABLE: Record<string, string> = {
 }
 
 export async function saveVm(image: string, opts: SaveOptions): Promise<SaveResult> {
-  const path = resolve(image)
+  // s3://: the create QEMU runs uploads it (multipart: the object appears only when complete).
+  const s3 = isS3Url(image)
+  const path = s3 ? image : resolve(image)
   // What the create would refuse, refused before the VM is touched.
   const clusterSize = opts.clusterSize ?? 1 << 20
   if (!isPowerOfTwo(clusterSize) || clusterSize < MIN_CLUSTER_SIZE || clusterSize > MAX_CLUSTER_SIZE) {
     throw new SnapError('SNAP_USAGE', `cluster size ${clusterSize} must be a power of two from 64 KiB to 64 MiB`)
   }
-  await checkTarget(path, opts.force === true)
+  if (s3 && opts.base !== undefined) throw new SnapError('SNAP_USAGE', '--base: an incremental image refers to its base by a local path: it needs a local image, not s3://')
+  if (s3) await (await import('./container/s3-upload.js')).refuseExisting(path, opts.force === true)
+  else await checkTarget(path, opts.force === true)
   // A base that would be refused is refused before the VM is touched.
   if (opts.base !== undefined) await (await openBaseFor(opts.base, path)).close()
-  const lock = await takeLock(path)
+  const lock = s3 ? null : await takeLock(path)
   let work: string | undefined
   let qmp: QmpClient | undefined
   try {
-    work = await mkdtemp(join(dirname(path), `.${basename(path)}.save-`)).catch((e) => {
-      throw fromSystemError(e, `creating a work directory beside ${path}`)
+    const beside = s3 ? join(tmpdir(), 'snapctl-save-') : join(dirname(path), `.${basename(path)}.save-`)
+    work = await mkdtemp(beside).catch((e) => {
+      throw fromSystemError(e, `creating a work directory ${beside}`)
     })
     qmp = await QmpClient.connect(opts.qmp, { timeoutMs: opts.timeoutMs ?? 10_000, waitForSocketMs: 500 })
     return await new Save(path, opts, qmp, new Peer(work)).run()
   } finally {
     qmp?.close()
     if (work) await rm(work, { recursive: true, force: true }).catch(() => {})
-    await lock.close().catch(() => {})
-    await unlink(partialPath(path)).catch(() => {})
+    if (lock) {
+      await lock.close().catch(() => {})
+      await unlink(partialPath(path)).catch(() => {})
+    }
   }
 }
 
@@ -150,8 +159,9 @@ class Save {
         await this.qmp.execute('stop')
         this.stoppedAt = performance.now()
       }
-      const tmp = join(this.peer.dir, 'image')
-      const args = ['create', tmp, '--compress', this.opts.compress ?? 'lz4', '--cluster-size', String(this.opts.clusterSize ?? 1 << 20)]
+      const s3 = isS3Url(this.path)
+      const tmp = s3 ? this.path : join(this.peer.dir, 'image')
+      const args = ['create', tmp, ...(s3 && this.opts.force ? ['--force'] : []), '--compress', this.opts.compress ?? 'lz4', '--cluster-size', String(this.opts.clusterSize ?? 1 << 20)]
       if (this.opts.sync) args.push('--sync')
       if (this.opts.bypassCache) args.push('--bypass-cache')
       if (this.opts.base !== undefined) args.push('--base', resolve(this.opts.base), '--base-relative-to', dirname(this.path))
@@ -168,7 +178,7 @@ class Save {
       await this.finishImage()
       for (const note of await this.peer.notes()) this.log(note)
       this.checkAbort()
-      await publish(tmp, this.path, this.opts.force === true, this.opts.sync === true)
+      if (!s3) await publish(tmp, this.path, this.opts.force === true, this.opts.sync === true)
     } catch (e) {
       throw await this.recover(e)
     }

@@ -82,6 +82,11 @@ export class ClusterFile {
   syncs = 0
   private syncing: Promise<void> | null = null
   private readonly lruLimit: number
+  /** told where the clusters written so far, in sequence, end (an upload follows the file: s3-upload.ts) */
+  onWritten: ((end: number) => void) | null = null
+  private readonly ends: number[] = []
+  private done = new Set<number>()
+  private nextDone = 0
 
   private constructor(readonly path: string, readonly fh: FileHandle, readonly lim: ClusterLimits, private readonly opts: ClusterFileOptions) {
     this.lruLimit = opts.lruBytes ?? LRU_BYTES
@@ -166,6 +171,7 @@ export class ClusterFile {
         const offset = this.dataEnd
         const pad = roundUp(s.stored.length, ALIGN) - s.stored.length
         this.dataEnd += header.length + s.stored.length + pad
+        this.ends[seq] = this.dataEnd
         this.offsets[seq] = offset
         this.storedLengths[seq] = s.stored.length
         this.codecs[seq] = s.codec
@@ -183,6 +189,12 @@ export class ClusterFile {
   private written(seq: number): void {
     this.inflight--
     this.startSync()
+    if (this.onWritten) {
+      this.done.add(seq)
+      let end = -1
+      while (this.done.delete(this.nextDone)) end = this.ends[this.nextDone++]
+      if (end >= 0) this.onWritten(end)
+    }
     const raw = this.pinned.get(seq)
     if (raw) {
       this.pinned.delete(seq)

@@ -36,6 +36,21 @@ export async function getRange(loc: S3Location, start: number, end: number, etag
   return { buf, etag: r.ETag, total: m ? Number(m[1]) : r.ContentLength }
 }
 
+/** The host's cache of object-storage images: $SNAPCTL_CACHE_DIR, else $TMPDIR/snapctl-UID. */
+export function defaultCacheDir(): string {
+  return process.env.SNAPCTL_CACHE_DIR || join(tmpdir(), `snapctl-${process.getuid?.() ?? 'user'}`)
+}
+
+/** An object's name in the cache: the endpoint, bucket and key, hashed. */
+export function objectId(loc: S3Location): string {
+  return createHash('sha256').update(`${process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL ?? ''}\0${loc.bucket}\0${loc.key}`).digest('hex').slice(0, 32)
+}
+
+/** Where the page index of an s3:// image lives on this host (format-spec/index.md): in the cache. */
+export function s3IndexPath(loc: S3Location, cacheDir = defaultCacheDir()): string {
+  return join(cacheDir, 'index', `${objectId(loc)}.index`)
+}
+
 export class S3Source implements ByteSource {
   readonly path: string
   readonly indexPath: string
@@ -50,9 +65,8 @@ export class S3Source implements ByteSource {
 
   private constructor(readonly loc: S3Location, readonly etag: string, private readonly length: number, cacheDir: string) {
     this.path = loc.url
-    const id = createHash('sha256').update(`${process.env.AWS_ENDPOINT_URL_S3 ?? process.env.AWS_ENDPOINT_URL ?? ''}\0${loc.bucket}\0${loc.key}`).digest('hex').slice(0, 32)
     mkdirSync(join(cacheDir, 'index'), { recursive: true, mode: 0o700 })
-    this.indexPath = join(cacheDir, 'index', `${id}.index`)
+    this.indexPath = s3IndexPath(loc, cacheDir)
   }
 
   /** The first block, unconditionally: the object's size and the ETag every later read is pinned to. */
@@ -63,7 +77,7 @@ export class S3Source implements ByteSource {
       throw e
     })
     if (!first.etag || first.total === undefined) throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${url}: the store sent no ETag or size with a ranged GET`)
-    const cacheDir = opts.cacheDir ?? process.env.SNAPCTL_CACHE_DIR ?? join(tmpdir(), `snapctl-${process.getuid?.() ?? 'user'}`)
+    const cacheDir = opts.cacheDir ?? defaultCacheDir()
     const src = new S3Source(loc, first.etag, first.total, cacheDir)
     src.remember(0, first.buf)
     src.bytesFetched += first.buf.length

@@ -24,6 +24,7 @@ import { LOC_BASE, LOC_NEVER_SENT, LOC_ZERO, PageMap } from './locator.js'
 import { encodeBaseImage, type BaseImageRef } from './base-image.js'
 import * as T from './trailer.js'
 import type * as PageIndexModule from '../index/page-index.js'
+import { isS3Url } from '../s3/url.js'
 
 // LevelDB is loaded while pages stream in, not before the first byte is read.
 let indexModule: Promise<typeof PageIndexModule>
@@ -54,6 +55,27 @@ export interface WriterOptions {
   bypassCache?: boolean
   /** write an incremental image: pages equal to what this base restores are stored as base runs */
   base?: WriterBase
+  /** s3:// images: where the spool file is written (default $TMPDIR) and the index built (the read cache) */
+  spoolDir?: string
+  cacheDir?: string
+}
+
+/**
+ * Where an image goes instead of a rename into place (object storage: s3-upload.ts). The writer
+ * writes the spool file as it writes a local partial one and tells the sink how far it is final.
+ */
+export interface ImageSink {
+  readonly spool: string
+  /** where the page index is built */
+  readonly indexDir: string
+  /** the spool is final before `end` (the header block aside) */
+  progress(end: number): void
+  /** the image is being rewritten (compaction) into this new spool */
+  restart(spool: string): Promise<void>
+  /** the spool is the whole image, `length` bytes: publish it */
+  publish(length: number): Promise<void>
+  /** remove everything of this image */
+  abort(): Promise<void>
 }
 
 /**
@@ -144,9 +166,11 @@ export class ImageWriter {
     private readonly sync: boolean,
     private readonly fileOpts: ClusterFileOptions,
     private readonly base: WriterBase | null,
+    private readonly sink: ImageSink | null = null,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
     this.file.onEvict = (b) => this.recycle(b)
+    if (sink) this.file.onWritten = (end) => sink.progress(end)
     this.buf = this.newBuffer()
     this.pages = new Uint32Array(2 * this.ppc)
   }
@@ -157,6 +181,7 @@ export class ImageWriter {
     if (!isPowerOfTwo(clusterSize) || clusterSize < MIN_CLUSTER_SIZE || clusterSize > MAX_CLUSTER_SIZE) {
       throw new SnapError('SNAP_USAGE', `cluster size ${clusterSize} must be a power of two from 64 KiB to 64 MiB`)
     }
+    if (isS3Url(path)) return ImageWriter.toObject(path, clusterSize, opts)
     path = resolve(path)
     if (!opts.force && (await exists(path))) throw new SnapError('SNAP_EXISTS', `${path} exists (use --force to replace it)`)
     // A partial file nobody holds open is what a killed create left: remove it.
@@ -184,6 +209,21 @@ export class ImageWriter {
   /** Why --bypass-cache could not be honoured (the filesystem refuses O_DIRECT), for the caller to print. */
   get note(): string | null {
     return this.file.note
+  }
+
+  /** An s3:// image: written to a local spool and uploaded as it grows (s3-upload.ts). */
+  private static async toObject(url: string, clusterSize: number, opts: WriterOptions): Promise<ImageWriter> {
+    const { S3Upload } = await import('./s3-upload.js')
+    const sink = await S3Upload.start(url, { force: opts.force, spoolDir: opts.spoolDir, cacheDir: opts.cacheDir })
+    try {
+      // Through the page cache whatever --bypass-cache says: the upload reads the spool right back.
+      const fileOpts: ClusterFileOptions = {}
+      const file = await ClusterFile.create(sink.spool, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, { lruBytes: opts.cacheBytes })
+      return new ImageWriter(url, sink.spool, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, false, fileOpts, null, sink)
+    } catch (e) {
+      await sink.abort()
+      throw e
+    }
   }
 
   setBlocks(blocks: RamBlockDecl[]): void {
@@ -354,6 +394,11 @@ export class ImageWriter {
     this.old = old
     this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim, this.fileOpts)
     this.file.onEvict = (b) => this.recycle(b)
+    if (this.sink) {
+      const sink = this.sink
+      await sink.restart(this.file.path)
+      this.file.onWritten = (end) => sink.progress(end)
+    }
     this.map = map
     this.seq = 0
     await copyLive(old, oldMap, {
@@ -417,7 +462,7 @@ export class ImageWriter {
     await f.writeEnd([header], 0)
     if (this.sync) await f.datasync()
     // Renamed while still open, so that the partial is held (locked) until it has its name.
-    await this.publish()
+    await this.publish(fileLength)
     await f.close()
     const { pages, zeroPages, storedPages, basePages } = map.totals()
     const summary: ImageSummary = {
@@ -425,12 +470,12 @@ export class ImageWriter {
       storedBytes: f.storedLengths.reduce((a, b) => a + b, 0), rawBytes: f.pageCounts.reduce((a, b) => a + b, 0) * PAGE_SIZE,
       deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages, zeroPages, storedPages, basePages,
       ramPages: this.blocks.reduce((n, b) => n + b.size / b.pageSize, 0), ramBytes: this.blocks.reduce((n, b) => n + b.size, 0),
-      compacted, indexPath: localIndexPath(this.path),
+      compacted, indexPath: this.sink?.indexDir ?? localIndexPath(this.path),
     }
     try {
       // From what we hold in memory: the image need not be read back.
       await (await indexModule).PageIndex.buildFrom({
-        imagePath: this.path, pageSize: PAGE_SIZE, blocks: this.blocks, runs,
+        imagePath: this.path, indexDir: this.sink?.indexDir, pageSize: PAGE_SIZE, blocks: this.blocks, runs,
         clusters: f.offsets.map((offset, seq) => ({ seq, offset, storedLength: f.storedLengths[seq], codec: f.codecs[seq], pageCount: f.pageCounts[seq] })),
         stamp: { uuid: this.uuid, generation: 1, fileLength, trailerCrc, runs: runs.length, clusters: f.offsets.length, blocks: this.blocks.length },
       })
@@ -441,8 +486,13 @@ export class ImageWriter {
     return summary
   }
 
-  /** Rename the partial file to its name, refusing an existing image unless forced. */
-  private async publish(): Promise<void> {
+  /** Rename the partial file to its name, refusing an existing image unless forced; or upload the rest. */
+  private async publish(length: number): Promise<void> {
+    if (this.sink) {
+      await this.sink.publish(length)
+      this.partialPath = ''
+      return
+    }
     await renameIntoPlace(this.partialPath, this.path, this.force)
     this.partialPath = ''
     if (this.sync) fsyncDir(dirname(this.path))
@@ -459,6 +509,7 @@ export class ImageWriter {
     }
     this.old = null
     this.partialPath = ''
+    await this.sink?.abort()
   }
 }
 

@@ -27,6 +27,9 @@ export function s3Client(): S3Client {
     requestChecksumCalculation: 'WHEN_REQUIRED',
     responseChecksumValidation: 'WHEN_REQUIRED',
     maxAttempts: 1, // retries are ours (withRetry): bounded in total time, never for 403/404/412
+    // A store that stops reading or answering (seen: RADOS Gateway with a full OSD) is a timeout,
+    // retried like a dropped connection, not a hang: no byte moving for this long.
+    requestHandler: { connectionTimeout: 10_000, requestTimeout: idleTimeoutMs() },
   }
   if (!env.AWS_REGION && !env.AWS_DEFAULT_REGION && !env.AWS_PROFILE && endpointGiven) config.region = 'us-east-1'
   shared = new S3Client(config)
@@ -83,6 +86,12 @@ export function s3Error(err: unknown, loc: S3Location, what: string): SnapError 
     msg = `object storage failed (${status !== undefined ? `HTTP ${status} ` : ''}${name}${e?.code && e.code !== name ? ` ${e.code}` : ''})`
   }
   return new SnapError(code, `${what}: ${msg}`, { cause: err, status, s3: name })
+}
+
+/** A request with no byte moving for this long fails (and is retried): SNAPCTL_S3_IDLE_MS, default 30 s. */
+function idleTimeoutMs(): number {
+  const v = Number(process.env.SNAPCTL_S3_IDLE_MS)
+  return Number.isFinite(v) && v > 0 ? v : 30_000
 }
 
 /** Total time a request may spend on retries: SNAPCTL_S3_RETRY_MS, default 60 s. */
