@@ -185,7 +185,7 @@ function checkDecoded(h: ClusterHeader, raw: Buffer, where: ClusterWhere): Buffe
 export async function decodePayload(h: ClusterHeader, stored: Buffer, where: ClusterWhere): Promise<Buffer> {
   checkStored(h, stored, where)
   if (h.codec === CODEC_NONE) return stored
-  if (h.frames.length) return decodeFrames(h, stored, where, Buffer.allocUnsafe(h.rawLength))
+  if (h.frames.length) return decodeFramesAsync(h, stored, where)
   let raw: Buffer
   try {
     raw = await lz4.uncompress(stored)
@@ -232,6 +232,36 @@ function decodeFrames(h: ClusterHeader, stored: Buffer, where: ClusterWhere, int
     out += raw
   }
   return into.subarray(0, h.rawLength)
+}
+
+/**
+ * The frames on the libuv pool (lz4-napi), all at once, then joined: what multifd's sender uses
+ * to decode on the other core. Each prefix is checked before lz4-napi sizes its output by it.
+ */
+async function decodeFramesAsync(h: ClusterHeader, stored: Buffer, where: ClusterWhere): Promise<Buffer> {
+  const frames: Array<{ frame: Buffer; raw: number }> = []
+  for (let i = 0, at = 0; i < h.frames.length / 2; i++) {
+    const frame = stored.subarray(at, at + h.frames[2 * i])
+    const raw = Math.min(h.framePages, h.pageCount - i * h.framePages) * (h.rawLength / h.pageCount)
+    at += frame.length
+    // Every prefix before any decode starts: a throw here leaves no decode behind.
+    if (frame.length !== raw && frame.readUInt32LE(0) !== raw) throw err('SNAP_CORRUPT', where, `frame ${i}'s LZ4 length prefix is not its raw length`)
+    frames.push({ frame, raw })
+  }
+  const parts = frames.map(({ frame, raw }, i) =>
+    frame.length === raw
+      ? frame
+      : lz4.uncompress(frame).then(
+          (d) => {
+            if (d.length !== raw) throw err('SNAP_CORRUPT', where, `frame ${i} decodes to ${d.length} bytes, not ${raw}`)
+            return d
+          },
+          (e) => {
+            throw err('SNAP_CORRUPT', where, `frame ${i} does not decode (${(e as Error).message})`)
+          },
+        ),
+  )
+  return Buffer.concat(await Promise.all(parts), h.rawLength)
 }
 
 function decodeFrameInto(frame: Buffer, rawLength: number, into: Buffer, where: ClusterWhere, i: number): void {

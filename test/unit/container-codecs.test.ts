@@ -220,6 +220,14 @@ test('framed clusters: exact header bytes, whole and one-frame decodes, every ch
   frames[1] = crc32(lying.subarray(0, frames[0]))
   const hl = { ...h, frames, dataCrc: frameTableCrc(frames) }
   assert.is(await acode(decodePayload(hl, lying, where)), 'SNAP_CORRUPT')
+  // A frame with the right prefix and crc whose LZ4 body is garbage: SNAP_CORRUPT, async and sync.
+  const garbage = Buffer.from(enc.stored)
+  garbage.fill(0xff, 4, enc.frames[0])
+  const gframes = Uint32Array.from(enc.frames)
+  gframes[1] = crc32(garbage.subarray(0, gframes[0]))
+  const hg = { ...h, frames: gframes, dataCrc: frameTableCrc(gframes) }
+  assert.is(await acode(decodePayload(hg, garbage, where)), 'SNAP_CORRUPT')
+  assert.is(code(() => decodePayloadSync(hg, garbage, where, Buffer.alloc(1 << 20))), 'SNAP_CORRUPT')
   // A cluster that does not save an eighth is not framed (it is stored raw).
   assert.is(encodeFrames(randomBytes(16384), 4096, 2, lz4.compressSync), null)
 })
