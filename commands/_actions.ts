@@ -13,7 +13,7 @@ import { streamReport } from '../src/report.js'
 import { formatBytes } from './_format.js'
 import { progressReporter } from './_progress.js'
 import { printJson } from './_run-command.js'
-import { parseSize } from './_size.js'
+import { applyCacheFlags, parseSize } from './_size.js'
 import type { ParsedFlags } from './_spec.js'
 
 export async function runCreate(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
@@ -69,6 +69,7 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
   }
   const statsPath = flags.stats as string | undefined
   if (statsPath !== undefined) await checkWritableFile(statsPath, '--stats')
+  applyCacheFlags(flags)
   const log = (msg: string): void => void process.stderr.write(`snapctl: ${msg}\n`)
   let stats: object
   if (flags.format === 'mapped-ram') {

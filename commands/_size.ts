@@ -1,6 +1,7 @@
 // Command-line helpers shared by create and load: size arguments, resource usage.
 import { writeFileSync } from 'node:fs'
 import { SnapError } from '../src/errors.js'
+import { setObjectCache } from '../src/s3/url.js'
 
 /** 1M, 256K, 4MiB, 1048576 -> bytes. */
 export function parseSize(text: string, what: string): number {
@@ -33,4 +34,12 @@ export function recordResourceUsage(): void {
       // measuring must never change the outcome
     }
   })
+}
+
+/** --cache-dir and --cache-max: the cache every s3:// image this command opens uses. */
+export function applyCacheFlags(flags: Record<string, unknown>): void {
+  const dir = flags['cache-dir'] as string | undefined
+  const max = flags['cache-max'] as string | undefined
+  if (dir !== undefined && dir.trim() === '') throw new SnapError('SNAP_USAGE', '--cache-dir: the path is empty')
+  setObjectCache({ dir, max: max === undefined ? undefined : parseSize(max, '--cache-max') })
 }

@@ -17,6 +17,12 @@ export interface CommandSpec {
   flags: Record<string, FlagSpec>
 }
 
+/** Every command that reads an image: the host's cache for s3:// images (src/s3/url.ts, setObjectCache). */
+export const CACHE_FLAGS: Record<string, FlagSpec> = {
+  'cache-dir': { type: 'string', description: 'for s3:// images: the host\'s cache of fetched 1 MiB blocks and page indexes, safe to share between commands running at once (default $SNAPCTL_CACHE_DIR, else $TMPDIR/snapctl-UID)' },
+  'cache-max': { type: 'string', description: 'for s3:// images: bound of the cached blocks in --cache-dir, least recently used deleted first, e.g. 4G; 0 fetches without caching (default $SNAPCTL_CACHE_MAX, else 2G)' },
+}
+
 export const CREATE: CommandSpec = {
   description: 'Save a QEMU migration stream (stdin, --from FILE, or --listen unix:PATH with multifd channels) into an image',
   examples: [
@@ -70,6 +76,7 @@ export const LOAD: CommandSpec = {
     'bypass-cache': { type: 'boolean', description: 'read the image with direct I/O (O_DIRECT), so that it neither fills nor evicts the host\'s page cache (as virsh restore --bypass-cache); a --to FILE is still written through the cache (it is what QEMU reads next); on a filesystem that refuses O_DIRECT (ramfs, tmpfs before Linux 6.6) a note says so and the image is read through the page cache' },
     progress: { type: 'boolean', description: 'show progress on stderr' },
     stats: { type: 'string', description: 'write timings and counters as JSON to FILE' },
+    ...CACHE_FLAGS,
   },
 }
 

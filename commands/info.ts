@@ -1,5 +1,7 @@
 import { Args, Command, Flags } from '@oclif/core'
+import { cacheFlags } from './_flags.js'
 import { formatBytes } from './_format.js'
+import { applyCacheFlags } from './_size.js'
 import { printJson, reportError, runCommand } from './_run-command.js'
 import { unlessAborted } from '../src/abort.js'
 import { SnapError } from '../src/errors.js'
@@ -9,12 +11,13 @@ import type { DeviceCheck } from '../src/stream/device-tail.js'
 export default class Info extends Command {
   static override description = 'Show what an image holds: RAM blocks, pages, compression, dead bytes, device state'
   static override examples = ['<%= config.bin %> info /var/lib/snaps/vm1.snap', '<%= config.bin %> info vm1.snap --json']
-  static override args = { image: Args.string({ required: true, description: 'the image file' }) }
-  static override flags = { json: Flags.boolean({ description: 'print the information as JSON' }) }
+  static override args = { image: Args.string({ required: true, description: 'the image: a file, or s3://BUCKET/KEY' }) }
+  static override flags = { json: Flags.boolean({ description: 'print the information as JSON' }), ...cacheFlags() }
 
   async run(): Promise<void> {
     await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Info)
+      applyCacheFlags(flags)
       const info = await unlessAborted(signal, imageInfo(args.image))
       if (!info.complete) {
         // Described, but not an image: a command that reads it must not take it for one.

@@ -1,5 +1,7 @@
 import { Args, Command, Flags } from '@oclif/core'
+import { cacheFlags } from './_flags.js'
 import { printJson, runCommand } from './_run-command.js'
+import { applyCacheFlags } from './_size.js'
 import { restoreVm } from '../src/restore.js'
 import { mib, progressView } from './_vm.js'
 
@@ -18,7 +20,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --channels 4   # multifd: 4 parallel channels',
   ]
 
-  static override args = { image: Args.string({ required: true, description: 'the image to restore' }) }
+  static override args = { image: Args.string({ required: true, description: 'the image to restore: a file, or s3://BUCKET/KEY' }) }
   static override flags = {
     qmp: Flags.string({ required: true, description: "the destination's QMP socket (QEMU started with -incoming defer and -qmp unix:PATH,server=on,wait=off)" }),
     lazy: Flags.boolean({ description: 'postcopy: the VM runs at once, pages come on demand' }),
@@ -28,12 +30,14 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     'bypass-cache': Flags.boolean({ description: 'read the image with direct I/O (O_DIRECT), so that the restore neither fills nor evicts the host\'s page cache (as virsh restore --bypass-cache; passed on to load)' }),
     json: Flags.boolean({ description: 'print the result as JSON on stdout: image, bytesOut, seconds, pages, runnableSeconds, ... (README, "Output keys")' }),
     quiet: Flags.boolean({ char: 'q', description: 'no progress on stderr' }),
+    ...cacheFlags(),
     channels: Flags.integer({ min: 1, max: 255, exclusive: ['lazy'], description: 'restore with multifd over N channels (migrate-incoming unix:SOCKET, "snapctl load --connect --channels N"), whatever N the image was saved with; without it one exec: pipe, the default because on a 2-core machine channels were not faster (256 MiB paused VM, 3 runs: exec: 1.04 s, --channels 4 1.00-1.54 s; README, "Parallel channels")' }),
   }
 
   async run(): Promise<void> {
     await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Restore)
+      applyCacheFlags(flags)
       const view = progressView('restore', flags.quiet)
       const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, recover: flags.recover, paused: flags.paused, bypassCache: flags['bypass-cache'], channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
       if (flags.json) return printJson(r)

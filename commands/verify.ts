@@ -1,7 +1,9 @@
 import { Args, Command, Flags } from '@oclif/core'
 import { unlessAborted } from '../src/abort.js'
 import { ERROR_CODES } from '../src/errors.js'
+import { cacheFlags } from './_flags.js'
 import { formatBytes, formatRate } from './_format.js'
+import { applyCacheFlags } from './_size.js'
 import { progressReporter } from './_progress.js'
 import { printJson, runCommand } from './_run-command.js'
 import { verifyImage } from '../src/verify.js'
@@ -18,16 +20,18 @@ const INDEX_TEXT = {
 export default class Verify extends Command {
   static override description = 'Check every byte of an image and its page index; exit 0 only if all is well. Writes nothing unless --rebuild-index'
   static override examples = ['<%= config.bin %> verify /var/lib/snaps/vm1.snap --progress', '<%= config.bin %> verify vm1.snap --rebuild-index']
-  static override args = { image: Args.string({ required: true, description: 'the image file' }) }
+  static override args = { image: Args.string({ required: true, description: 'the image: a file, or s3://BUCKET/KEY' }) }
   static override flags = {
     json: Flags.boolean({ description: 'print the report as JSON' }),
     progress: Flags.boolean({ description: 'show progress on stderr' }),
     'rebuild-index': Flags.boolean({ description: 'build a missing page index, rebuild a stale or damaged one (once the image checks out)' }),
+    ...cacheFlags(),
   }
 
   async run(): Promise<void> {
     await runCommand(this.argv, async (signal) => {
       const { args, flags } = await this.parse(Verify)
+      applyCacheFlags(flags)
       const progress = flags.progress ? progressReporter('verify') : undefined
       const r = await unlessAborted(signal, verifyImage(args.image, { onProgress: progress?.update, rebuildIndex: flags['rebuild-index'] }))
       progress?.finish(r.bytesRead, r.fileBytes)

@@ -24,7 +24,7 @@ import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join, resolve } from 'node:path'
 import { refuseWhileCreating } from './container/lock.js'
-import { isS3Url } from './s3/url.js'
+import { isS3Url, objectCache } from './s3/url.js'
 import { SnapError, fromSystemError, isSnapError } from './errors.js'
 import { RateMeter, abortedError, imagePages, pause, type MigrateInfo, type PageCounts, type ProgressListener } from './qemu/migration.js'
 import { Peer } from './qemu/peer.js'
@@ -185,11 +185,19 @@ class Restore {
     this.preempt = caps.some((c) => c.capability === 'postcopy-preempt' && c.state)
   }
 
+  /** The load QEMU runs uses this command's cache for an s3:// image (--cache-dir, --cache-max). */
+  private cacheArgs(): string[] {
+    if (!isS3Url(this.path)) return []
+    const cache = objectCache()
+    return [...(cache.dir !== undefined ? ['--cache-dir', resolve(cache.dir)] : []), ...(cache.max !== undefined ? ['--cache-max', String(cache.max)] : [])]
+  }
+
   /** --recover: migrate-recover, and the load that sends what the destination lacks. */
   private async startRecovery(peer: Peer): Promise<void> {
     const args = ['load', '--postcopy', '--recover', this.path]
     if (this.hostPages) args.push('--host-page-size', this.hostPages)
     if (this.opts.bypassCache) args.push('--bypass-cache')
+    args.push(...this.cacheArgs())
     if (this.preempt) {
       await this.qmp.execute('migrate-recover', { uri: `unix:${peer.socket}` })
       peer.start([...args, '--connect', `unix:${peer.socket}`])
@@ -226,6 +234,7 @@ class Restore {
     const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
     if (this.hostPages) args.push('--host-page-size', this.hostPages)
     if (this.opts.bypassCache) args.push('--bypass-cache')
+    args.push(...this.cacheArgs())
     if (this.opts.record) {
       if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
       args.push('--record')

@@ -43,7 +43,8 @@ export async function listPartials(image: string): Promise<Partial[]> {
   return out
 }
 
-function pidAlive(pid: number): boolean {
+/** Whether process `pid` exists (EPERM: it does, as another user's). */
+export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0)
     return true

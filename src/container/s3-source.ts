@@ -4,15 +4,17 @@
 // SNAP_OBJECT_CHANGED and never yields bytes from two versions. ImageReader checks everything above
 // this exactly as for a local file. readSync (lazy restore answers page requests on its own
 // thread) blocks on a worker thread that does the GET (s3-sync-worker.ts).
-import { GetObjectCommand } from '@aws-sdk/client-s3'
+import { GetObjectCommand, HeadObjectCommand } from '@aws-sdk/client-s3'
 import { createHash } from 'node:crypto'
-import { mkdirSync } from 'node:fs'
+import { appendFileSync, mkdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { Worker } from 'node:worker_threads'
 import { SnapError } from '../errors.js'
 import { parseS3Url, s3Client, s3Error, withRetry, type S3Location } from '../s3/client.js'
+import { objectCache } from '../s3/url.js'
 import type { ByteSource } from './byte-source.js'
+import { BlockCache, DEFAULT_CACHE_MAX } from './s3-cache.js'
 
 export const BLOCK = 1 << 20
 /** blocks kept in memory (the header, footer and trailer, chunk boundaries, read-ahead) */
@@ -20,25 +22,31 @@ const MEM_BLOCKS = 64
 /** ranged GETs in flight at once */
 const PARALLEL = 8
 const SYNC_TIMEOUT_MS = 10 * 60_000
+/** blocks fetched ahead of a reader that reads in file order (eager restore, verify) */
+const AHEAD = 24
 /** reads up to this size that miss memory are fetched exactly, not as their whole block */
 const SMALL = 64 * 1024
 
 export interface S3SourceOptions {
-  /** where the page index (and, with step 4, fetched blocks) live; default a private dir in tmpdir */
+  /** where the page index and fetched blocks live (defaultCacheDir()) */
   cacheDir?: string
+  /** bound of the cache of fetched blocks, bytes (default DEFAULT_CACHE_MAX; 0: no block cache) */
+  cacheMax?: number
 }
 
 /** A GET's body as one Buffer, and what the object said about itself. */
 export async function getRange(loc: S3Location, start: number, end: number, etag: string | undefined): Promise<{ buf: Buffer; etag?: string; total?: number }> {
+  // Tests count what is fetched: one line per GET (O_APPEND, so processes can share the file).
+  if (process.env.SNAPCTL_S3_GET_LOG) appendFileSync(process.env.SNAPCTL_S3_GET_LOG, `${start}-${end}\n`)
   const r = await s3Client().send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key, Range: `bytes=${start}-${end - 1}`, IfMatch: etag }))
   const buf = Buffer.from(await r.Body!.transformToByteArray())
   const m = /\/(\d+)$/.exec(r.ContentRange ?? '')
   return { buf, etag: r.ETag, total: m ? Number(m[1]) : r.ContentLength }
 }
 
-/** The host's cache of object-storage images: $SNAPCTL_CACHE_DIR, else $TMPDIR/snapctl-UID. */
+/** The host's cache of object-storage images: --cache-dir (setObjectCache), else $SNAPCTL_CACHE_DIR, else $TMPDIR/snapctl-UID. */
 export function defaultCacheDir(): string {
-  return process.env.SNAPCTL_CACHE_DIR || join(tmpdir(), `snapctl-${process.getuid?.() ?? 'user'}`)
+  return objectCache().dir || process.env.SNAPCTL_CACHE_DIR || join(tmpdir(), `snapctl-${process.getuid?.() ?? 'user'}`)
 }
 
 /** An object's name in the cache: the endpoint, bucket and key, hashed. */
@@ -51,6 +59,14 @@ export function s3IndexPath(loc: S3Location, cacheDir = defaultCacheDir()): stri
   return join(cacheDir, 'index', `${objectId(loc)}.index`)
 }
 
+/** --cache-max, else $SNAPCTL_CACHE_MAX (bytes), else DEFAULT_CACHE_MAX. */
+export function cacheMaxFromEnv(): number {
+  const set = objectCache().max
+  if (set !== undefined) return set
+  const v = process.env.SNAPCTL_CACHE_MAX
+  return v !== undefined && v !== '' && Number.isSafeInteger(Number(v)) && Number(v) >= 0 ? Number(v) : DEFAULT_CACHE_MAX
+}
+
 export class S3Source implements ByteSource {
   readonly path: string
   readonly indexPath: string
@@ -59,9 +75,14 @@ export class S3Source implements ByteSource {
   private active = 0
   private readonly waiting: Array<() => void> = []
   private worker: Worker | undefined
+  private cache: BlockCache | null = null
   /** bytes fetched from object storage */
   bytesFetched = 0
   requests = 0
+  /** blocks found in the cache directory */
+  cacheHits = 0
+  /** the last block the last read touched (read-ahead follows readers in file order) */
+  private lastBlock = -1
 
   private constructor(readonly loc: S3Location, readonly etag: string, private readonly length: number, cacheDir: string) {
     this.path = loc.url
@@ -69,15 +90,33 @@ export class S3Source implements ByteSource {
     this.indexPath = s3IndexPath(loc, cacheDir)
   }
 
-  /** The first block, unconditionally: the object's size and the ETag every later read is pinned to. */
+  /**
+   * The object's size and the ETag every later read is pinned to: with the block cache, from a
+   * HEAD (block 0 may be cached); without, from the first block, fetched unconditionally.
+   */
   static async open(url: string, opts: S3SourceOptions = {}): Promise<S3Source> {
     const loc = parseS3Url(url)
+    const cacheDir = opts.cacheDir ?? defaultCacheDir()
+    const cacheMax = opts.cacheMax ?? cacheMaxFromEnv()
+    if (cacheMax > 0) {
+      const head = await withRetry(loc, `reading ${url}`, () => s3Client().send(new HeadObjectCommand({ Bucket: loc.bucket, Key: loc.key }))).catch(async (e: unknown) => {
+        // A HEAD's 404 has no body to say whether the bucket or the object is missing: a GET does.
+        if ((e as SnapError).code === 'SNAP_OBJECT_NOT_FOUND') await withRetry(loc, `reading ${url}`, () => getRange(loc, 0, 1, undefined))
+        throw e
+      })
+      if (!head.ETag || head.ContentLength === undefined) throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${url}: the store sent no ETag or size for the object`)
+      const src = new S3Source(loc, head.ETag, head.ContentLength, cacheDir)
+      src.cache = new BlockCache(cacheDir, objectId(loc), head.ETag, cacheMax)
+      await src.cache.init().catch(() => {
+        src.cache = null // an unwritable cache directory: read without one
+      })
+      return src
+    }
     const first = await withRetry(loc, `reading ${url}`, () => getRange(loc, 0, BLOCK, undefined)).catch((e) => {
       if ((e as SnapError).context?.status === 416) return { buf: Buffer.alloc(0), etag: '""', total: 0 } // an empty object
       throw e
     })
     if (!first.etag || first.total === undefined) throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${url}: the store sent no ETag or size with a ranged GET`)
-    const cacheDir = opts.cacheDir ?? defaultCacheDir()
     const src = new S3Source(loc, first.etag, first.total, cacheDir)
     src.remember(0, first.buf)
     src.bytesFetched += first.buf.length
@@ -115,7 +154,7 @@ export class S3Source implements ByteSource {
     return got.buf
   }
 
-  /** Block i, from memory or one pinned ranged GET (one fetch however many ask at once). */
+  /** Block i, from memory, the cache directory, or one pinned ranged GET (one fetch however many ask at once). */
   private block(i: number): Promise<Buffer> {
     const have = this.mem.get(i)
     if (have) {
@@ -125,17 +164,27 @@ export class S3Source implements ByteSource {
     let p = this.inflight.get(i)
     if (p) return p
     p = (async () => {
-      await this.slot()
       try {
-        const start = i * BLOCK
-        const got = await withRetry(this.loc, `reading ${this.path} at ${start}`, () => getRange(this.loc, start, start + this.blockLength(i), this.etag))
-        const buf = this.checked(i, got)
-        this.bytesFetched += buf.length
-        this.requests++
+        const len = this.blockLength(i)
+        const fetch = async (): Promise<Buffer> => {
+          await this.slot()
+          try {
+            const start = i * BLOCK
+            const got = await withRetry(this.loc, `reading ${this.path} at ${start}`, () => getRange(this.loc, start, start + len, this.etag))
+            return this.fetched(i, got)
+          } finally {
+            this.release()
+          }
+        }
+        let buf: Buffer
+        if (this.cache) {
+          const r = await this.cache.obtain(i, len, fetch)
+          if (r.hit) this.cacheHits++
+          buf = r.buf
+        } else buf = await fetch()
         this.remember(i, buf)
         return buf
       } finally {
-        this.release()
         this.inflight.delete(i)
       }
     })()
@@ -159,11 +208,26 @@ export class S3Source implements ByteSource {
   async read(pos: number, len: number): Promise<Buffer> {
     if (len === 0) return Buffer.alloc(0)
     const [a, b] = this.range(pos, len)
-    if (len <= SMALL && a === b && !this.mem.has(a) && !this.inflight.has(a)) return this.exact(pos, len)
+    if (!this.cache && len <= SMALL && a === b && !this.mem.has(a) && !this.inflight.has(a)) return this.exact(pos, len)
     const parts: Array<Promise<Buffer>> = []
     for (let i = a; i <= b; i++) parts.push(this.block(i))
     parts.forEach((p) => p.catch(() => {}))
+    this.readAhead(a, b)
     return this.assemble(pos, len, a, await Promise.all(parts))
+  }
+
+  /**
+   * A reader going through the file in order gets the next AHEAD blocks fetched before it asks
+   * (in parallel, PARALLEL at a time); errors surface when it does ask.
+   */
+  private readAhead(a: number, b: number): void {
+    const sequential = a >= this.lastBlock && a <= this.lastBlock + 1
+    this.lastBlock = b
+    if (!sequential) return
+    const last = Math.min(b + AHEAD, Math.ceil(this.length / BLOCK) - 1)
+    for (let i = b + 1; i <= last; i++) {
+      if (!this.mem.has(i) && !this.inflight.has(i)) this.block(i).catch(() => {})
+    }
   }
 
   /**
@@ -191,15 +255,26 @@ export class S3Source implements ByteSource {
     const blocks: Buffer[] = []
     for (let i = a; i <= b; i++) {
       let buf = this.mem.get(i)
-      if (!buf) {
-        buf = this.checked(i, this.fetchSync(i))
-        this.bytesFetched += buf.length
-        this.requests++
-      }
+      if (!buf && this.cache) buf = this.cachedSync(this.cache, i)
+      if (!buf) buf = this.fetched(i, this.fetchSync(i))
       this.remember(i, buf)
       blocks.push(buf)
     }
     return this.assemble(pos, len, a, blocks)
+  }
+
+  /** Block i from the cache directory, or fetched by this process (which stores it) or another. */
+  private cachedSync(cache: BlockCache, i: number): Buffer {
+    const r = cache.obtainSync(i, this.blockLength(i), () => this.fetched(i, this.fetchSync(i)))
+    if (r.hit) this.cacheHits++
+    return r.buf
+  }
+
+  private fetched(i: number, got: { buf: Buffer; etag?: string }): Buffer {
+    const buf = this.checked(i, got)
+    this.bytesFetched += buf.length
+    this.requests++
+    return buf
   }
 
   private fetchSync(i: number): { buf: Buffer; etag?: string } {
@@ -220,7 +295,10 @@ export class S3Source implements ByteSource {
   }
 
   async close(): Promise<void> {
+    // Blocks fetched ahead land in the cache first: then the bound holds when the last process lets go.
+    await Promise.allSettled([...this.inflight.values()])
     this.mem.clear()
+    await this.cache?.evict()
     await this.worker?.terminate()
     this.worker = undefined
   }

@@ -20,3 +20,23 @@ export function parseS3Url(url: string): S3Location {
   return { bucket: m[1], key: m[2], url }
 }
 
+
+/**
+ * The host's cache for s3:// images (index, fetched blocks): `--cache-dir` and `--cache-max` of
+ * the command, for every image it opens. Unset: $SNAPCTL_CACHE_DIR / $SNAPCTL_CACHE_MAX, then the defaults.
+ */
+export interface ObjectCacheSettings {
+  dir?: string
+  /** bytes; 0: no cache of fetched blocks */
+  max?: number
+}
+
+let cacheSettings: ObjectCacheSettings = {}
+
+export function setObjectCache(s: ObjectCacheSettings): void {
+  cacheSettings = { ...s }
+}
+
+export function objectCache(): ObjectCacheSettings {
+  return cacheSettings
+}

@@ -6,7 +6,8 @@ import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { CreateBucketCommand, HeadObjectCommand, ListMultipartUploadsCommand, ListPartsCommand, PutObjectCommand, S3Client } from '@aws-sdk/client-s3'
 import { spawn } from 'node:child_process'
-import { existsSync, readFileSync, rmSync } from 'node:fs'
+import { existsSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs'
+import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { fillRam, filesEqual, type Vm, type VmOptions } from '../../tools/vm.js'
 import { startRgw, type Rgw } from '../../tools/rgw.js'
@@ -209,6 +210,65 @@ test('SIGTERM mid-create s3://...: the upload is aborted, no object and no store
   assert.match(stderr, /SNAP_ABORTED: interrupted by SIGTERM/)
   assert.is(await objectExists(key), false)
   assert.equal(await uploadsOf(key), [], 'the multipart upload is left open')
+})
+
+/** GETs logged (SNAPCTL_S3_GET_LOG) while `fn` ran: one "start-end" a request. */
+async function gets(fn: (env: NodeJS.ProcessEnv) => Promise<void>): Promise<string[]> {
+  const log = w.path(`gets-${Math.random().toString(16).slice(2)}.log`)
+  const saved = process.env.SNAPCTL_S3_GET_LOG
+  process.env.SNAPCTL_S3_GET_LOG = log // QEMU's exec: children and ours inherit it
+  try {
+    await fn({ SNAPCTL_S3_GET_LOG: log })
+  } finally {
+    if (saved === undefined) delete process.env.SNAPCTL_S3_GET_LOG
+    else process.env.SNAPCTL_S3_GET_LOG = saved
+  }
+  return existsSync(log) ? readFileSync(log, 'utf8').split('\n').filter(Boolean) : []
+}
+
+function cachedBytes(dir: string): number {
+  const blocks = join(dir, 'blocks')
+  return readdirSync(blocks).filter((n) => !n.includes('.lock') && !n.includes('.tmp-')).reduce((a, n) => a + statSync(join(blocks, n)).size, 0)
+}
+
+test('--cache-dir: a second load on the host fetches nothing; --cache-max bounds the cache', async () => {
+  const cache = w.path('cache-second')
+  const first = await gets(async () => {
+    const r = await snapctl(['load', URL, '--to', '/dev/null', '--cache-dir', cache])
+    assert.is(r.code, 0, r.stderr)
+  })
+  assert.ok(first.length > 0)
+  assert.is(new Set(first).size, first.length, 'a range was fetched twice by one load')
+  const second = await gets(async () => {
+    const r = await snapctl(['load', URL, '--to', '/dev/null', '--cache-dir', cache])
+    assert.is(r.code, 0, r.stderr)
+  })
+  assert.equal(second, [], 'the second load fetched again')
+  const small = w.path('cache-small')
+  const v = await snapctl(['verify', URL, '--cache-dir', small, '--cache-max', '8M', '--json'])
+  assert.is(v.code, 0, v.stderr)
+  const held = cachedBytes(small)
+  assert.ok(held > 0 && held <= 8 * MiB, `the cache holds ${held} bytes, bound 8 MiB`)
+})
+
+test('four lazy restores of one object at once, sharing --cache-dir: all byte for byte, each range fetched once', async () => {
+  await put('vm1/shared.snap', readFileSync(image))
+  const url = `s3://${BUCKET}/vm1/shared.snap`
+  const cache = w.path('cache-shared')
+  const dsts = await Promise.all([0, 1, 2, 3].map((i) => vmWithSocket({ name: `dst-shared${i}`, memMiB: 128, incoming: 'defer', keepMem: true })))
+  const fetched = await gets(async () => {
+    const runs = await Promise.all(dsts.map(({ sock }) => snapctl(['restore', url, '--qmp', sock, '--lazy', '--paused', '--cache-dir', cache, '--json'])))
+    for (const r of runs) assert.is(r.code, 0, r.stderr)
+  })
+  for (const { vm } of dsts) {
+    assert.equal(await filesEqual(sourceRam, vm.memPath), { equal: true }, `${vm.name}: lazily restored RAM differs`)
+    await vm.quit()
+  }
+  const twice = fetched.filter((r, i) => fetched.indexOf(r) !== i)
+  assert.equal(twice, [], 'ranges fetched more than once')
+  const objectBytes = readFileSync(image).length
+  const total = fetched.reduce((a, r) => a + Number(r.split('-')[1]) - Number(r.split('-')[0]), 0)
+  assert.ok(total <= objectBytes, `fetched ${total} bytes of a ${objectBytes}-byte object`)
 })
 
 test('wrong credentials, a missing bucket and a missing object: clear errors with stable codes, no secret in them', async () => {
