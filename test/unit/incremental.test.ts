@@ -152,6 +152,51 @@ test('a chain of 3: written against its base, read back page for page; flatten; 
   }
 })
 
+test('re-sent pages that become equal to the base again, and compaction, keep base runs', async () => {
+  const { dir, cleanup } = tempDir('incr-compact')
+  try {
+    const made = await makeImage(join(dir, 'a.snap'), { ops: 1200, seed: 8, resend: 0 })
+    const below = made.model as Model
+    const a = await openImage(join(dir, 'a.snap'))
+    const path = join(dir, 'b.snap')
+    const w = await ImageWriter.create(path, { clusterSize: 65536, base: writerBase(a, path) })
+    w.setBlocks(BLOCKS)
+    const rand = rng(9)
+    const model: Layer = new Map()
+    const keys = [...below.keys()]
+    // Every page the base has, first sent changed (filling clusters), then as the base has it:
+    // nearly every stored copy is dead, so the writer compacts before it finishes.
+    for (const k of keys) {
+      const [b, p] = k.split(':').map(Number)
+      w.putPage(b, p, pageContent(rand))
+      if (w.needsDrain()) await w.drain()
+    }
+    for (const [i, k] of keys.entries()) {
+      const [b, p] = k.split(':').map(Number)
+      const old = below.get(k)!
+      if (i % 10 === 0) {
+        const data = pageContent(rand)
+        w.putPage(b, p, data)
+        model.set(k, data)
+      } else {
+        w.putPage(b, p, old === 'zero' ? Buffer.alloc(PS) : old)
+        model.set(k, old)
+      }
+      if (w.needsDrain()) await w.drain()
+    }
+    const s = await w.finish(device(), { source: 'qemu', counters: counters() })
+    assert.ok(s.compacted, 'compacted')
+    assert.is(s.deadBytes, 0)
+    assert.is(s.basePages, keys.length - Math.ceil(keys.length / 10))
+    await a.close()
+    const chain = await openImage(path)
+    checkPages(chain, model, 'compacted chain')
+    await chain.close()
+  } finally {
+    cleanup()
+  }
+})
+
 test('a missing, replaced, changed or looping base is refused with its code; verify and info say so', async () => {
   const { dir, cleanup } = tempDir('incr-bad')
   try {
