@@ -199,13 +199,22 @@ export class S3Source implements ByteSource {
     return [Math.floor(pos / BLOCK), Math.floor((pos + len - 1) / BLOCK)]
   }
 
-  private assemble(pos: number, len: number, first: number, blocks: Buffer[]): Buffer {
+  /** The bytes of [pos, pos+len) from its blocks: a view of one block, or copied into `into` (or a new buffer). */
+  private assemble(pos: number, len: number, first: number, blocks: Buffer[], into?: Buffer): Buffer {
     const off = pos - first * BLOCK
     if (blocks.length === 1) return blocks[0].subarray(off, off + len)
-    return Buffer.concat(blocks).subarray(off, off + len)
+    // Only the bytes asked for, into the reader's buffer where it gave one: concatenating whole
+    // blocks per read cost more garbage collection than the rest of a restore from the cache.
+    const out = into && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len)
+    let done = 0
+    for (let k = 0; k < blocks.length && done < len; k++) {
+      const from = k === 0 ? off : 0
+      done += blocks[k].copy(out, done, from, Math.min(blocks[k].length, from + len - done))
+    }
+    return out
   }
 
-  async read(pos: number, len: number): Promise<Buffer> {
+  async read(pos: number, len: number, into?: Buffer): Promise<Buffer> {
     if (len === 0) return Buffer.alloc(0)
     const [a, b] = this.range(pos, len)
     if (!this.cache && len <= SMALL && a === b && !this.mem.has(a) && !this.inflight.has(a)) return this.exact(pos, len)
@@ -213,7 +222,7 @@ export class S3Source implements ByteSource {
     for (let i = a; i <= b; i++) parts.push(this.block(i))
     parts.forEach((p) => p.catch(() => {}))
     this.readAhead(a, b)
-    return this.assemble(pos, len, a, await Promise.all(parts))
+    return this.assemble(pos, len, a, await Promise.all(parts), into)
   }
 
   /**
