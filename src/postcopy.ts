@@ -21,7 +21,9 @@
 import { ImageReader } from './container/reader.js'
 import { openImage, topOf } from './container/chain.js'
 import { SnapError } from './errors.js'
-import { refreshIndex } from './index/refresh.js'
+// The LevelDB index (src/index/, with `level`: ~40 ms of CPU to load) only once every page is
+// out: imported then, so that it does not delay the device state.
+import type { refreshIndex as RefreshIndex } from './index/refresh.js'
 import { ReturnPathReader } from './postcopy/return-path-reader.js'
 import { Session, type PostcopyStats } from './postcopy/session.js'
 import { storeWorkingSet, workingSetOf } from './container/working-set.js'
@@ -110,7 +112,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,
       workingSet: ws?.pages ?? null, record: opts.record, recover: opts.recover, pushRate: pushRate(),
     })
-    const stats = await session.run(started, () => refreshIndex(topOf(reader), opts.log))
+    const stats = await session.run(started, async () => (await loadRefresh())(topOf(reader), opts.log))
     await out.finish()
     if (opts.record) {
       // The VM has all its pages: a failure to store is reported, the restore stands.
@@ -119,7 +121,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
         await storeWorkingSet(path, { pages, recordedTime: Date.now() })
         // The generation changed, so the index is stale; its runs are the same: stamp it anew.
         const stored = await ImageReader.open(path, { whileCreating: 'refuse' })
-        await refreshIndex(stored, opts.log).finally(() => stored.close())
+        await (await loadRefresh())(stored, opts.log).finally(() => stored.close())
         opts.log?.(`stored a working set of ${pages.length / 2} pages in ${path}`)
         return { ...stats, recordedPages: pages.length / 2 }
       } catch (e) {
@@ -132,6 +134,10 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     rp?.stop()
     await reader.close()
   }
+}
+
+async function loadRefresh(): Promise<typeof RefreshIndex> {
+  return (await import('./index/refresh.js')).refreshIndex
 }
 
 /** Target pages per host page for each block; SNAP_USAGE for a size that cannot be or a block the image lacks. */

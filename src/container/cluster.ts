@@ -1,11 +1,20 @@
 // Data clusters: format-spec/container.md, "Cluster header", "Codecs" and "Reading an image"
 // step 5. Every failure names the cluster (its sequence number) and its file offset.
+import { createRequire } from 'node:module'
 import { crc32 } from 'node:zlib'
-import lz4 from 'lz4-napi'
+import type Lz4Napi from 'lz4-napi'
 import { Reader, Writer, roundUp } from '../bytes.js'
 import { SnapError, type ErrorCode } from '../errors.js'
 import { ALIGN } from './header.js'
 import { Lz4Error, decodeLz4Block } from './lz4-block.js'
+
+// lz4-napi (a native addon, ~20 ms of CPU to load) on first use, not at import: a lazy restore
+// sends the device state before it decodes any cluster, and the VM can run sooner by that much.
+const requireCjs = createRequire(import.meta.url)
+let lz4Module: typeof Lz4Napi | undefined
+function lz4(): typeof Lz4Napi {
+  return (lz4Module ??= requireCjs('lz4-napi') as typeof Lz4Napi)
+}
 
 export const CLUSTER_MAGIC = Buffer.from([0x53, 0x4e, 0x43, 0x4c])
 export const CODEC_NONE = 0
@@ -188,7 +197,7 @@ export async function decodePayload(h: ClusterHeader, stored: Buffer, where: Clu
   if (h.frames.length) return decodeFramesAsync(h, stored, where)
   let raw: Buffer
   try {
-    raw = await lz4.uncompress(stored)
+    raw = await lz4().uncompress(stored)
   } catch (e) {
     throw err('SNAP_CORRUPT', where, `the LZ4 payload does not decode (${(e as Error).message})`)
   }
@@ -215,7 +224,7 @@ export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: Clust
   }
   let raw: Buffer
   try {
-    raw = lz4.uncompressSync(stored)
+    raw = lz4().uncompressSync(stored)
   } catch (e) {
     throw err('SNAP_CORRUPT', where, `the LZ4 payload does not decode (${(e as Error).message})`)
   }
@@ -251,7 +260,7 @@ async function decodeFramesAsync(h: ClusterHeader, stored: Buffer, where: Cluste
   const parts = frames.map(({ frame, raw }, i) =>
     frame.length === raw
       ? frame
-      : lz4.uncompress(frame).then(
+      : lz4().uncompress(frame).then(
           (d) => {
             if (d.length !== raw) throw err('SNAP_CORRUPT', where, `frame ${i} decodes to ${d.length} bytes, not ${raw}`)
             return d

@@ -1,6 +1,10 @@
 // The trailer and its records: format-spec/container.md, "The trailer" (records 1-7) and
 // "Reading an image" step 4. Bodies of records 4-6 (device state) are kept as raw bytes.
-import { pack, unpack } from 'msgpackr'
+// The subpaths, not 'msgpackr': its Node entry also loads its stream classes and the optional
+// native string extractor (msgpackr-extract), ~2x the CPU to load, for the few small records of
+// a trailer; every command that opens an image (a lazy restore before its device state) pays it.
+import { pack } from 'msgpackr/pack'
+import { unpack } from 'msgpackr/unpack'
 import { Reader, Writer, roundUp } from '../bytes.js'
 import { SnapError } from '../errors.js'
 import type { RamBlock, StreamCounters } from '../types.js'
