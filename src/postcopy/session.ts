@@ -126,8 +126,11 @@ export class Session {
   private bytesPushed = 0
   private pages = 0
   private pagesReceivedBefore = 0
-  /** every page, O(1): a request is answered without a search */
-  private readonly locator: PageLocator
+  /**
+   * every page, O(1): a request is answered without a search. Built once the device state is
+   * out (run()): nothing before needs it, and at 4 GiB it is a million entries the VM need not wait for.
+   */
+  private locator!: PageLocator
 
   constructor(
     private readonly reader: RestoreImage,
@@ -140,7 +143,6 @@ export class Session {
     this.pageSize = reader.header.pageSize
     this.ramId = reader.device.ramSectionId
     this.hostPages = opts.hostPages
-    this.locator = runs.pageLocator()
     this.fetch = new PageFetcher(reader)
     this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
     this.byName = new Map(reader.blocks.map((b) => [b.name, b.id]))
@@ -176,6 +178,7 @@ export class Session {
     if (this.opts.recover) await this.resume()
     else await this.setup()
     const deviceStateSeconds = (performance.now() - started) / 1000
+    this.locator = this.runs.pageLocator()
     this.opts.log?.(this.opts.recover
       ? `postcopy: resumed after ${(deviceStateSeconds * 1000).toFixed(0)} ms (the destination had ${this.pagesReceivedBefore} pages); serving the rest`
       : `postcopy: device state sent after ${(deviceStateSeconds * 1000).toFixed(0)} ms; serving pages`)
