@@ -39,7 +39,7 @@ export async function getRange(loc: S3Location, start: number, end: number, etag
   // Tests count what is fetched: one line per GET (O_APPEND, so processes can share the file).
   if (process.env.SNAPCTL_S3_GET_LOG) appendFileSync(process.env.SNAPCTL_S3_GET_LOG, `${start}-${end}\n`)
   const r = await s3Client().send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key, Range: `bytes=${start}-${end - 1}`, IfMatch: etag }))
-  const buf = Buffer.from(await r.Body!.transformToByteArray())
+  const buf = await collect(r.Body as unknown as AsyncIterable<Uint8Array>, end - start)
   const m = /\/(\d+)$/.exec(r.ContentRange ?? '')
   return { buf, etag: r.ETag, total: m ? Number(m[1]) : r.ContentLength }
 }
@@ -65,6 +65,23 @@ export function cacheMaxFromEnv(): number {
   if (set !== undefined) return set
   const v = process.env.SNAPCTL_CACHE_MAX
   return v !== undefined && v !== '' && Number.isSafeInteger(Number(v)) && Number(v) >= 0 ? Number(v) : DEFAULT_CACHE_MAX
+}
+
+/**
+ * A GET's body into one buffer of the size asked for, copied once as it arrives (the SDK's
+ * transformToByteArray concatenates the chunks, and Buffer.from copied that again: garbage
+ * collection was the largest cost of a first restore). A longer body is kept whole, for the
+ * caller's length check to refuse.
+ */
+async function collect(body: AsyncIterable<Uint8Array>, expect: number): Promise<Buffer> {
+  let out = Buffer.allocUnsafe(expect)
+  let n = 0
+  for await (const chunk of body) {
+    if (n + chunk.length > out.length) out = Buffer.concat([out.subarray(0, n)], Math.max(2 * out.length, n + chunk.length))
+    out.set(chunk, n)
+    n += chunk.length
+  }
+  return out.subarray(0, n)
 }
 
 export class S3Source implements ByteSource {
