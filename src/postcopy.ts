@@ -28,8 +28,8 @@ import { ReturnPathReader } from './postcopy/return-path-reader.js'
 import { Session, type PostcopyStats } from './postcopy/session.js'
 import { storeWorkingSet, workingSetOf } from './container/working-set.js'
 import { isS3Url } from './s3/url.js'
-import { fdOutgoing } from './transport/fd.js'
-import { socketPostcopyOutgoing, type PostcopyOutgoing } from './transport/postcopy-socket.js'
+// Only the transport in use is loaded (the pipe's threads, or the sockets): before the device state.
+import type { PostcopyOutgoing } from './transport/postcopy-socket.js'
 import type { OutgoingMigration, SinkOptions } from './transport/types.js'
 import type { RamBlock } from './types.js'
 
@@ -101,8 +101,14 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     // sections, and an urgent page waits behind at most this much background data.
     const sink: SinkOptions = { queueLimit: 128 << 10 }
     let preempt: PostcopyOutgoing | null = null
-    if (opts.connect !== undefined) out = preempt = await socketPostcopyOutgoing(opts.connect, { timeoutMs: opts.channelTimeoutMs })
-    else out = await (opts.open ?? ((s) => fdOutgoing({ returnPath: true, sink: s })))(sink)
+    if (opts.connect !== undefined) {
+      const { socketPostcopyOutgoing } = await import('./transport/postcopy-socket.js')
+      out = preempt = await socketPostcopyOutgoing(opts.connect, { timeoutMs: opts.channelTimeoutMs })
+    } else if (opts.open) out = await opts.open(sink)
+    else {
+      const { fdOutgoing } = await import('./transport/fd.js')
+      out = await fdOutgoing({ returnPath: true, sink })
+    }
     if (!out.returnPath) throw new SnapError('SNAP_USAGE', `a lazy restore needs a return path from QEMU, and ${out.main.what} has none`)
     rp = new ReturnPathReader(out.returnPath)
     // A working set that fails its checks is only a lost optimisation: say so, restore without it.
