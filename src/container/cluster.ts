@@ -21,8 +21,11 @@ export const CODEC_NONE = 0
 export const CODEC_LZ4 = 1
 /** Cluster flags bit 0: the LZ4 payload is a run of independently decodable frames. */
 export const FLAG_FRAMED = 1
-/** Pages per frame that create writes: 64 KiB, what a page request decodes (see "Frames"). */
-export const DEFAULT_FRAME_PAGES = 16
+/**
+ * Pages per frame that create writes: 128 KiB, what a page request decodes (see "Frames"). Measured
+ * on a 1 GiB stream of the benchmark mix: 64 KiB frames made the image 3.2% larger, 128 KiB 1.1%.
+ */
+export const DEFAULT_FRAME_PAGES = 32
 /** Bytes of the header before the pages list, and the crc after it. */
 const FIXED = 32
 

@@ -339,12 +339,13 @@ export class ImageWriter {
     // MIMALLOC_PURGE_DELAY=0). Measured, 1 GiB stream, --from FILE, medians of 3: pool 2.41
     // CPU-s and 307,000 faults, here 1.81 CPU-s and 60,000 faults, 157 MiB peak; the main
     // thread's one heap reuses the freed outputs (bin/run.js keeps mimalloc's purge delay for create).
-    // In frames of 64 KiB, each decodable alone: a page request reads and decodes one frame, not
+    // In frames of 128 KiB, each decodable alone: a page request reads and decodes one frame, not
     // the megabyte around it (format-spec/container.md, "Frames").
     let stored: Promise<Stored> = Promise.resolve({ codec: CODEC_NONE, stored: raw })
     if (this.lz4) {
-      const f = encodeFrames(raw, PAGE_SIZE, DEFAULT_FRAME_PAGES, lz4.compressSync)
-      if (f) stored = Promise.resolve({ codec: CODEC_LZ4, stored: f.stored, framePages: DEFAULT_FRAME_PAGES, frames: f.frames })
+      const framePages = Math.min(DEFAULT_FRAME_PAGES, this.ppc) // a frame is at most a cluster
+      const f = encodeFrames(raw, PAGE_SIZE, framePages, lz4.compressSync)
+      if (f) stored = Promise.resolve({ codec: CODEC_LZ4, stored: f.stored, framePages, frames: f.frames })
     }
     this.file.enqueue(this.seq++, pages, n, raw, stored)
     this.buf = this.newBuffer()

@@ -1,6 +1,6 @@
 // Where a lazy restore gets a page's bytes: from a cluster the push decoded, or, for a request,
 // from the one frame that holds it (format-spec/container.md, "Frames"): a request reads,
-// checks and decodes 64 KiB, not the megabyte around it. Unframed clusters are read whole.
+// checks and decodes one frame (128 KiB as create writes them), not the megabyte around it. Unframed clusters are read whole.
 // Everything here runs on the calling thread: a request must not queue behind bulk I/O in the
 // thread pool.
 import type { ClusterHeader } from '../container/cluster.js'
@@ -12,7 +12,7 @@ import type { DecodedCluster } from '../container/reader.js'
 const CLUSTER_CACHE = 16
 /** Cluster headers kept (a few KiB each). */
 const HEADER_CACHE = 1024
-/** Frames kept decoded (64 KiB each: 16 MiB). */
+/** Frames kept decoded (128 KiB each as create writes them: 32 MiB). */
 const FRAME_CACHE = 256
 
 export class PageFetcher {
