@@ -1,6 +1,6 @@
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { isSnapError } from '../../src/errors.js'
+import { isSnapError, type ErrorCode } from '../../src/errors.js'
 import { ReturnPathParser, encodeRpMessage, type RpMessage } from '../../src/stream/return-path.js'
 
 const h = (s: string) => Buffer.from(s.replace(/\s+/g, ''), 'hex')
@@ -42,21 +42,21 @@ test('encodeRpMessage gives the exact bytes', () => {
   assert.is(encodeRpMessage({ type: 'shut', status: 0 }).toString('hex'), '0001000400000000')
 })
 
-function rpError(bytes: Buffer, atEnd = false): void {
-  const p = new ReturnPathParser()
+function rpError(bytes: Buffer, atEnd = false, code: ErrorCode = 'SNAP_RETURN_PATH', maxBitmapBytes?: number): void {
+  const p = new ReturnPathParser(maxBitmapBytes)
   try {
     p.push(bytes)
     if (atEnd) p.end()
     assert.unreachable(`parsed ${bytes.toString('hex')}`)
   } catch (err) {
-    assert.ok(isSnapError(err, 'SNAP_RETURN_PATH'), String(err))
+    assert.ok(isSnapError(err, code), String(err))
   }
   // a failed parser stays failed
   try {
     p.push(Buffer.alloc(0))
     assert.unreachable('pushed after the error')
   } catch (err) {
-    assert.ok(isSnapError(err, 'SNAP_RETURN_PATH'))
+    assert.ok(isSnapError(err, code))
   }
 }
 
@@ -92,16 +92,7 @@ test('RECV_BITMAP: exact bytes, whole and in pieces, what follows it parsed too'
   assert.equal(parseIn(two, 5), [want[0], { type: 'recv-bitmap', block: 'x', bitmap: Buffer.alloc(0) }])
 })
 
-function bitmapError(bytes: Buffer, atEnd = false, max?: number): void {
-  const p = new ReturnPathParser(max)
-  try {
-    p.push(bytes)
-    if (atEnd) p.end()
-    assert.unreachable(`parsed ${bytes.toString('hex')}`)
-  } catch (err) {
-    assert.ok(isSnapError(err, 'SNAP_RECV_BITMAP'), String(err))
-  }
-}
+const bitmapError = (bytes: Buffer, atEnd = false, max?: number): void => rpError(bytes, atEnd, 'SNAP_RECV_BITMAP', max)
 
 test('RECV_BITMAP errors: end marker, size not whole words, oversized, cut short; random bytes never crash', () => {
   const bad = Buffer.from(BITMAP)
