@@ -208,7 +208,8 @@ test('--recover, a destination that has every page: resumed, nothing sent but th
   const total = blocks.reduce((a, b) => a + pagesOf(b), 0)
   assert.is(s.pagesReceivedBefore, total, JSON.stringify(s))
   assert.is(s.pagesSent, 0, JSON.stringify(s))
-  assert.is(s.requestsAlreadySent, 1, JSON.stringify(s))
+  // the request may come after the END is queued (nothing was left to push), and is then not counted
+  assert.ok(s.requests === 1 && s.requestsAlreadySent <= 1 && s.pagesServedOnRequest === 0, JSON.stringify(s))
   assert.ok(s.bytesOut < 4096, JSON.stringify(s))
 })
 
