@@ -178,20 +178,29 @@ export class SocketSink implements StreamSink {
     )
   }
 
+  /**
+   * Wait until everything written is in the kernel. A connection the destination has closed is
+   * an error only while bytes are still waiting: once the last ones (the stream's EOF) are out,
+   * QEMU completes and closes its channels, which is how a restore ends, and a flush that came
+   * a moment later used to fail such a restore with SNAP_IO. Whether the stream was taken whole
+   * is the return path's word (SHUT 0), not the socket's.
+   */
   async flush(): Promise<void> {
+    if (this.failure) throw this.failure
+    if (this.socket.writableLength === 0) return
     this.check()
-    if (this.socket.writableLength > 0) {
-      // 'drain' comes only after a write that filled the buffer: wait for an empty write's callback.
-      const out = new Promise<void>((r) => this.socket.write(Buffer.alloc(0), () => r()))
-      await within(out, this.stallMs, `${this.what}: the destination read nothing`, () => this.socket.destroy())
-    }
-    this.check()
+    // 'drain' comes only after a write that filled the buffer: wait for an empty write's callback.
+    const out = new Promise<void>((r) => this.socket.write(Buffer.alloc(0), () => r()))
+    await within(out, this.stallMs, `${this.what}: the destination read nothing`, () => this.socket.destroy())
+    if (this.failure) throw this.failure
+    if (this.socket.writableLength > 0) this.check()
   }
 
   /** flush, then half-close: the destination sees the end of the stream. */
   async close(): Promise<void> {
     await this.flush()
     this.ending = true
+    if (this.closed) return // the destination took everything and closed first
     await new Promise<void>((r) => this.socket.end(() => r()))
   }
 
