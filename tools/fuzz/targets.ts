@@ -13,7 +13,7 @@ import { PrefixSplitter, createImage } from '../../src/create.js'
 import { ImageWriter } from '../../src/container/writer.js'
 import { ImageReader } from '../../src/container/reader.js'
 import { openImage, writerBase } from '../../src/container/chain.js'
-import { clusterHeaderLength } from '../../src/container/cluster.js'
+import { FLAG_FRAMED, clusterHeaderLength } from '../../src/container/cluster.js'
 import { loadImage } from '../../src/load.js'
 import { verifyImage } from '../../src/verify.js'
 import { imageInfo } from '../../src/info.js'
@@ -171,7 +171,7 @@ export function parserTarget(classify: Classify): Target {
 
 interface Base {
   bytes: Buffer
-  clusters: Array<{ offset: number; pageCount: number }>
+  clusters: Array<{ offset: number; pageCount: number; frames: number }>
   trailerOffset: number
   trailerLength: number
   records: Region[]
@@ -232,7 +232,7 @@ async function describe(path: string): Promise<Base> {
       pos = Math.ceil((pos + 16 + len) / 8) * 8
     }
     return {
-      bytes: readFileSync(path), clusters: infos.map((c) => ({ offset: c.offset, pageCount: c.pageCount })),
+      bytes: readFileSync(path), clusters: infos.map((c) => ({ offset: c.offset, pageCount: c.pageCount, frames: c.frames })),
       trailerOffset: r.header.trailerOffset, trailerLength: r.header.trailerLength, records,
     }
   } finally {
@@ -251,7 +251,8 @@ function fixChecksums(buf: Buffer, base: Base): void {
     if (len < 36 || len > clusterHeaderLength(16384) || at + len > buf.length) continue
     const stored = buf.readUInt32BE(at + 24)
     const data = at + Math.ceil(len / 4096) * 4096
-    if (data + stored <= buf.length) buf.writeUInt32BE(crc32(buf.subarray(data, data + stored)), at + 28)
+    if (buf[at + 13] & FLAG_FRAMED) fixFrameChecksums(buf, at, len, data)
+    else if (data + stored <= buf.length) buf.writeUInt32BE(crc32(buf.subarray(data, data + stored)), at + 28)
     buf.writeUInt32BE(crc32(buf.subarray(at, at + len - 4)), at + len - 4)
   }
   const f = buf.length - 64
@@ -262,6 +263,20 @@ function fixChecksums(buf: Buffer, base: Base): void {
   buf.writeUInt32BE(crc32(buf.subarray(f, f + 60)), f + 60)
 }
 
+/** A framed cluster: each frame's crc over its bytes (as the table says they lie), then data_crc over the table. */
+function fixFrameChecksums(buf: Buffer, at: number, len: number, data: number): void {
+  const table = at + 32 + 8 * buf.readUInt32BE(at + 16)
+  const n = (at + len - 4 - table) / 8
+  if (!Number.isInteger(n) || n < 1) return
+  for (let i = 0, p = data; i < n; i++) {
+    const fl = buf.readUInt32BE(table + 8 * i)
+    if (p + fl > buf.length) break
+    buf.writeUInt32BE(crc32(buf.subarray(p, p + fl)), table + 8 * i + 4)
+    p += fl
+  }
+  buf.writeUInt32BE(crc32(buf.subarray(table, table + 8 * n)), at + 28)
+}
+
 function imageRegion(base: Base, rand: Rand): [string, Region] {
   const len = base.bytes.length
   const c = base.clusters.length ? pick(rand, base.clusters) : null
@@ -269,9 +284,9 @@ function imageRegion(base: Base, rand: Rand): [string, Region] {
     case 0:
       return ['header', { start: 0, end: 192 }]
     case 1:
-      return c ? ['cluster header', { start: c.offset, end: c.offset + clusterHeaderLength(c.pageCount) }] : ['anywhere', { start: 0, end: len }]
+      return c ? ['cluster header', { start: c.offset, end: c.offset + clusterHeaderLength(c.pageCount, c.frames) }] : ['anywhere', { start: 0, end: len }]
     case 2:
-      return c ? ['payload', { start: c.offset + Math.ceil(clusterHeaderLength(c.pageCount) / 4096) * 4096, end: c.offset + 4096 * 8 }] : ['anywhere', { start: 0, end: len }]
+      return c ? ['payload', { start: c.offset + Math.ceil(clusterHeaderLength(c.pageCount, c.frames) / 4096) * 4096, end: c.offset + 4096 * 8 }] : ['anywhere', { start: 0, end: len }]
     case 3:
       return ['trailer', { start: base.trailerOffset, end: base.trailerOffset + base.trailerLength }]
     case 4:
