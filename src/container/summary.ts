@@ -13,11 +13,13 @@ export async function imageSummary(reader: ImageReader): Promise<ImageSummaryInf
   let rawBytes = 0
   let deadBytes = 0
   let lz4 = 0
+  let framed = 0
   for (const c of infos) {
     storedBytes += c.storedLength
     rawBytes += c.pageCount * reader.header.pageSize
     deadBytes += clusterDeadBytes(c.storedLength, c.pageCount, locator.liveCount(c.seq))
     if (c.codec === CODEC_LZ4) lz4++
+    if (c.frames > 0) framed++
   }
   const ramBlocks = reader.blocks.map((b) => {
     const { zeroPages, storedPages, basePages } = locator.counts(b.id)
@@ -28,7 +30,7 @@ export async function imageSummary(reader: ImageReader): Promise<ImageSummaryInf
   const info = reader.streamInfo
   return {
     version: h.version, uuid: h.uuid.toString('hex'), machine: reader.device.machine, clusterSize: h.clusterSize, pageSize: h.pageSize,
-    compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 },
+    compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 }, framedClusters: framed,
     ramBytes: sum('size'), ramPages: sum('ramPages'), pages: sum('pages'), storedPages: sum('storedPages'), zeroPages: sum('zeroPages'),
     basePages: sum('basePages'),
     ramBlocks, clusters: infos.length, fileBytes: reader.fileLength, storedBytes, rawBytes, deadBytes,
@@ -50,6 +52,8 @@ export interface ImageSummaryInfo {
   pageSize: number
   compression: 'lz4' | 'none'
   codecs: { none: number; lz4: number }
+  /** LZ4 clusters stored in frames (format-spec/container.md, "Frames") */
+  framedClusters: number
   /** the guest's RAM: bytes and pages of all its blocks (pages QEMU never sent included) */
   ramBytes: number
   ramPages: number

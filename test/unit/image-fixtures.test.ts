@@ -57,6 +57,7 @@ for (const f of FIXTURES) {
     assert.is(info.pages, f.pages)
     assert.is(info.zeroPages, f.zeroPages)
     assert.is(info.features.incompatible, f.incompatible)
+    assert.is(info.framedClusters, f.incompatible ? f.clusters : 0)
 
     r = run('verify', img, '--json')
     assert.is(r.status, 0, r.stderr)
