@@ -6,7 +6,7 @@
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { execFileSync, spawn, spawnSync } from 'node:child_process'
-import { copyFileSync, existsSync, mkdirSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
+import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readdirSync, writeFileSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -64,6 +64,27 @@ test.before(async () => {
   const l = await snapctl(['load', image, '--to', w.path('want.stream')])
   assert.is(l.code, 0, l.stderr)
   want = readFileSync(w.path('want.stream'))
+})
+
+test('create that refuses a stream exits at once while its input pipe stays open and silent', async () => {
+  // As QEMU with a return path does after sending the last bytes: it holds the pipe open and
+  // waits. The reading thread was blocked in read() and the process could not exit (the
+  // migration then waited forever); now it is woken and snapctl exits with its error.
+  const fifo = w.path('silent.fifo')
+  execFileSync('mkfifo', [fifo])
+  const writer = spawn('/bin/sh', ['-c', `{ printf 'QEVMgarbage'; head -c 300000 /dev/zero; sleep 30; } > ${fifo}`], { stdio: 'ignore' })
+  const input = openSync(fifo, 'r')
+  try {
+    const t0 = Date.now()
+    const r = spawnSync(process.execPath, [SNAPCTL_BIN, 'create', w.path('silent.snap')], { stdio: [input, 'pipe', 'pipe'], encoding: 'utf8', timeout: 20_000 })
+    const seconds = (Date.now() - t0) / 1000
+    assert.is(r.signal, null, `snapctl did not exit by itself within 20 s (${r.stderr})`)
+    assert.is(codeOf(r), 'SNAP_STREAM_VERSION', r.stderr)
+    assert.ok(seconds < 10, `exited after ${seconds} s`)
+  } finally {
+    closeSync(input)
+    writer.kill('SIGKILL')
+  }
 })
 
 test('load --to a character device or a FIFO: written in place, no --force, no temporary file', async () => {
