@@ -137,24 +137,35 @@ export interface FrameExtent {
   rawLength: number
 }
 
-/** Where frame `i` is in the payload (the frames' stored lengths add up, in order). */
+/** Every frame of a framed cluster, in payload order (the frames' stored lengths add up, in order). */
+export function frameLayout(h: ClusterHeader, pageSize: number): FrameExtent[] {
+  const out: FrameExtent[] = []
+  for (let i = 0, start = 0; i < h.frames.length / 2; start += h.frames[2 * i], i++) {
+    const pages = Math.min(h.framePages, h.pageCount - i * h.framePages)
+    out.push({ start, end: start + h.frames[2 * i], rawLength: pages * pageSize })
+  }
+  return out
+}
+
+/** Where frame `i` is in the payload. */
 export function frameExtent(h: ClusterHeader, i: number, pageSize: number): FrameExtent {
-  let start = 0
-  for (let k = 0; k < i; k++) start += h.frames[2 * k]
-  const pages = Math.min(h.framePages, h.pageCount - i * h.framePages)
-  return { start, end: start + h.frames[2 * i], rawLength: pages * pageSize }
+  return frameLayout(h, pageSize)[i]
 }
 
 /** A frame is stored raw (its length is its raw length) or as LZ4 with a length prefix (shorter). */
 function checkFrameTable(h: ClusterHeader, pageSize: number, where: ClusterWhere): void {
-  let sum = 0
-  for (let i = 0; i < h.frames.length / 2; i++) {
-    const len = h.frames[2 * i]
-    const raw = Math.min(h.framePages, h.pageCount - i * h.framePages) * pageSize
-    if (len !== raw && (len <= 4 || len > raw)) throw err('SNAP_CORRUPT', where, `frame ${i}'s stored_length ${len} is out of range`)
-    sum += len
-  }
+  const layout = frameLayout(h, pageSize)
+  layout.forEach(({ start, end, rawLength }, i) => {
+    const len = end - start
+    if (len !== rawLength && (len <= 4 || len > rawLength)) throw err('SNAP_CORRUPT', where, `frame ${i}'s stored_length ${len} is out of range`)
+  })
+  const sum = layout.length ? layout[layout.length - 1].end : 0
   if (sum !== h.storedLength) throw err('SNAP_CORRUPT', where, `the frames add up to ${sum} bytes, not stored_length ${h.storedLength}`)
+}
+
+/** An LZ4 frame's length prefix must be its raw length: checked before anything is sized by it. */
+function checkFramePrefix(frame: Buffer, rawLength: number, where: ClusterWhere, i: number): void {
+  if (frame.length !== rawLength && frame.readUInt32LE(0) !== rawLength) throw err('SNAP_CORRUPT', where, `frame ${i}'s LZ4 length prefix is not its raw length`)
 }
 
 /** data_crc of a framed cluster: the CRC-32 of its frame table (each frame has its own crc). */
@@ -236,13 +247,11 @@ export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: Clust
 
 /** Every frame of a checked payload into `into` (raw_length bytes or more). */
 function decodeFrames(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into: Buffer): Buffer {
-  for (let i = 0, at = 0, out = 0; i < h.frames.length / 2; i++) {
-    const len = h.frames[2 * i]
-    const raw = Math.min(h.framePages, h.pageCount - i * h.framePages) * (h.rawLength / h.pageCount)
-    decodeFrameInto(stored.subarray(at, at + len), raw, into.subarray(out), where, i)
-    at += len
-    out += raw
-  }
+  let out = 0
+  frameLayout(h, h.rawLength / h.pageCount).forEach(({ start, end, rawLength }, i) => {
+    decodeFrameInto(stored.subarray(start, end), rawLength, into.subarray(out), where, i)
+    out += rawLength
+  })
   return into.subarray(0, h.rawLength)
 }
 
@@ -251,15 +260,9 @@ function decodeFrames(h: ClusterHeader, stored: Buffer, where: ClusterWhere, int
  * to decode on the other core. Each prefix is checked before lz4-napi sizes its output by it.
  */
 async function decodeFramesAsync(h: ClusterHeader, stored: Buffer, where: ClusterWhere): Promise<Buffer> {
-  const frames: Array<{ frame: Buffer; raw: number }> = []
-  for (let i = 0, at = 0; i < h.frames.length / 2; i++) {
-    const frame = stored.subarray(at, at + h.frames[2 * i])
-    const raw = Math.min(h.framePages, h.pageCount - i * h.framePages) * (h.rawLength / h.pageCount)
-    at += frame.length
-    // Every prefix before any decode starts: a throw here leaves no decode behind.
-    if (frame.length !== raw && frame.readUInt32LE(0) !== raw) throw err('SNAP_CORRUPT', where, `frame ${i}'s LZ4 length prefix is not its raw length`)
-    frames.push({ frame, raw })
-  }
+  const frames = frameLayout(h, h.rawLength / h.pageCount).map(({ start, end, rawLength }) => ({ frame: stored.subarray(start, end), raw: rawLength }))
+  // Every prefix before any decode starts: a throw here leaves no decode behind.
+  frames.forEach(({ frame, raw }, i) => checkFramePrefix(frame, raw, where, i))
   const parts = frames.map(({ frame, raw }, i) =>
     frame.length === raw
       ? frame
@@ -281,7 +284,7 @@ function decodeFrameInto(frame: Buffer, rawLength: number, into: Buffer, where: 
     frame.copy(into, 0)
     return
   }
-  if (frame.readUInt32LE(0) !== rawLength) throw err('SNAP_CORRUPT', where, `frame ${i}'s LZ4 length prefix is not its raw length`)
+  checkFramePrefix(frame, rawLength, where, i)
   try {
     decodeLz4Block(frame, 4, frame.length, into, rawLength)
   } catch (e) {
