@@ -33,6 +33,8 @@ export interface DecodedCluster {
   pages: Uint32Array
   /** the decoded payload: page_count × page_size bytes */
   raw: Buffer
+  /** with clusters({ reuse: 'manual' }): gives `raw` (and the chunk it may lie in) back to the reader; once */
+  release?: () => void
 }
 
 export interface ClusterInfo {
@@ -242,11 +244,14 @@ export class ImageReader {
    * chunk reads still overlap it. readCluster (random access, lazy restore) decodes async.
    * `reuse` (sync decode only): chunks are read into, and clusters decoded into, a few buffers
    * used over and over, so a scan touches no fresh memory; a cluster's `raw` is then valid only
-   * until the caller asks for the next one.
+   * until the caller asks for the next one. `reuse: 'manual'`: valid until the caller calls the
+   * cluster's release() (a socket writer that queues `raw` without copying it); buffers not yet
+   * released are not reused, so the caller bounds how many it holds.
    */
-  async *clusterResults(opts: { readAhead?: number; asyncDecode?: boolean; onRead?: (bytes: number) => void; reuse?: boolean } = {}): AsyncGenerator<ClusterResult> {
+  async *clusterResults(opts: { readAhead?: number; asyncDecode?: boolean; onRead?: (bytes: number) => void; reuse?: boolean | 'manual' } = {}): AsyncGenerator<ClusterResult> {
     const readAhead = Math.max(1, opts.readAhead ?? 4)
-    const reuse = opts.reuse === true && !opts.asyncDecode
+    const reuse = (opts.reuse === true || opts.reuse === 'manual') && !opts.asyncDecode
+    const manual = reuse && opts.reuse === 'manual'
     const n = this.clusterOffsets.length
     type Chunk = { first: number; last: number; start: number; end: number; into?: Buffer; left: number }
     const chunks: Chunk[] = []
@@ -279,6 +284,16 @@ export class ImageReader {
       if (q.into) freeRaws.push(q.into)
       if (--q.chunk.left === 0 && q.chunk.into) freeChunks.push(q.chunk.into)
     }
+    const handOut = async (q: Pending): Promise<ClusterResult> => {
+      const r = await q.result
+      if (!manual || !r.cluster) return r
+      let held = true
+      r.cluster.release = () => {
+        if (held) release(q)
+        held = false
+      }
+      return r
+    }
     for (const c of chunks) {
       let buf: Buffer | null = null
       let readError: SnapError | undefined
@@ -302,20 +317,22 @@ export class ImageReader {
         pending.push({ result: p, chunk: c, into })
         while (pending.length >= readAhead) {
           const q = pending.shift()!
-          yield await q.result
-          release(q)
+          const r = await handOut(q)
+          yield r
+          if (!r.cluster?.release) release(q)
         }
       }
     }
     while (pending.length > 0) {
       const q = pending.shift()!
-      yield await q.result
-      release(q)
+      const r = await handOut(q)
+      yield r
+      if (!r.cluster?.release) release(q)
     }
   }
 
   /** Every cluster in file order; throws the first cluster's error. */
-  async *clusters(opts: { readAhead?: number; asyncDecode?: boolean; reuse?: boolean } = {}): AsyncGenerator<DecodedCluster> {
+  async *clusters(opts: { readAhead?: number; asyncDecode?: boolean; reuse?: boolean | 'manual' } = {}): AsyncGenerator<DecodedCluster> {
     for await (const r of this.clusterResults(opts)) {
       if (r.error) throw r.error
       yield r.cluster!

@@ -11,9 +11,12 @@
 // crashed); the last pairs with the FLUSH in PART, which holds the destination's main thread
 // until every page is in, so the device state is loaded after the RAM. Zero pages go as ZERO
 // records on the main channel: a packet's zero list does not clear pages a destination already
-// holds. Clusters are read ahead and decoded on the libuv pool; each packet (≤128 pages of one
-// block, usually one run of a cluster's raw bytes, sent without a copy) goes to the channel
-// with the least queued.
+// holds. Each packet (≤128 pages of one block, usually one run of a cluster's raw bytes, sent
+// without a copy) goes to the channel with the least queued. Clusters are decoded into a few
+// buffers used over and over (no fresh memory per cluster: with lz4-napi's fresh buffers a 1 GiB
+// restore faulted 215,000 pages and peaked at 260 MiB); a buffer goes back to the reader when
+// the sockets have taken every packet that points into it, and no more than HELD_CLUSTERS are
+// out at once: the image is not decoded faster than the sockets drain.
 
 import type { Socket } from 'node:net'
 import { unlessAborted } from '../abort.js'
@@ -28,8 +31,8 @@ import { SocketSink, channelTimeout, connectWith, unixPath, within } from '../tr
 import { encodeInit, encodePacketHeader } from './packet.js'
 
 const PAGE = TARGET_PAGE_SIZE
-/** Bytes queued on every channel beyond which the sender waits for one to drain. */
-const CHANNEL_QUEUE = 4 << 20
+/** Decoded clusters whose packets may be queued on the sockets at once (each one cluster of RAM). */
+const HELD_CLUSTERS = 8
 
 export interface ConnectOptions {
   /** read the image with O_DIRECT (container/direct-io.ts) */
@@ -124,6 +127,9 @@ class Sender {
   private pages = 0
   private clusters = 0
   private packets = 0
+  /** clusters whose buffers are still referenced by queued writes */
+  private held = 0
+  private onRelease: (() => void) | null = null
 
   constructor(
     private readonly reader: RestoreImage,
@@ -135,6 +141,8 @@ class Sender {
     this.id = reader.device.ramSectionId
     this.multifd = chans.length > 0
     this.rec = new PageRecordWriter(reader.blocks)
+    // A connection that closes wakes a wait for buffers: the loop then throws its error.
+    for (const c of [main, ...chans]) c.socket.once('close', () => this.onRelease?.())
   }
 
   async run(): Promise<Omit<ConnectResult, 'channels' | 'seconds'>> {
@@ -185,30 +193,59 @@ class Sender {
 
   private async pushClusters(storedPages: number): Promise<void> {
     const { reader, chans, main } = this
-    for await (const cluster of reader.clusters({ readAhead: 2 * chans.length + 2, asyncDecode: true })) {
+    for await (const cluster of reader.clusters({ readAhead: 2, reuse: 'manual' })) {
       const slots = reader.locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
-      if (slots.length === 0) continue
+      if (slots.length === 0) {
+        cluster.release?.()
+        continue
+      }
       this.clusters++
       const list = cluster.pages
+      // Every write into `raw` holds it; the last one written gives it back (one more hold for
+      // the loop, so that a write done at once does not release it early).
+      let holds = 1
+      this.held++
+      const done = (): void => {
+        if (--holds > 0) return
+        cluster.release?.()
+        this.held--
+        this.onRelease?.()
+      }
       // Runs of one block, at most a packet's worth.
       for (let i = 0; i < slots.length; ) {
         const block = list[2 * slots[i]]
         let j = i + 1
         while (j < slots.length && j - i < MULTIFD_PAGE_COUNT && list[2 * slots[j]] === block) j++
-        await this.emit(block, list, cluster.raw, slots.slice(i, j))
+        holds++
+        this.emit(block, list, cluster.raw, slots.slice(i, j), done)
         i = j
       }
+      done()
+      if (this.held >= HELD_CLUSTERS) await this.released()
       this.pages += slots.length
       for (const c of [main, ...chans]) if (c.socket.destroyed) await c.flush() // throws the peer's error at once
       this.opts.onProgress?.(this.pages * PAGE, storedPages * PAGE)
     }
   }
 
-  /** A run of pages of one block: PAGE records on main without channels, else one packet on the least busy channel. */
-  private async emit(block: number, list: Uint32Array, raw: Buffer, slots: number[]): Promise<void> {
+  /** Until some cluster's buffer comes back; bounded, as every wait on the destination is. */
+  private async released(): Promise<void> {
+    const back = new Promise<void>((resolve) => (this.onRelease = resolve))
+    await within(back, this.timeoutMs, 'the destination read nothing', () => {
+      for (const c of [this.main, ...this.chans]) c.socket.destroy()
+    })
+    this.onRelease = null
+  }
+
+  /**
+   * A run of pages of one block: PAGE records on main without channels, else one packet on the
+   * least busy channel. `written` is called once the socket has taken the pages (or failed).
+   */
+  private emit(block: number, list: Uint32Array, raw: Buffer, slots: number[], written: () => void): void {
     if (!this.multifd) {
       for (const s of slots) this.rec.page(block, list[2 * s + 1], raw.subarray(s * PAGE, (s + 1) * PAGE))
       this.pushMain(this.rec.take())
+      written() // the records hold copies
       return
     }
     const name = this.reader.blocks[block].name
@@ -221,9 +258,13 @@ class Sender {
     let best = this.chans[0]
     for (const c of this.chans) if (c.socket.writableLength < best.socket.writableLength) best = c
     void best.write(header).catch(() => {})
-    const written = best.write(payload)
-    written.catch(() => {}) // what fails is thrown by the next flush
-    if (best.socket.writableLength > CHANNEL_QUEUE) await written
+    if (!contiguous) written() // the pages were copied
+    let once = contiguous
+    const took = (): void => {
+      if (once) written()
+      once = false
+    }
+    void best.write(payload, took).catch(took) // what fails is thrown by the next flush
   }
 
   /** The rest of main: END, the device state; then half-close and wait for the destination to close. */
