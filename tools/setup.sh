@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine for snapctl: QEMU >= 9 (from bookworm-backports when the
 # installed one is older), the guest toolchain (gcc with 32-bit support), UEFI firmware (ovmf),
+# liblz4's headers (native/lz4),
 # then `npm ci`, the build and the Linux test guest (tools/linux-guest/build.sh).
 # Idempotent: every step checks first. Run as root (or with sudo available).
 set -euo pipefail
@@ -26,6 +27,7 @@ command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ -e /usr/lib32/crt1.o ] || need_pkgs+=(gcc-multilib)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)   # UEFI firmware for the compatibility matrix
 command -v fincore >/dev/null 2>&1 || need_pkgs+=(util-linux-extra)   # page-cache residency for --bypass-cache (test and bench)
+[ -e /usr/include/lz4.h ] || need_pkgs+=(liblz4-dev)   # native/lz4, the LZ4 addon that decodes into snapctl's own buffers (built by npm ci)
 
 if [ "${need_qemu:-0}" = 1 ] || [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing system packages" >&2

@@ -1,13 +1,13 @@
-// The LZ4 block decoder that writes into a reused buffer (src/container/lz4-block.ts): every
-// kind of block lz4-napi writes decodes byte for byte as lz4-napi decodes it, into a buffer
-// with old bytes in it, and lying blocks throw Lz4Error (SNAP_CORRUPT through cluster.ts)
-// without writing past raw_length.
+// The LZ4 block decoders that write into a reused buffer (src/container/lz4-block.ts: liblz4
+// through native/lz4, and the JavaScript one used without it): every kind of block lz4-napi
+// writes decodes byte for byte as lz4-napi decodes it, into a buffer with old bytes in it, and
+// lying blocks throw Lz4Error (SNAP_CORRUPT through cluster.ts) without writing past raw_length.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { crc32 } from 'node:zlib'
 import { randomBytes } from 'node:crypto'
 import lz4 from 'lz4-napi'
-import { Lz4Error, decodeLz4Block } from '../../src/container/lz4-block.js'
+import { Lz4Error, decodeLz4Block, decodeLz4BlockJs, lz4Decoder, nativeLz4 } from '../../src/container/lz4-block.js'
 import { CODEC_LZ4, decodePayloadSync, type ClusterHeader } from '../../src/container/cluster.js'
 import type { SnapError } from '../../src/errors.js'
 
@@ -18,23 +18,24 @@ function samples(): Buffer[] {
   return [Buffer.alloc(65536), randomBytes(65536), text, period(1), period(2), period(7), period(100), period(5000), mixed, Buffer.from('a'), Buffer.alloc(0)]
 }
 
-test('decodes what lz4-napi compresses, into a dirty reused buffer', () => {
+for (const [name, decode] of [['liblz4', decodeLz4Block], ['javascript', decodeLz4BlockJs]] as const) {
+test(`${name}: decodes what lz4-napi compresses, into a dirty reused buffer`, () => {
   const out = Buffer.alloc(1 << 17, 0xaa)
   for (const raw of samples()) {
     const c = lz4.compressSync(raw)
     assert.is(c.readUInt32LE(0), raw.length)
     out.fill(0xaa)
-    assert.is(decodeLz4Block(c, 4, c.length, out, raw.length), raw.length)
+    assert.is(decode(c, 4, c.length, out, raw.length), raw.length)
     assert.ok(out.subarray(0, raw.length).equals(raw))
     assert.is(out[raw.length], 0xaa, 'nothing written past raw_length')
   }
 })
 
-test('a block that lies throws Lz4Error', () => {
+test(`${name}: a block that lies throws Lz4Error`, () => {
   const raw = samples()[8]
   const c = lz4.compressSync(raw)
   const out = Buffer.alloc(raw.length + 4096)
-  const throws = (src: Buffer, n = raw.length) => assert.throws(() => decodeLz4Block(src, 4, src.length, out, n), (e: unknown) => e instanceof Lz4Error)
+  const throws = (src: Buffer, n = raw.length) => assert.throws(() => decode(src, 4, src.length, out, n), (e: unknown) => e instanceof Lz4Error)
   throws(c.subarray(0, c.length - 1)) // cut short
   throws(c, raw.length - 1) // raw_length too small
   throws(c, raw.length + 1) // raw_length too large
@@ -45,11 +46,40 @@ test('a block that lies throws Lz4Error', () => {
     const bad = Buffer.from(c)
     bad[4 + ((i * 7919) % (c.length - 4))] ^= 1 << (i % 8)
     try {
-      decodeLz4Block(bad, 4, bad.length, out, raw.length)
+      decode(bad, 4, bad.length, out, raw.length)
     } catch (e) {
       assert.ok(e instanceof Lz4Error)
     }
   }
+})
+}
+
+test('the addon is built and decodeLz4Block uses it (run `npm ci` if not)', () => {
+  assert.ok(nativeLz4(), 'native/lz4 is not built: `npm ci` (tools/setup.sh) builds it')
+  assert.match(lz4Decoder(), /^liblz4 1\.\d+\.\d+$/)
+})
+
+test('liblz4 and the JavaScript decoder agree on damaged blocks: what liblz4 accepts, the JavaScript one decodes the same', () => {
+  const raw = Buffer.concat(samples().slice(1, 9)).subarray(0, 131072)
+  const c = lz4.compressSync(raw)
+  const a = Buffer.alloc(raw.length)
+  const b = Buffer.alloc(raw.length)
+  let accepted = 0
+  for (let i = 0; i < 3000; i++) {
+    const bad = Buffer.from(c)
+    for (let k = 0; k <= i % 3; k++) bad[4 + ((i * 7919 + k * 104729) % (c.length - 4))] ^= 1 << ((i + k) % 8)
+    let n = -1
+    try {
+      n = decodeLz4Block(bad, 4, bad.length, a, raw.length)
+    } catch (e) {
+      assert.ok(e instanceof Lz4Error)
+      continue
+    }
+    accepted++
+    assert.is(decodeLz4BlockJs(bad, 4, bad.length, b, raw.length), n)
+    assert.ok(a.equals(b), `case ${i}: the decoders differ`)
+  }
+  assert.ok(accepted > 0, 'some damage leaves a valid block (literal bytes): both decode it alike')
 })
 
 test('decodePayloadSync into a buffer: the same bytes as without, SNAP_CORRUPT for a bad block', () => {

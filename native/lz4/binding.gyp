@@ -1,0 +1,10 @@
+{
+  "targets": [
+    {
+      "target_name": "snapctl_lz4",
+      "sources": ["snapctl_lz4.c"],
+      "libraries": ["-llz4"],
+      "cflags": ["-O2", "-Wall", "-Wextra"]
+    }
+  ]
+}
