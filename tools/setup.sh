@@ -24,6 +24,9 @@ need_pkgs=()
 [ "$(qemu_major)" -ge 9 ] || need_qemu=1
 command -v qemu-img >/dev/null 2>&1 || need_qemu=1   # qcow2 disks for the compatibility matrix
 command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+command -v g++ >/dev/null 2>&1 || need_pkgs+=(g++)          # node-gyp links native/lz4 with the C++ driver
+command -v make >/dev/null 2>&1 || need_pkgs+=(make)        # node-gyp's build
+command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)  # node-gyp's gyp
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ -e /usr/lib32/crt1.o ] || need_pkgs+=(gcc-multilib)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)   # UEFI firmware for the compatibility matrix
 command -v fincore >/dev/null 2>&1 || need_pkgs+=(util-linux-extra)   # page-cache residency for --bypass-cache (test and bench)
@@ -55,6 +58,13 @@ echo "setup: $(qemu-system-x86_64 --version | head -1)" >&2
 bash tools/rgw/rgw.sh install >&2   # Ceph's RADOS Gateway (ceph-mon, ceph-osd, radosgw): the S3 server of the object-storage tests
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  # node-gyp (native/lz4) downloads Node's headers from nodejs.org unless it is told where they
+  # are: use the ones installed with Node (nodesource's packages and the official tarballs have
+  # them), so that npm ci works with no network but the npm registry.
+  node_prefix=$(dirname "$(dirname "$(readlink -f "$(command -v node)")")")
+  if [ -z "${npm_config_nodedir:-}" ] && [ -e "$node_prefix/include/node/common.gypi" ]; then
+    export npm_config_nodedir="$node_prefix"
+  fi
   npm ci --no-audit --no-fund >&2
 fi
 npm run --silent build >&2
