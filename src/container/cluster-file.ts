@@ -73,6 +73,8 @@ export class ClusterFile {
   private closed = false
   /** told of every buffer that leaves the cache, so that the writer can reuse it */
   onEvict: ((raw: Buffer) => void) | null = null
+  /** told of every stored payload once it is written, so that the writer can reuse its buffer */
+  onStoredWritten: ((stored: Buffer) => void) | null = null
   /** with bypassCache: the O_DIRECT handle and its aligned slots, or null (refused, or not asked) */
   private direct: { fh: FileHandle; pool: AlignedPool } | null = null
   /** why bypassCache could not be honoured, for the caller to print */
@@ -177,7 +179,10 @@ export class ClusterFile {
         this.codecs[seq] = s.codec
         this.frameCounts[seq] = frames.length / 2
         const w = this.write(pad && !this.direct ? [header, s.stored, ZEROS.subarray(0, pad)] : [header, s.stored], offset).then(
-          () => this.written(seq),
+          () => {
+            this.onStoredWritten?.(s.stored)
+            this.written(seq)
+          },
           (e) => this.fail(e),
         )
         this.writes.add(w)

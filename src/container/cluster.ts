@@ -6,7 +6,7 @@ import type Lz4Napi from 'lz4-napi'
 import { Reader, Writer, roundUp } from '../bytes.js'
 import { SnapError, type ErrorCode } from '../errors.js'
 import { ALIGN } from './header.js'
-import { Lz4Error, decodeLz4Block } from './lz4-block.js'
+import { Lz4Error, compressLz4Into, decodeLz4Block } from './lz4-block.js'
 
 // lz4-napi (a native addon, ~20 ms of CPU to load) on first use, not at import: a lazy restore
 // sends the device state before it decodes any cluster, and the VM can run sooner by that much.
@@ -306,25 +306,30 @@ export function decodeFrameSync(h: ClusterHeader, i: number, frame: Buffer, wher
 }
 
 /**
- * Compress raw pages as frames of `framePages` pages (codec 1, flags bit 0). Null when the whole
- * would not save one eighth of raw_length: the cluster is then stored raw.
+ * Compress raw pages as frames of `framePages` pages (codec 1, flags bit 0) into `out` (at least
+ * raw.length bytes: no frame is stored longer than its pages), each frame's crc taken there.
+ * Null when the whole would not save one eighth of raw_length: the cluster is then stored raw.
  */
-export function encodeFrames(raw: Buffer, pageSize: number, framePages: number, compress: (b: Buffer) => Buffer): { stored: Buffer; frames: Uint32Array } | null {
+export function encodeFrames(raw: Buffer, pageSize: number, framePages: number, out: Buffer): { stored: Buffer; frames: Uint32Array } | null {
+  if (out.length < raw.length) throw new RangeError('encodeFrames: out is shorter than the raw pages')
   const size = framePages * pageSize
   const n = Math.ceil(raw.length / size)
-  const parts: Buffer[] = new Array(n)
   const frames = new Uint32Array(2 * n)
-  let total = 0
+  let at = 0
   for (let i = 0; i < n; i++) {
     const part = raw.subarray(i * size, Math.min(raw.length, (i + 1) * size))
-    const c = compress(part)
-    parts[i] = c.length < part.length ? c : part
-    frames[2 * i] = parts[i].length
-    frames[2 * i + 1] = crc32(parts[i])
-    total += parts[i].length
+    // LZ4 only when shorter than the pages, else the pages as they are.
+    let len = compressLz4Into(part, out.subarray(at, at + part.length - 1))
+    if (len === 0) {
+      part.copy(out, at)
+      len = part.length
+    }
+    frames[2 * i] = len
+    frames[2 * i + 1] = crc32(out.subarray(at, at + len))
+    at += len
   }
-  if (total > maxLz4Stored(raw.length) - 4) return null
-  return { stored: Buffer.concat(parts, total), frames }
+  if (at > maxLz4Stored(raw.length) - 4) return null
+  return { stored: out.subarray(0, at), frames }
 }
 
 /**

@@ -30,6 +30,29 @@ export function nativeLz4(): NativeLz4 | null {
   return native
 }
 
+// lz4-napi for a checkout without the addon: loaded only then.
+let napi: { compressSync(b: Uint8Array): Buffer } | undefined
+
+/**
+ * Compress `src` as codec 1 writes it (a u32 LE raw length, then one LZ4 block) into `dst`;
+ * returns the bytes written, or 0 when that does not fit in dst (the caller stores src raw).
+ */
+export function compressLz4Into(src: Uint8Array, dst: Uint8Array): number {
+  if (dst.length <= 4) return 0
+  const lib = nativeLz4()
+  if (!lib) {
+    napi ??= createRequire(import.meta.url)('lz4-napi') as { compressSync(b: Uint8Array): Buffer }
+    const c = napi.compressSync(src)
+    if (c.length > dst.length) return 0
+    dst.set(c)
+    return c.length
+  }
+  const n = lib.compressBlock(src, dst.subarray(4))
+  if (n === 0) return 0
+  new DataView(dst.buffer, dst.byteOffset, 4).setUint32(0, src.length, true)
+  return n + 4
+}
+
 /** Which decoder decodeLz4Block uses: `liblz4 1.9.4`, or `javascript` without the addon. */
 export function lz4Decoder(): string {
   const n = nativeLz4()

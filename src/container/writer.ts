@@ -5,7 +5,6 @@ import { randomBytes } from 'node:crypto'
 import { lstat, unlink } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
 import { crc32 } from 'node:zlib'
-import lz4 from 'lz4-napi'
 import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import { renameIntoPlace } from '../paths.js'
@@ -155,6 +154,9 @@ export class ImageWriter {
    */
   private readonly spare: Buffer[] = []
   private readonly ours = new WeakSet<ArrayBufferLike>()
+  /** the same for the buffers clusters are compressed into, free again once written */
+  private readonly spareStored: Buffer[] = []
+  private readonly oursStored = new WeakSet<ArrayBufferLike>()
 
   private constructor(
     readonly path: string,
@@ -169,7 +171,7 @@ export class ImageWriter {
     private readonly sink: ImageSink | null = null,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
-    this.file.onEvict = (b) => this.recycle(b)
+    this.watch(this.file)
     if (sink) this.file.onWritten = (end) => sink.progress(end)
     this.buf = this.newBuffer()
     this.pages = new Uint32Array(2 * this.ppc)
@@ -333,23 +335,38 @@ export class ImageWriter {
     if (n === 0) return
     const raw = this.buf.subarray(0, n * PAGE_SIZE)
     const pages = this.pages.slice(0, 2 * n)
-    // Compressed here, on the main thread, not on the libuv pool: lz4-napi's async call copies
-    // the input first and allocates its output on a pool thread's mimalloc heap, which either
-    // holds ~250 MiB more (pages kept) or faults every page back in (pages returned at once,
-    // MIMALLOC_PURGE_DELAY=0). Measured, 1 GiB stream, --from FILE, medians of 3: pool 2.41
-    // CPU-s and 307,000 faults, here 1.81 CPU-s and 60,000 faults, 157 MiB peak; the main
-    // thread's one heap reuses the freed outputs (bin/run.js keeps mimalloc's purge delay for create).
+    // Compressed here, on the main thread, into a buffer reused once written (native/lz4 through
+    // lz4-block.ts). lz4-napi's compressSync allocated each output (and on the libuv pool its async
+    // call copied the input first): 1 GiB stream, --from FILE, 1.9 CPU-s against 1.2 here.
     // In frames of 128 KiB, each decodable alone: a page request reads and decodes one frame, not
     // the megabyte around it (format-spec/container.md, "Frames").
     let stored: Promise<Stored> = Promise.resolve({ codec: CODEC_NONE, stored: raw })
     if (this.lz4) {
       const framePages = Math.min(DEFAULT_FRAME_PAGES, this.ppc) // a frame is at most a cluster
-      const f = encodeFrames(raw, PAGE_SIZE, framePages, lz4.compressSync)
+      const out = this.spareStored.pop() ?? this.newStoredBuffer()
+      const f = encodeFrames(raw, PAGE_SIZE, framePages, out)
       if (f) stored = Promise.resolve({ codec: CODEC_LZ4, stored: f.stored, framePages, frames: f.frames })
+      else this.spareStored.push(out)
     }
     this.file.enqueue(this.seq++, pages, n, raw, stored)
     this.buf = this.newBuffer()
     this.count = 0
+  }
+
+  private newStoredBuffer(): Buffer {
+    const b = Buffer.allocUnsafeSlow(this.clusterSize)
+    this.oursStored.add(b.buffer)
+    return b
+  }
+
+  /** Buffers come back from `file` for reuse: raw pages out of its cache, payloads once written. */
+  private watch(file: ClusterFile): void {
+    file.onEvict = (b) => this.recycle(b)
+    file.onStoredWritten = (b) => {
+      if (b.byteOffset === 0 && this.oursStored.has(b.buffer) && this.spareStored.length < MAX_INFLIGHT + 2) {
+        this.spareStored.push(Buffer.from(b.buffer, 0, this.clusterSize))
+      }
+    }
   }
 
   private newBuffer(): Buffer {
@@ -394,7 +411,7 @@ export class ImageWriter {
     copyZeros(oldMap, map)
     this.old = old
     this.file = await ClusterFile.create(`${this.partialPath}.compact`, old.lim, this.fileOpts)
-    this.file.onEvict = (b) => this.recycle(b)
+    this.watch(this.file)
     if (this.sink) {
       const sink = this.sink
       await sink.restart(this.file.path)

@@ -7,7 +7,7 @@ import * as assert from 'uvu/assert'
 import { crc32 } from 'node:zlib'
 import { randomBytes } from 'node:crypto'
 import lz4 from 'lz4-napi'
-import { Lz4Error, decodeLz4Block, decodeLz4BlockJs, lz4Decoder, nativeLz4 } from '../../src/container/lz4-block.js'
+import { Lz4Error, compressLz4Into, decodeLz4Block, decodeLz4BlockJs, lz4Decoder, nativeLz4 } from '../../src/container/lz4-block.js'
 import { CODEC_LZ4, decodePayloadSync, type ClusterHeader } from '../../src/container/cluster.js'
 import type { SnapError } from '../../src/errors.js'
 
@@ -57,6 +57,21 @@ test(`${name}: a block that lies throws Lz4Error`, () => {
 test('the addon is built and decodeLz4Block uses it (run `npm ci` if not)', () => {
   assert.ok(nativeLz4(), 'native/lz4 is not built: `npm ci` (tools/setup.sh) builds it')
   assert.match(lz4Decoder(), /^liblz4 1\.\d+\.\d+$/)
+})
+
+test('compressLz4Into writes codec 1 (length prefix, block) that lz4-napi decodes; 0 when it does not fit', () => {
+  const out = Buffer.alloc(1 << 17)
+  for (const raw of samples().filter((b) => b.length > 0)) {
+    out.fill(0xee)
+    const n = compressLz4Into(raw, out)
+    assert.ok(n > 4)
+    assert.is(out.readUInt32LE(0), raw.length)
+    assert.ok(lz4.uncompressSync(out.subarray(0, n)).equals(raw))
+    assert.is(out[n], 0xee, 'nothing written past what it returns')
+    assert.is(compressLz4Into(raw, out.subarray(0, 4)), 0)
+  }
+  const random = randomBytes(65536)
+  assert.is(compressLz4Into(random, out.subarray(0, random.length - 1)), 0, 'random bytes do not fit in less than their length')
 })
 
 test('liblz4 and the JavaScript decoder agree on damaged blocks: what liblz4 accepts, the JavaScript one decodes the same', () => {
