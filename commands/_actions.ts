@@ -13,7 +13,7 @@ import { streamReport } from '../src/report.js'
 import { formatBytes } from './_format.js'
 import { progressReporter } from './_progress.js'
 import { printJson } from './_run-command.js'
-import { applyCacheFlags, parseSize } from './_size.js'
+import { applyCacheFlags, parseDuration, parseSize } from './_size.js'
 import type { ParsedFlags } from './_spec.js'
 
 export async function runCreate(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
@@ -67,6 +67,7 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
   if (flags.postcopy && connect === undefined && isatty(0)) {
     throw new SnapError('SNAP_NO_DESTINATION', 'standard input is a terminal, not a destination QEMU: load --postcopy reads the return path there; run it from the destination (migrate_incoming "exec:snapctl load --postcopy IMAGE")')
   }
+  if (flags['record-window'] !== undefined && !flags.record) throw new SnapError('SNAP_USAGE', '--record-window goes with --record: it holds the push back while the guest\'s requests are recorded')
   const statsPath = flags.stats as string | undefined
   if (statsPath !== undefined) await checkWritableFile(statsPath, '--stats')
   applyCacheFlags(flags)
@@ -83,7 +84,8 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     // Nothing to undo: it writes to QEMU only.
     if (flags.channels !== undefined) throw new SnapError('SNAP_USAGE', '--channels cannot go with --postcopy: QEMU 10.0 does not do postcopy with multifd')
-    stats = await unlessAborted(signal, loadPostcopy(image, { bypassCache: flags['bypass-cache'] === true, log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true }))
+    stats = await unlessAborted(signal, loadPostcopy(image, { bypassCache: flags['bypass-cache'] === true, log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true,
+      recordWindowMs: flags['record-window'] === undefined ? undefined : parseDuration(String(flags['record-window']), '--record-window') }))
   } else if (flags.recover) {
     throw new SnapError('SNAP_USAGE', '--recover goes with --postcopy: it continues a lazy restore')
   } else if (connect !== undefined) {

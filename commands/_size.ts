@@ -11,6 +11,13 @@ export function parseSize(text: string, what: string): number {
   return Number(m[1]) * unit
 }
 
+/** 5s, 1500ms, 2.5 (seconds) -> milliseconds. */
+export function parseDuration(text: string, what: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*(ms|s)?$/i.exec(text.trim())
+  if (!m) throw new SnapError('SNAP_USAGE', `${what}: "${text}" is not a duration (e.g. 5s, 1500ms)`)
+  return Math.round(Number(m[1]) * (m[2]?.toLowerCase() === 'ms' ? 1 : 1000))
+}
+
 /** `mem=2M,mem1=1G` -> { mem: 2097152, mem1: 1073741824 } (load --host-page-size). */
 export function parseHostPageSizes(text: string | undefined): Record<string, number> {
   const out: Record<string, number> = {}

@@ -64,6 +64,12 @@ export interface PostcopyOptions {
    */
   record?: boolean
   /**
+   * With record: for this long after the VM can run, only the pages the guest asks for are sent
+   * (no background push), so that each page it touches is asked for and recorded
+   * (default RECORD_WINDOW_MS; 0: push at once, recording only what the push had not brought).
+   */
+  recordWindowMs?: number
+  /**
    * Continue a lazy restore that stopped midway: the destination is postcopy-paused and was told
    * `migrate-recover URI` (restore --lazy --recover does both). Sends only what it lacks.
    */
@@ -78,6 +84,9 @@ function pushRate(): number | undefined {
   const v = Number(process.env.SNAPCTL_POSTCOPY_PUSH_RATE)
   return Number.isFinite(v) && v > 0 ? v : undefined
 }
+
+/** --record-window's default: long enough for the Linux test guest to touch what it works on (README, "working set") */
+export const RECORD_WINDOW_MS = 5000
 
 function defaultTimeout(): number {
   const env = Number(process.env.SNAPCTL_RETURN_PATH_TIMEOUT_MS)
@@ -117,6 +126,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
       log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,
       workingSet: ws?.pages ?? null, record: opts.record, recover: opts.recover, pushRate: pushRate(),
+      recordWindowMs: opts.recordWindowMs ?? RECORD_WINDOW_MS,
     })
     const stats = await session.run(started, async () => (await loadRefresh())(topOf(reader), opts.log))
     await out.finish()

@@ -42,6 +42,8 @@ export interface RestoreOptions {
   paused?: boolean
   /** with lazy: record the guest's page requests and store them in the image as its working set */
   record?: boolean
+  /** with record: load --record-window (a duration as load takes it, e.g. 5s) */
+  recordWindow?: string
   /** with lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused) */
   recover?: boolean
   /** the load reads the image with O_DIRECT, around the host's page cache (`load --bypass-cache`) */
@@ -238,6 +240,7 @@ class Restore {
     if (this.opts.record) {
       if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
       args.push('--record')
+      if (this.opts.recordWindow !== undefined) args.push('--record-window', this.opts.recordWindow)
     }
     if (n) {
       // The destination listens; its multifd channels check our uuid against its own.

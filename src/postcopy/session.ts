@@ -40,6 +40,12 @@ export interface SessionOptions {
   /** record the pages the guest asks for, in order, until the push has finished (recorded()) */
   record?: boolean
   /**
+   * With record: for this long after the device state is out, no background push; only the
+   * pages asked for go out (not the rest of their clusters), so that every page the guest
+   * touches in that time is asked for, and recorded. Then the push, as without it.
+   */
+  recordWindowMs?: number
+  /**
    * Continue a lazy restore the destination paused (postcopy-paused, then migrate-recover):
    * no setup; the received bitmaps, POSTCOPY_RESUME, then every page it does not have.
    */
@@ -121,6 +127,8 @@ export class Session {
   private requestsAlreadySent = 0
   private pagesServedOnRequest = 0
   private prefetchedPages = 0
+  /** ends the record window early (a failure) */
+  private endWindow: (() => void) | null = null
   private prefetchedTouched = 0
   private workingSetPages = 0
   private bytesPushed = 0
@@ -188,6 +196,7 @@ export class Session {
       (m) => this.onMessage(m),
       (err) => this.fail(err ?? new SnapError('SNAP_RETURN_PATH', 'the return path closed before every page was sent: the destination QEMU stopped')),
     )
+    if (this.opts.record && this.opts.recordWindowMs) await this.recordWindow(this.opts.recordWindowMs)
     await this.pushEverything()
     await this.requestChain
     this.check()
@@ -272,6 +281,7 @@ export class Session {
 
   private fail(err: unknown): void {
     this.failure ??= err
+    this.endWindow?.()
     this.wakeProducer?.()
     this.rp.wake()
   }
@@ -314,6 +324,17 @@ export class Session {
       }
       this.check()
     }
+  }
+
+  /** --record-window: no push for `ms` (answers to requests go out meanwhile), or until a failure. */
+  private async recordWindow(ms: number): Promise<void> {
+    this.opts.log?.(`postcopy: recording: only requested pages for ${ms} ms, then the rest`)
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, ms)
+      this.endWindow = () => (clearTimeout(timer), resolve())
+    })
+    this.endWindow = null
+    this.check()
   }
 
   /**

@@ -5,6 +5,7 @@ import * as assert from 'uvu/assert'
 import { parseCommandLine } from '../../commands/_argv.js'
 import { formatBytes, formatRate } from '../../commands/_format.js'
 import { progressReporter } from '../../commands/_progress.js'
+import { parseDuration } from '../../commands/_size.js'
 import { CREATE, LOAD } from '../../commands/_spec.js'
 import { SnapError } from '../../src/errors.js'
 
@@ -84,6 +85,18 @@ test('progress: lines (no \\r) off a terminal, a \\r bar on one; always a final 
   bar.finish(100, 100)
   assert.ok(text.startsWith('\rverify: 50% of 100 bytes'), JSON.stringify(text))
   assert.ok(text.endsWith('\n') && text.split('\n').length === 2, JSON.stringify(text))
+})
+
+test('--record-window durations: 5s, 1500ms, 2.5 (seconds), 0; anything else is SNAP_USAGE', () => {
+  assert.equal(['5s', '1500ms', '2.5', '0', ' 7S '].map((d) => parseDuration(d, '--record-window')), [5000, 1500, 2500, 0, 7000])
+  for (const bad of ['', 's', '-1s', '5m', '1e3', '5 sec']) {
+    try {
+      parseDuration(bad, '--record-window')
+      assert.unreachable(bad)
+    } catch (e) {
+      assert.is((e as SnapError).code, 'SNAP_USAGE', bad)
+    }
+  }
 })
 
 test.run()
