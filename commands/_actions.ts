@@ -68,6 +68,7 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     throw new SnapError('SNAP_NO_DESTINATION', 'standard input is a terminal, not a destination QEMU: load --postcopy reads the return path there; run it from the destination (migrate_incoming "exec:snapctl load --postcopy IMAGE")')
   }
   if (flags['record-window'] !== undefined && !flags.record) throw new SnapError('SNAP_USAGE', '--record-window goes with --record: it holds the push back while the guest\'s requests are recorded')
+  if (flags['precopy-max'] !== undefined && !flags.postcopy) throw new SnapError('SNAP_USAGE', '--precopy-max goes with --postcopy: it bounds the working set sent before the VM can run')
   const statsPath = flags.stats as string | undefined
   if (statsPath !== undefined) await checkWritableFile(statsPath, '--stats')
   applyCacheFlags(flags)
@@ -85,7 +86,8 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     // Nothing to undo: it writes to QEMU only.
     if (flags.channels !== undefined) throw new SnapError('SNAP_USAGE', '--channels cannot go with --postcopy: QEMU 10.0 does not do postcopy with multifd')
     stats = await unlessAborted(signal, loadPostcopy(image, { bypassCache: flags['bypass-cache'] === true, log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true,
-      recordWindowMs: flags['record-window'] === undefined ? undefined : parseDuration(String(flags['record-window']), '--record-window') }))
+      recordWindowMs: flags['record-window'] === undefined ? undefined : parseDuration(String(flags['record-window']), '--record-window'),
+      precopyMax: flags['precopy-max'] === undefined ? undefined : parseSize(String(flags['precopy-max']), '--precopy-max') }))
   } else if (flags.recover) {
     throw new SnapError('SNAP_USAGE', '--recover goes with --postcopy: it continues a lazy restore')
   } else if (connect !== undefined) {

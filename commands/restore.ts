@@ -26,6 +26,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
     lazy: Flags.boolean({ description: 'postcopy: the VM runs at once, pages come on demand' }),
     record: Flags.boolean({ dependsOn: ['lazy'], description: 'with --lazy: record the order in which the guest asks for pages and store it in the image as its working set; the next lazy restore pushes those pages first' }),
     'record-window': Flags.string({ dependsOn: ['record'], description: 'with --record: for this long after the VM can run, send only the pages the guest asks for (no background push), so that every page it touches is asked for and recorded; then the rest (e.g. 5s, 1500ms; default 5s; 0: push at once)' }),
+    'precopy-max': Flags.string({ dependsOn: ['lazy'], description: 'with --lazy and an image with a working set: send at most this much of it before the VM can run (in RAM when the guest first touches it), the rest first after (default 128M; 0: all of it after)' }),
     recover: Flags.boolean({ dependsOn: ['lazy'], exclusive: ['record'], description: 'with --lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused): migrate-recover, then only the pages the destination does not have' }),
     paused: Flags.boolean({ description: 'leave the VM paused once restored' }),
     'bypass-cache': Flags.boolean({ description: 'read the image with direct I/O (O_DIRECT), so that the restore neither fills nor evicts the host\'s page cache (as virsh restore --bypass-cache; passed on to load)' }),
@@ -40,7 +41,7 @@ Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, swit
       const { args, flags } = await this.parse(Restore)
       applyCacheFlags(flags)
       const view = progressView('restore', flags.quiet)
-      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, recover: flags.recover, recordWindow: flags['record-window'], paused: flags.paused, bypassCache: flags['bypass-cache'], channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
+      const r = await restoreVm(args.image, { qmp: flags.qmp, lazy: flags.lazy, record: flags.record, recover: flags.recover, recordWindow: flags['record-window'], precopyMax: flags['precopy-max'], paused: flags.paused, bypassCache: flags['bypass-cache'], channels: flags.channels, signal, onProgress: view.update, log: view.note }).finally(view.end)
       if (flags.json) return printJson(r)
       const lazy = r.runnableSeconds === null ? '' : `; the VM could run${r.recovered ? ' again' : ''} after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for${r.recovered ? ` (it had ${r.pagesReceivedBefore ?? 0} already)` : ''}`
       process.stderr.write(`snapctl: restored ${r.image}: ${r.pages} pages (${r.zeroPages} zero), ${mib(r.bytesOut)} sent, all in after ${r.seconds.toFixed(2)} s${lazy}; the VM is ${r.vm}\n`)

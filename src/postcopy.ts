@@ -70,6 +70,11 @@ export interface PostcopyOptions {
    */
   recordWindowMs?: number
   /**
+   * Bytes of the image's working set sent before the device state, as precopy RAM pages (in RAM
+   * before the VM can run); the rest of it first after (default PRECOPY_MAX; 0: all after).
+   */
+  precopyMax?: number
+  /**
    * Continue a lazy restore that stopped midway: the destination is postcopy-paused and was told
    * `migrate-recover URI` (restore --lazy --recover does both). Sends only what it lacks.
    */
@@ -87,6 +92,8 @@ function pushRate(): number | undefined {
 
 /** --record-window's default: long enough for the Linux test guest to touch what it works on (README, "working set") */
 export const RECORD_WINDOW_MS = 5000
+/** --precopy-max's default (README, "working set") */
+export const PRECOPY_MAX = 128 << 20
 
 function defaultTimeout(): number {
   const env = Number(process.env.SNAPCTL_RETURN_PATH_TIMEOUT_MS)
@@ -126,7 +133,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
       log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,
       workingSet: ws?.pages ?? null, record: opts.record, recover: opts.recover, pushRate: pushRate(),
-      recordWindowMs: opts.recordWindowMs ?? RECORD_WINDOW_MS,
+      recordWindowMs: opts.recordWindowMs ?? RECORD_WINDOW_MS, precopyPages: Math.floor((opts.precopyMax ?? PRECOPY_MAX) / reader.header.pageSize),
     })
     const stats = await session.run(started, async () => (await loadRefresh())(topOf(reader), opts.log))
     await out.finish()

@@ -44,6 +44,8 @@ export interface RestoreOptions {
   record?: boolean
   /** with record: load --record-window (a duration as load takes it, e.g. 5s) */
   recordWindow?: string
+  /** with lazy: load --precopy-max (a size, e.g. 64M) */
+  precopyMax?: string
   /** with lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused) */
   recover?: boolean
   /** the load reads the image with O_DIRECT, around the host's page cache (`load --bypass-cache`) */
@@ -88,6 +90,8 @@ export interface RestoreResult {
   pagesServedOnRequest: number | null
   /** --lazy: pages of the image's working set pushed first, and how many of those the guest asked for (a lower bound of those it touched) */
   prefetchedPages: number | null
+  /** --lazy: of those, the pages sent before the VM could run (load --precopy-max) */
+  precopiedPages: number | null
   prefetchedTouched: number | null
   /** --lazy --record: pages of the working set stored in the image */
   recordedPages: number | null
@@ -242,6 +246,7 @@ class Restore {
       args.push('--record')
       if (this.opts.recordWindow !== undefined) args.push('--record-window', this.opts.recordWindow)
     }
+    if (this.opts.precopyMax !== undefined) args.push('--precopy-max', this.opts.precopyMax)
     if (n) {
       // The destination listens; its multifd channels check our uuid against its own.
       const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
@@ -378,11 +383,11 @@ class Restore {
   }
 }
 
-function lazyFigures(lazy: boolean, s: Partial<PostcopyStats & { recordedPages: number }>): Pick<RestoreResult, 'latencyMs' | 'deviceStateSeconds' | 'pagesServedOnRequest' | 'prefetchedPages' | 'prefetchedTouched' | 'recordedPages'> {
+function lazyFigures(lazy: boolean, s: Partial<PostcopyStats & { recordedPages: number }>): Pick<RestoreResult, 'latencyMs' | 'deviceStateSeconds' | 'pagesServedOnRequest' | 'prefetchedPages' | 'precopiedPages' | 'prefetchedTouched' | 'recordedPages'> {
   const v = <T>(x: T | undefined): T | null => (lazy && x !== undefined ? x : null)
   return {
     latencyMs: v(s.latencyMs), deviceStateSeconds: v(s.deviceStateSeconds), pagesServedOnRequest: v(s.pagesServedOnRequest),
-    prefetchedPages: v(s.prefetchedPages), prefetchedTouched: v(s.prefetchedTouched), recordedPages: v(s.recordedPages),
+    prefetchedPages: v(s.prefetchedPages), precopiedPages: v(s.precopiedPages), prefetchedTouched: v(s.prefetchedTouched), recordedPages: v(s.recordedPages),
   }
 }
 

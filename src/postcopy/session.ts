@@ -46,6 +46,12 @@ export interface SessionOptions {
    */
   recordWindowMs?: number
   /**
+   * At most this many pages of the working set are sent before the device state, as precopy
+   * RAM pages: the destination writes them into RAM before LISTEN, so they are there when the
+   * guest first runs (reference §5.4, step 6). The rest of the working set goes first after it.
+   */
+  precopyPages?: number
+  /**
    * Continue a lazy restore the destination paused (postcopy-paused, then migrate-recover):
    * no setup; the received bitmaps, POSTCOPY_RESUME, then every page it does not have.
    */
@@ -80,8 +86,10 @@ export interface PostcopyStats {
   preempt: boolean
   /** pages of the image's recorded working set (0: none, or not used) */
   workingSetPages: number
-  /** pages pushed ahead of everything else because they are in the working set */
+  /** pages pushed ahead of everything else because they are in the working set (precopiedPages included) */
   prefetchedPages: number
+  /** of those, the pages sent before the device state: in RAM before the VM could run */
+  precopiedPages: number
   /**
    * working-set pages the guest asked for (it touched them; before the prefetch reached them, or
    * zero pages that prefetch does not send twice). A touch of a page that had already arrived
@@ -127,6 +135,9 @@ export class Session {
   private requestsAlreadySent = 0
   private pagesServedOnRequest = 0
   private prefetchedPages = 0
+  private precopiedPages = 0
+  /** the working set's next (block, page) pair to push */
+  private wsNext = 0
   /** ends the record window early (a failure) */
   private endWindow: (() => void) | null = null
   private prefetchedTouched = 0
@@ -186,7 +197,7 @@ export class Session {
     if (this.opts.recover) await this.resume()
     else await this.setup()
     const deviceStateSeconds = (performance.now() - started) / 1000
-    this.locator = this.runs.pageLocator()
+    this.locator ??= this.runs.pageLocator()
     this.opts.log?.(this.opts.recover
       ? `postcopy: resumed after ${(deviceStateSeconds * 1000).toFixed(0)} ms (the destination had ${this.pagesReceivedBefore} pages); serving the rest`
       : `postcopy: device state sent after ${(deviceStateSeconds * 1000).toFixed(0)} ms; serving pages`)
@@ -216,7 +227,7 @@ export class Session {
       latencyMs: percentiles(this.latencies), bytesPushed: this.bytesPushed, bytesOut: this.out.bytes,
       ...this.locator.totals(), pagesSent: this.pages, pagesServedOnRequest: this.pagesServedOnRequest,
       requestFramesRead: this.fetch.framesRead, requestClustersRead: this.fetch.clustersRead, preempt: this.preempt !== null,
-      workingSetPages: this.workingSetPages, prefetchedPages: this.prefetchedPages, prefetchedTouched: this.prefetchedTouched,
+      workingSetPages: this.workingSetPages, prefetchedPages: this.prefetchedPages, precopiedPages: this.precopiedPages, prefetchedTouched: this.prefetchedTouched,
       lastPageSeconds, pagesReceivedBefore: this.pagesReceivedBefore, seconds: (performance.now() - started) / 1000,
     }
   }
@@ -238,16 +249,25 @@ export class Session {
     // preempt channel may connect now, and must before PACKAGED (QEMU waits for it there).
     if (this.opts.openPreempt) this.preempt = await this.opts.openPreempt()
     const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(PING_PACKAGE), enc.postcopyRun()])
-    await this.out.write(
-      Buffer.concat([
-        enc.ramStartSection({ sectionId: this.ramId, instanceId: d.ramInstanceId, version: d.ramVersion }, this.reader.blocks, hostSizes),
-        // QEMU 10 goes ADVISE -> DISCARD on the first discard; LISTEN straight from ADVISE leaves
-        // it in DISCARD and RUN is then refused. Discarding a page that never arrived is a no-op.
-        enc.postcopyRamDiscard(this.reader.blocks[0].name, [[0, hostSizes[0]]]),
-        enc.packaged(blob.length),
-        blob,
-      ]),
-    )
+    const start = enc.ramStartSection({ sectionId: this.ramId, instanceId: d.ramInstanceId, version: d.ramVersion }, this.reader.blocks, hostSizes)
+    // QEMU 10 goes ADVISE -> DISCARD on the first discard; LISTEN straight from ADVISE leaves
+    // it in DISCARD and RUN is then refused. Discarding a page that never arrived is a no-op.
+    const discard = enc.postcopyRamDiscard(this.reader.blocks[0].name, [[0, hostSizes[0]]])
+    const package_ = Buffer.concat([enc.packaged(blob.length), blob])
+    const precopy = this.opts.workingSet && (this.opts.precopyPages ?? 0) > 0
+    if (!precopy) {
+      await this.out.write(Buffer.concat([start, discard, package_]))
+      return
+    }
+    // The working set's first pages as precopy RAM sections: after the discard (which would
+    // drop a page placed before it), before LISTEN (after it, pages are placed by userfaultfd).
+    await this.out.write(Buffer.concat([start, discard]))
+    this.locator = this.runs.pageLocator()
+    await this.pushWorkingSet(this.opts.precopyPages)
+    this.precopiedPages = this.prefetchedPages
+    while (this.pumping) await this.pumping
+    this.check()
+    await this.out.write(package_)
   }
 
   /**
@@ -338,13 +358,16 @@ export class Session {
   }
 
   /**
-   * The recorded working set first, in its order (whole host pages; zero pages as ZERO records,
-   * since the guest is known to touch them), ahead of everything else but the answers to requests.
+   * The recorded working set, in its order (whole host pages; zero pages as ZERO records, since
+   * the guest is known to touch them), ahead of everything else but the answers to requests; at
+   * most `maxPages` pages (the precopy before the device state), going on from where it stopped.
    */
-  private async pushWorkingSet(): Promise<void> {
+  private async pushWorkingSet(maxPages = Infinity): Promise<void> {
     const ws = this.opts.workingSet
     if (!ws) return
-    for (let i = 0; i < ws.length; i += 2) {
+    const before = this.prefetchedPages
+    for (; this.wsNext < ws.length && this.prefetchedPages - before < maxPages; this.wsNext += 2) {
+      const i = this.wsNext
       const b = ws[i]
       const n = this.hostPages[b]
       const first = Math.floor(ws[i + 1] / n) * n

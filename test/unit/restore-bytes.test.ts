@@ -6,10 +6,12 @@
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { PassThrough } from 'node:stream'
+import { copyFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { ImageWriter } from '../../src/container/writer.js'
 import { loadImage } from '../../src/load.js'
 import { loadPostcopy } from '../../src/postcopy.js'
+import { storeWorkingSet } from '../../src/container/working-set.js'
 import * as enc from '../../src/stream/encoder.js'
 import { encodeRpMessage } from '../../src/stream/return-path.js'
 import type { OutgoingMigration, StreamSink } from '../../src/transport/types.js'
@@ -152,6 +154,57 @@ for (const [name, img, framed] of [['framed clusters', image, true], ['unframed 
   assert.is(stats.pagesSent, 10, 'every page of both blocks is placed before the END')
   // The request read one frame of a framed cluster; an unframed one whole.
   assert.equal([stats.requestFramesRead, stats.requestClustersRead], framed ? [1, 0] : [0, 1])
+})
+
+/** Drives loadPostcopy over a fake destination that answers PING 2 and shuts once `expected` is out; what it wrote, and its stats. */
+async function lazyBytes(img: string, setup1Length: number, expectedLength: number, precopyMax?: number): Promise<{ got: Buffer; stats: Awaited<ReturnType<typeof loadPostcopy>> }> {
+  const rp = new PassThrough()
+  let ponged = false
+  let shut = false
+  const out = capture((all) => {
+    const sofar = all()
+    if (!ponged && sofar.length >= setup1Length) {
+      ponged = true
+      rp.write(encodeRpMessage({ type: 'pong', value: 2 }))
+    }
+    if (!shut && sofar.length >= expectedLength) {
+      shut = true
+      rp.end(encodeRpMessage({ type: 'shut', status: 0 }))
+    }
+  })
+  const stats = await loadPostcopy(img, { open: async () => migration(out.sink, rp), timeoutMs: 5000, precopyMax })
+  return { got: out.all(), stats }
+}
+
+test('postcopy with a working set: its pages as precopy RAM sections between the discard and the device state, up to --precopy-max; the rest of it first after RUN', async () => {
+  const img = join(t.dir, 'tiny-ws.snap')
+  copyFileSync(image, img)
+  // 0:2 (data), 0:0 (zero: sent as ZERO, the guest touches it), 1:0 (data), in that order
+  await storeWorkingSet(img, { pages: Uint32Array.from([0, 2, 0, 0, 1, 0]), recordedTime: 1 })
+  const setup1 = Buffer.concat([enc.fileHeader(d.config), enc.openReturnPath(), enc.ping(1), enc.postcopyAdvise(PS, PS), enc.ping(2)])
+  const blob = Buffer.concat([enc.postcopyListen(), d.deviceSections, enc.ping(3), enc.postcopyRun()])
+  const start = Buffer.concat([enc.ramStartSection({ sectionId: ID, instanceId: d.ramInstanceId, version: d.ramVersion }, BLOCKS), enc.postcopyRamDiscard('pc.ram', [[0, PS]])])
+  const pkg = Buffer.concat([enc.packaged(blob.length), blob])
+  const end = Buffer.concat([enc.sectionEndHeader(ID), enc.eosFooter(ID), Buffer.from([0])])
+  const rest = part([[0, 1, page(0x11)], [0, 3, null], [0, 4, null], [0, 5, null], [0, 6, null], [0, 7, null], [1, 1, null]])
+
+  // The default bound holds all of it: every working-set page is in RAM before LISTEN.
+  const all = Buffer.concat([setup1, start, part([[0, 2, page(0x44)], [0, 0, null], [1, 0, page(0x33)]]), pkg, rest, end])
+  const a = await lazyBytes(img, setup1.length, all.length)
+  assert.ok(a.got.equals(all), `the stream differs from the expected ${all.length} bytes (got ${a.got.length})`)
+  assert.equal([a.stats.workingSetPages, a.stats.prefetchedPages, a.stats.precopiedPages, a.stats.pagesSent], [3, 3, 3, 10])
+
+  // --precopy-max of one page: 0:2 before the device state, 0:0 and 1:0 first after it.
+  const one = Buffer.concat([setup1, start, part([[0, 2, page(0x44)]]), pkg, part([[0, 0, null], [1, 0, page(0x33)]]), rest, end])
+  const b = await lazyBytes(img, setup1.length, one.length, PS)
+  assert.ok(b.got.equals(one), `the stream differs from the expected ${one.length} bytes (got ${b.got.length})`)
+  assert.equal([b.stats.prefetchedPages, b.stats.precopiedPages, b.stats.pagesSent], [3, 1, 10])
+
+  // 0: the whole working set after RUN, as before precopy existed.
+  const none = Buffer.concat([setup1, start, pkg, part([[0, 2, page(0x44)], [0, 0, null], [1, 0, page(0x33)]]), rest, end])
+  const c = await lazyBytes(img, setup1.length, none.length, 0)
+  assert.ok(c.got.equals(none), `the stream differs from the expected ${none.length} bytes (got ${c.got.length})`)
+  assert.equal([c.stats.prefetchedPages, c.stats.precopiedPages], [3, 0])
 })
 
 test.run()
