@@ -2,19 +2,24 @@
 // ranged GETs of 1 MiB blocks of the object, fetched in parallel, the first one unconditional and
 // every later one pinned to its ETag with If-Match, so that a replaced object fails with
 // SNAP_OBJECT_CHANGED and never yields bytes from two versions. ImageReader checks everything above
-// this exactly as for a local file. readSync (lazy restore answers page requests on its own
-// thread) blocks on a worker thread that does the GET (s3-sync-worker.ts).
+// this exactly as for a local file. Every GET after the first is done by one fetch thread
+// (s3-sync-worker.ts), which also keeps the shared block cache: the reading thread never holds a
+// block's claim, and readSync (lazy restore answers page requests on its own thread) waits for
+// the fetch thread while read-ahead goes on there. What a reader waits for starts at once, beside
+// the read-ahead; then the blocks after a page request, the working set (prefetch()), and the
+// blocks ahead of a reader in file order.
 import { GetObjectCommand, HeadObjectCommand } from '@aws-sdk/client-s3'
 import { createHash } from 'node:crypto'
 import { appendFileSync, mkdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { Worker } from 'node:worker_threads'
+import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
 import { SnapError } from '../errors.js'
 import { parseS3Url, s3Client, s3Error, withRetry, type S3Location } from '../s3/client.js'
 import { objectCache } from '../s3/url.js'
 import type { ByteSource } from './byte-source.js'
 import { BlockCache, DEFAULT_CACHE_MAX } from './s3-cache.js'
+import type { FetchJob, FetchReply, FetchWorkerData } from './s3-sync-worker.js'
 
 export const BLOCK = 1 << 20
 /** blocks kept in memory (the header, footer and trailer, chunk boundaries, read-ahead) */
@@ -24,6 +29,8 @@ const PARALLEL = 8
 const SYNC_TIMEOUT_MS = 10 * 60_000
 /** blocks fetched ahead of a reader that reads in file order (eager restore, verify) */
 const AHEAD = 24
+/** blocks fetched after the one a page request needed (lazy restore), ahead of everything but requests */
+const LAZY_AHEAD = 4
 /** reads up to this size that miss memory are fetched exactly, not as their whole block */
 const SMALL = 64 * 1024
 
@@ -84,14 +91,31 @@ async function collect(body: AsyncIterable<Uint8Array>, expect: number): Promise
   return out.subarray(0, n)
 }
 
+/** A range handed to the fetch thread, until its answer is taken. */
+interface Job {
+  id: number
+  block: number
+  lane: 0 | 1 | 2 | 3
+  promise: Promise<Buffer>
+  resolve: (b: Buffer) => void
+  reject: (e: unknown) => void
+  settled: boolean
+  /** the answer, once settled (for a reader waiting on its own thread) */
+  buf?: Buffer
+  err?: unknown
+}
+
 export class S3Source implements ByteSource {
   readonly path: string
   readonly indexPath: string
   private readonly mem = new Map<number, Buffer>()
-  private readonly inflight = new Map<number, Promise<Buffer>>()
-  private active = 0
-  private readonly waiting: Array<() => void> = []
+  /** blocks handed to the fetch thread and not answered yet */
+  private readonly pending = new Map<number, Job>()
+  private readonly jobs = new Map<number, Job>()
+  private nextId = 1
   private worker: Worker | undefined
+  private port: MessagePort | undefined
+  private readonly signal = new Int32Array(new SharedArrayBuffer(4))
   private cache: BlockCache | null = null
   /** bytes fetched from object storage */
   bytesFetched = 0
@@ -101,7 +125,7 @@ export class S3Source implements ByteSource {
   /** the last block the last read touched (read-ahead follows readers in file order) */
   private lastBlock = -1
 
-  private constructor(readonly loc: S3Location, readonly etag: string, private readonly length: number, cacheDir: string) {
+  private constructor(readonly loc: S3Location, readonly etag: string, private readonly length: number, private readonly cacheDir: string) {
     this.path = loc.url
     mkdirSync(join(cacheDir, 'index'), { recursive: true, mode: 0o700 })
     this.indexPath = s3IndexPath(loc, cacheDir)
@@ -149,64 +173,109 @@ export class S3Source implements ByteSource {
     return Math.min(BLOCK, this.length - i * BLOCK)
   }
 
+  private get lastBlockOfObject(): number {
+    return Math.ceil(this.length / BLOCK) - 1
+  }
+
   private remember(i: number, buf: Buffer): void {
     this.mem.delete(i)
     this.mem.set(i, buf)
     while (this.mem.size > MEM_BLOCKS) this.mem.delete(this.mem.keys().next().value as number)
   }
 
-  private async slot(): Promise<void> {
-    while (this.active >= PARALLEL) await new Promise<void>((r) => this.waiting.push(r))
-    this.active++
+  /** The fetch thread (s3-sync-worker.ts), started with the first range it is given. */
+  private thread(): Worker {
+    if (this.worker) return this.worker
+    const { port1, port2 } = new MessageChannel()
+    const data: FetchWorkerData = {
+      loc: this.loc, etag: this.etag, port: port2, signal: this.signal.buffer as SharedArrayBuffer, parallel: PARALLEL,
+      cache: this.cache ? { dir: this.cacheDir, object: objectId(this.loc), max: this.cache.max } : null,
+    }
+    this.worker = new Worker(new URL('./s3-sync-worker.js', import.meta.url), { workerData: data, transferList: [port2] })
+    this.worker.unref()
+    this.worker.on('error', (e) => this.failAll(new SnapError('SNAP_OBJECT_UNAVAILABLE', `${this.path}: the fetch thread failed: ${e.message}`)))
+    port1.on('message', (m: FetchReply) => this.settle(m))
+    port1.unref()
+    this.port = port1
+    return this.worker
   }
 
-  private release(): void {
-    this.active--
-    this.waiting.shift()?.()
+  private failAll(e: unknown): void {
+    for (const j of this.jobs.values()) this.finish(j, undefined, e)
   }
 
-  private checked(i: number, got: { buf: Buffer; etag?: string }): Buffer {
-    if (got.etag !== undefined && got.etag !== this.etag) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path} was replaced while it was being read: its ETag changed`, { offset: i * BLOCK })
-    if (got.buf.length !== this.blockLength(i)) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path}: a ranged GET at ${i * BLOCK} returned ${got.buf.length} bytes, not ${this.blockLength(i)}`, { offset: i * BLOCK })
-    return got.buf
+  /** Hand [start, end) to the fetch thread (block >= 0: block `block`, remembered once it comes). */
+  private submit(start: number, end: number, block: number, lane: Job['lane']): Job {
+    let resolve!: (b: Buffer) => void
+    let reject!: (e: unknown) => void
+    const promise = new Promise<Buffer>((res, rej) => {
+      resolve = res
+      reject = rej
+    })
+    promise.catch(() => {}) // read-ahead nobody asks for: its error surfaces when someone does
+    const job: Job = { id: this.nextId++, block, lane, promise, resolve, reject, settled: false }
+    const thread = this.thread()
+    if (this.jobs.size === 0) this.port!.ref() // an answer is awaited: the process stays up for it
+    this.jobs.set(job.id, job)
+    if (block >= 0) this.pending.set(block, job)
+    thread.postMessage({ op: 'get', id: job.id, start, end, block, lane } satisfies FetchJob)
+    return job
   }
 
-  /** Block i, from memory, the cache directory, or one pinned ranged GET (one fetch however many ask at once). */
-  private block(i: number): Promise<Buffer> {
+  private settle(m: FetchReply): void {
+    const job = this.jobs.get(m.id)
+    if (!job) return
+    if ('buf' in m) {
+      const buf = Buffer.from(m.buf.buffer, m.buf.byteOffset, m.buf.length)
+      if (m.hit) this.cacheHits++
+      else {
+        this.bytesFetched += buf.length
+        this.requests++
+      }
+      if (job.block >= 0) this.remember(job.block, buf)
+      this.finish(job, buf)
+    } else {
+      this.finish(job, undefined, m.error ? new SnapError(m.error.code, m.error.message, m.error.context) : new SnapError('SNAP_INTERNAL', `${this.path}: a read-ahead was dropped`))
+    }
+  }
+
+  private finish(job: Job, buf: Buffer | undefined, err?: unknown): void {
+    if (job.settled) return
+    job.settled = true
+    job.buf = buf
+    job.err = err
+    this.jobs.delete(job.id)
+    if (this.jobs.size === 0) this.port?.unref()
+    if (job.block >= 0 && this.pending.get(job.block) === job) this.pending.delete(job.block)
+    if (buf) job.resolve(buf)
+    else job.reject(err)
+  }
+
+  /** Job `job`'s bytes on this thread: answers taken from the port while it waits (the event loop is not running). */
+  private waitSync(job: Job): Buffer {
+    if (job.lane !== 0) this.worker!.postMessage({ op: 'urgent', id: job.id }) // it jumps the read-ahead
+    const until = Date.now() + SYNC_TIMEOUT_MS
+    while (!job.settled) {
+      const seen = Atomics.load(this.signal, 0)
+      for (let m = receiveMessageOnPort(this.port!); m; m = receiveMessageOnPort(this.port!)) this.settle(m.message as FetchReply)
+      if (job.settled) break
+      if (Date.now() > until) throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${this.path}: a ranged GET took longer than ${SYNC_TIMEOUT_MS / 1000} s`)
+      Atomics.wait(this.signal, 0, seen, 1000)
+    }
+    if (!job.buf) throw job.err
+    return job.buf
+  }
+
+  /** Block i, from memory, a fetch under way, or the fetch thread (one fetch however many ask at once). */
+  private block(i: number, lane: Job['lane']): Promise<Buffer> {
     const have = this.mem.get(i)
     if (have) {
       this.remember(i, have)
       return Promise.resolve(have)
     }
-    let p = this.inflight.get(i)
-    if (p) return p
-    p = (async () => {
-      try {
-        const len = this.blockLength(i)
-        const fetch = async (): Promise<Buffer> => {
-          await this.slot()
-          try {
-            const start = i * BLOCK
-            const got = await withRetry(this.loc, `reading ${this.path} at ${start}`, () => getRange(this.loc, start, start + len, this.etag))
-            return this.fetched(i, got)
-          } finally {
-            this.release()
-          }
-        }
-        let buf: Buffer
-        if (this.cache) {
-          const r = await this.cache.obtain(i, len, fetch)
-          if (r.hit) this.cacheHits++
-          buf = r.buf
-        } else buf = await fetch()
-        this.remember(i, buf)
-        return buf
-      } finally {
-        this.inflight.delete(i)
-      }
-    })()
-    this.inflight.set(i, p)
-    return p
+    const p = this.pending.get(i)
+    if (p) return p.promise
+    return this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, lane).promise
   }
 
   private range(pos: number, len: number): [number, number] {
@@ -234,10 +303,11 @@ export class S3Source implements ByteSource {
   async read(pos: number, len: number, into?: Buffer): Promise<Buffer> {
     if (len === 0) return Buffer.alloc(0)
     const [a, b] = this.range(pos, len)
-    if (!this.cache && len <= SMALL && a === b && !this.mem.has(a) && !this.inflight.has(a)) return this.exact(pos, len)
+    // A small read (a cluster header for the index or info) by itself: fetching its whole block
+    // would fetch the whole image twice when the index is built before a restore.
+    if (!this.cache && len <= SMALL && a === b && !this.mem.has(a) && !this.pending.has(a)) return this.submit(pos, pos + len, -1, 0).promise
     const parts: Array<Promise<Buffer>> = []
-    for (let i = a; i <= b; i++) parts.push(this.block(i))
-    parts.forEach((p) => p.catch(() => {}))
+    for (let i = a; i <= b; i++) parts.push(this.block(i, 0))
     this.readAhead(a, b)
     return this.assemble(pos, len, a, await Promise.all(parts), into)
   }
@@ -249,82 +319,65 @@ export class S3Source implements ByteSource {
   private readAhead(a: number, b: number): void {
     const sequential = a >= this.lastBlock && a <= this.lastBlock + 1
     this.lastBlock = b
-    if (!sequential) return
-    const last = Math.min(b + AHEAD, Math.ceil(this.length / BLOCK) - 1)
-    for (let i = b + 1; i <= last; i++) {
-      if (!this.mem.has(i) && !this.inflight.has(i)) this.block(i).catch(() => {})
+    if (sequential) this.ahead(b + 1, b + AHEAD, 3)
+  }
+
+  /** Blocks from..to (clipped to the object) not held or under way, queued on `lane`. */
+  private ahead(from: number, to: number, lane: Job['lane']): void {
+    for (let i = from; i <= Math.min(to, this.lastBlockOfObject); i++) {
+      if (!this.mem.has(i) && !this.pending.has(i)) this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, lane)
     }
   }
 
   /**
-   * A small read (a cluster header for the index or info, the footer) by itself: fetching its
-   * whole block would fetch the whole image twice when the index is built before a restore.
+   * Ranges a reader will want soon, most wanted first (a lazy restore's working set): their
+   * blocks are queued in that order, behind the blocks after a page request, ahead of the file
+   * order. Without a block cache only as many as memory keeps (more would be fetched twice).
    */
-  private async exact(pos: number, len: number): Promise<Buffer> {
-    await this.slot()
-    try {
-      const got = await withRetry(this.loc, `reading ${this.path} at ${pos}`, () => getRange(this.loc, pos, pos + len, this.etag))
-      if (got.etag !== undefined && got.etag !== this.etag) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path} was replaced while it was being read: its ETag changed`, { offset: pos })
-      if (got.buf.length !== len) throw new SnapError('SNAP_OBJECT_CHANGED', `${this.path}: a ranged GET at ${pos} returned ${got.buf.length} bytes, not ${len}`, { offset: pos })
-      this.bytesFetched += len
-      this.requests++
-      return got.buf
-    } finally {
-      this.release()
+  prefetch(ranges: ReadonlyArray<readonly [number, number]>): void {
+    const want: number[] = []
+    const seen = new Set<number>()
+    for (const [pos, len] of ranges) {
+      if (len <= 0 || pos < 0 || pos + len > this.length) continue
+      for (let i = Math.floor(pos / BLOCK); i <= Math.floor((pos + len - 1) / BLOCK); i++) {
+        if (!seen.has(i)) want.push(i)
+        seen.add(i)
+      }
     }
+    for (const i of this.cache ? want : want.slice(0, MEM_BLOCKS / 2)) this.ahead(i, i, 2)
   }
 
-  /** Lazy restore's page requests: from memory, or a GET done by the worker while this thread waits. */
+  /**
+   * Lazy restore's page requests, on this thread: from memory, the cache directory, or the fetch
+   * thread while this one waits (a block already queued as read-ahead jumps the queue). The
+   * blocks that follow are queued next (LAZY_AHEAD), ahead of the working set and the file order.
+   */
   readSync(pos: number, len: number): Buffer {
     if (len === 0) return Buffer.alloc(0)
     const [a, b] = this.range(pos, len)
     const blocks: Buffer[] = []
     for (let i = a; i <= b; i++) {
       let buf = this.mem.get(i)
-      if (!buf && this.cache) buf = this.cachedSync(this.cache, i)
-      if (!buf) buf = this.fetched(i, this.fetchSync(i))
+      if (!buf && !this.pending.has(i) && this.cache) {
+        buf = this.cache.getSync(i, this.blockLength(i)) ?? undefined
+        if (buf) this.cacheHits++
+      }
+      buf ??= this.waitSync(this.pending.get(i) ?? this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, 0))
       this.remember(i, buf)
       blocks.push(buf)
     }
+    this.ahead(b + 1, b + LAZY_AHEAD, 1)
     return this.assemble(pos, len, a, blocks)
   }
 
-  /** Block i from the cache directory, or fetched by this process (which stores it) or another. */
-  private cachedSync(cache: BlockCache, i: number): Buffer {
-    const r = cache.obtainSync(i, this.blockLength(i), () => this.fetched(i, this.fetchSync(i)))
-    if (r.hit) this.cacheHits++
-    return r.buf
-  }
-
-  private fetched(i: number, got: { buf: Buffer; etag?: string }): Buffer {
-    const buf = this.checked(i, got)
-    this.bytesFetched += buf.length
-    this.requests++
-    return buf
-  }
-
-  private fetchSync(i: number): { buf: Buffer; etag?: string } {
-    this.worker ??= new Worker(new URL('./s3-sync-worker.js', import.meta.url), { workerData: { loc: this.loc, etag: this.etag } })
-    this.worker.unref()
-    const len = this.blockLength(i)
-    const sab = new SharedArrayBuffer(8 + Math.max(len, 4096))
-    const state = new Int32Array(sab, 0, 2)
-    this.worker.postMessage({ start: i * BLOCK, end: i * BLOCK + len, sab })
-    if (Atomics.wait(state, 0, 0, SYNC_TIMEOUT_MS) === 'timed-out') throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${this.path}: a ranged GET at ${i * BLOCK} took longer than ${SYNC_TIMEOUT_MS / 1000} s`)
-    const n = state[1]
-    const bytes = Buffer.from(new Uint8Array(sab, 8, n))
-    if (state[0] !== 1) {
-      const e = JSON.parse(bytes.toString('utf8')) as { code: SnapError['code']; message: string }
-      throw new SnapError(e.code, e.message)
-    }
-    return { buf: bytes }
-  }
-
   async close(): Promise<void> {
-    // Blocks fetched ahead land in the cache first: then the bound holds when the last process lets go.
-    await Promise.allSettled([...this.inflight.values()])
+    // Read-ahead nobody asked for yet is dropped; what is under way lands in the cache first, so
+    // the bound holds when the last process lets go.
+    this.worker?.postMessage({ op: 'drop' })
+    await Promise.allSettled([...this.jobs.values()].map((j) => j.promise))
     this.mem.clear()
     await this.cache?.evict()
+    this.port?.close()
     await this.worker?.terminate()
     this.worker = undefined
   }

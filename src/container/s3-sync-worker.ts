@@ -1,29 +1,102 @@
-// The thread behind S3Source.readSync: does one pinned ranged GET per message into the shared
-// buffer it was given ([state, length] then the bytes; state 1 = bytes, 2 = an error as JSON),
-// then wakes the waiting thread with Atomics.notify.
-import { parentPort, workerData } from 'node:worker_threads'
+// The thread that does every ranged GET of an S3Source (s3-source.ts), so that the thread that
+// reads the image never blocks its own HTTP: a lazy restore's page request waits on this thread
+// (Atomics.wait) while it fetches, and read-ahead goes on here meanwhile.
+//
+// In (parentPort): { op: 'get', id, start, end, block, lane } queues a range (block >= 0: a whole
+// block, through the shared block cache when there is one); { op: 'urgent', id } moves a queued
+// one to the front; { op: 'drop' } forgets everything queued (each answered as dropped).
+// Lanes: 0 = a reader waits for it (started at once, beside whatever runs, never behind it);
+// 1 = the blocks after a page request's; 2 = the working set's, in its order; 3 = ahead of a
+// reader in file order. Lanes 1 to 3 run `parallel` at a time, a lower lane first, each in the
+// order given.
+// Out (the port given in workerData): { id, buf (transferred), hit } or { id, error }, then
+// Atomics.add + notify on `signal[0]`, so a waiting thread wakes and takes it with
+// receiveMessageOnPort.
+import { parentPort, workerData, type MessagePort } from 'node:worker_threads'
 import { SnapError } from '../errors.js'
 import { withRetry, type S3Location } from '../s3/client.js'
+import { BlockCache } from './s3-cache.js'
 import { getRange } from './s3-source.js'
 
-const { loc, etag } = workerData as { loc: S3Location; etag: string }
+export interface FetchJob {
+  op: 'get'
+  id: number
+  start: number
+  end: number
+  /** the block number when [start, end) is a whole block (cached), else -1 */
+  block: number
+  lane: 0 | 1 | 2 | 3
+}
 
-parentPort!.on('message', async (m: { start: number; end: number; sab: SharedArrayBuffer }) => {
-  const state = new Int32Array(m.sab, 0, 2)
-  const out = new Uint8Array(m.sab, 8)
+export type FetchReply = { id: number; buf: Buffer; hit: boolean } | { id: number; error: { code: SnapError['code']; message: string; context: Record<string, unknown> } | null }
+
+export interface FetchWorkerData {
+  loc: S3Location
+  etag: string
+  port: MessagePort
+  signal: SharedArrayBuffer
+  cache: { dir: string; object: string; max: number } | null
+  parallel: number
+}
+
+const { loc, etag, port, signal, cache: cacheAt, parallel } = workerData as FetchWorkerData
+const seq = new Int32Array(signal)
+const cache = cacheAt ? new BlockCache(cacheAt.dir, cacheAt.object, etag, cacheAt.max) : null
+const lanes: FetchJob[][] = [[], [], []]
+let running = 0
+
+function reply(m: FetchReply): void {
+  if ('buf' in m) {
+    // Transferred, not copied: a whole ArrayBuffer of its own (a pooled or larger one is copied first).
+    const own = m.buf.byteOffset === 0 && m.buf.buffer.byteLength === m.buf.length ? m.buf : Buffer.from(m.buf)
+    port.postMessage({ id: m.id, buf: own, hit: m.hit }, [own.buffer as ArrayBuffer])
+  } else port.postMessage(m)
+  Atomics.add(seq, 0, 1)
+  Atomics.notify(seq, 0)
+}
+
+async function fetchRange(j: FetchJob): Promise<Buffer> {
+  const got = await withRetry(loc, `reading ${loc.url} at ${j.start}`, () => getRange(loc, j.start, j.end, etag))
+  if (got.etag !== undefined && got.etag !== etag) throw new SnapError('SNAP_OBJECT_CHANGED', `${loc.url} was replaced while it was being read: its ETag changed`, { offset: j.start })
+  if (got.buf.length !== j.end - j.start) throw new SnapError('SNAP_OBJECT_CHANGED', `${loc.url}: a ranged GET at ${j.start} returned ${got.buf.length} bytes, not ${j.end - j.start}`, { offset: j.start })
+  return got.buf
+}
+
+async function run(j: FetchJob): Promise<void> {
   try {
-    const got = await withRetry(loc, `reading ${loc.url} at ${m.start}`, () => getRange(loc, m.start, m.end, etag))
-    if (got.etag !== undefined && got.etag !== etag) throw new SnapError('SNAP_OBJECT_CHANGED', `${loc.url} was replaced while it was being read: its ETag changed`)
-    if (got.buf.length > out.length) throw new SnapError('SNAP_OBJECT_CHANGED', `${loc.url}: a ranged GET at ${m.start} returned ${got.buf.length} bytes`)
-    out.set(got.buf)
-    state[1] = got.buf.length
-    state[0] = 1
+    if (j.block >= 0 && cache) {
+      const r = await cache.obtain(j.block, j.end - j.start, () => fetchRange(j))
+      reply({ id: j.id, buf: r.buf, hit: r.hit })
+    } else reply({ id: j.id, buf: await fetchRange(j), hit: false })
   } catch (e) {
     const err = e instanceof SnapError ? e : new SnapError('SNAP_OBJECT_UNAVAILABLE', `${loc.url}: ${(e as Error)?.name ?? 'error'}`)
-    const msg = Buffer.from(JSON.stringify({ code: err.code, message: err.message }))
-    out.set(msg.subarray(0, out.length))
-    state[1] = Math.min(msg.length, out.length)
-    state[0] = 2
+    reply({ id: j.id, error: { code: err.code, message: err.message, context: { ...err.context, cause: undefined } } })
   }
-  Atomics.notify(state, 0)
+}
+
+function pump(): void {
+  while (running < parallel) {
+    const j = lanes[0].shift() ?? lanes[1].shift() ?? lanes[2].shift()
+    if (!j) return
+    running++
+    void run(j).finally(() => {
+      running--
+      pump()
+    })
+  }
+}
+
+parentPort!.on('message', (m: FetchJob | { op: 'urgent'; id: number } | { op: 'drop' }) => {
+  if (m.op === 'get') {
+    if (m.lane === 0) void run(m) // a reader waits: beside the read-ahead, never behind it
+    else lanes[m.lane - 1].push(m)
+    pump()
+  } else if (m.op === 'urgent') {
+    for (const lane of lanes) {
+      const k = lane.findIndex((j) => j.id === m.id)
+      if (k >= 0) void run(lane.splice(k, 1)[0])
+    }
+  } else {
+    for (const lane of lanes) for (const j of lane.splice(0)) reply({ id: j.id, error: null })
+  }
 })
