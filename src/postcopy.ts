@@ -26,7 +26,7 @@ import { SnapError } from './errors.js'
 import type { refreshIndex as RefreshIndex } from './index/refresh.js'
 import { ReturnPathReader } from './postcopy/return-path-reader.js'
 import { Session, type PostcopyStats } from './postcopy/session.js'
-import { storeWorkingSet, workingSetOf } from './container/working-set.js'
+import { storeWorkingSet, workingSetOf, workingSetRanges } from './container/working-set.js'
 import { isS3Url } from './s3/url.js'
 // Only the transport in use is loaded (the pipe's threads, or the sockets): before the device state.
 import type { PostcopyOutgoing } from './transport/postcopy-socket.js'
@@ -129,6 +129,8 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     rp = new ReturnPathReader(out.returnPath)
     // A working set that fails its checks is only a lost optimisation: say so, restore without it.
     const ws = workingSetOf(topOf(reader), (e) => opts.log?.(`the image's working set is not used: ${(e as Error).message}`))
+    // Object storage: its clusters are fetched first, in its order, ahead of the push (s3-source.ts).
+    if (ws && topOf(reader).source.prefetch) topOf(reader).source.prefetch!(workingSetRanges(topOf(reader), ws.pages))
     const session = new Session(reader, reader.locator, out.main, rp, {
       log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,

@@ -29,6 +29,11 @@ export interface ByteSource {
    * sources without the hook are given Buffer.allocUnsafeSlow(len)
    */
   buffer?(len: number): Buffer
+  /**
+   * ranges (offset, length) a reader will want soon, most wanted first, for a source where
+   * fetching ahead pays (object storage); a hint only: reads stay exact whatever it does
+   */
+  prefetch?(ranges: ReadonlyArray<readonly [number, number]>): void
   /** why the source could not do what it was asked (--bypass-cache refused), for the caller to print */
   readonly note?: string | null
   close(): Promise<void>

@@ -8,7 +8,7 @@ import { basename, dirname, join } from 'node:path'
 import { crc32 } from 'node:zlib'
 import { Reader, Writer } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
-import type { RamBlock } from '../types.js'
+import { PAGE_DATA, type RamBlock } from '../types.js'
 import { encodeFooter, FOOTER_SIZE } from './footer.js'
 import { ALIGN, encodeHeader } from './header.js'
 import { ImageReader } from './reader.js'
@@ -67,6 +67,25 @@ export function workingSetOf(reader: ImageReader, onBad?: (err: unknown) => void
     onBad?.(e)
     return null
   }
+}
+
+/**
+ * Where the working set's pages lie in the image, as (offset, length) ranges of whole clusters,
+ * each cluster once, in the order of its first page in the set: for a source that can fetch them
+ * ahead of need (ByteSource.prefetch, an image in object storage). Pages the image takes from its
+ * base, or holds as zero, have none.
+ */
+export function workingSetRanges(reader: ImageReader, pages: Uint32Array): Array<[number, number]> {
+  const out: Array<[number, number]> = []
+  const seen = new Uint8Array(reader.clusterOffsets.length)
+  for (let i = 0; i < pages.length; i += 2) {
+    const l = reader.locate(pages[i], pages[i + 1])
+    if (l.state !== PAGE_DATA || l.cluster === undefined || seen[l.cluster]) continue
+    seen[l.cluster] = 1
+    const next = l.cluster + 1 < seen.length ? reader.clusterOffsets[l.cluster + 1] : reader.header.trailerOffset
+    out.push([reader.clusterOffsets[l.cluster], next - reader.clusterOffsets[l.cluster]])
+  }
+  return out
 }
 
 /** Adds (or replaces) the working set of a finished local image: container.md, "Storing a working set". */
