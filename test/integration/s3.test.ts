@@ -12,8 +12,9 @@ import { setTimeout as sleep } from 'node:timers/promises'
 import { fillRam, filesEqual, type Vm, type VmOptions } from '../../tools/vm.js'
 import { startRgw, type Rgw } from '../../tools/rgw.js'
 import { ImageReader } from '../../src/container/reader.js'
+import { BLOCK, S3Source } from '../../src/container/s3-source.js'
 import { isSnapError } from '../../src/errors.js'
-import { MiB, SNAPCTL_BIN, Workdir, execCreate, execUri, parseJson, snapctl, waitStatus } from './helpers.js'
+import { MiB, SNAPCTL_BIN, Workdir, execCreate, execUri, fileRange, parseJson, snapctl, waitStatus } from './helpers.js'
 
 const w = new Workdir('s3')
 const BUCKET = 'snaps'
@@ -269,6 +270,79 @@ test('four lazy restores of one object at once, sharing --cache-dir: all byte fo
   const objectBytes = readFileSync(image).length
   const total = fetched.reduce((a, r) => a + Number(r.split('-')[1]) - Number(r.split('-')[0]), 0)
   assert.ok(total <= objectBytes, `fetched ${total} bytes of a ${objectBytes}-byte object`)
+})
+
+/** The first page at or below `page` of block 0 with data, and the 1 MiB block (s3-source.ts BLOCK) of the object holding it. */
+function dataPageAt(reader: ImageReader, page: number): { page: number; block: number } {
+  for (let p = page; p >= 0; p--) {
+    const l = reader.locate(0, p)
+    if (l.cluster !== undefined) return { page: p, block: Math.floor(reader.clusterOffsets[l.cluster] / BLOCK) }
+  }
+  throw new Error(`no page with data at or below ${page}`)
+}
+
+const blockRange = (i: number, size: number): string => `${i * BLOCK}-${Math.min(size, (i + 1) * BLOCK)}`
+
+test('lazy restore from s3:// with read-ahead: the blocks after a request are fetched at once, none twice, RAM byte for byte', async () => {
+  const key = 'vm1/ahead.snap'
+  await put(key, readFileSync(image))
+  const size = statSync(image).size
+  const local = await ImageReader.open(image)
+  const dst = await w.vm({ name: 'dst-ahead', memMiB: 128, incoming: 'defer', keepMem: true })
+  const [status, err, getLog] = [w.path('ahead.status'), w.path('ahead.stderr'), w.path('ahead.gets')]
+  const logged = (): string[] => (existsSync(getLog) ? readFileSync(getLog, 'utf8').split('\n').filter(Boolean) : [])
+  try {
+    // QEMU runs the exec: command with its own environment: the settings go in the command. The
+    // push is held to 8 MiB/s, so that it stays far behind the pages asked for.
+    const uri = execUri(`load --postcopy s3://${BUCKET}/${key} --cache-dir ${w.path('cache-ahead')}`, status, err)
+      .replace(/^exec:/, `exec:SNAPCTL_S3_GET_LOG=${getLog} SNAPCTL_POSTCOPY_PUSH_RATE=${8 * MiB} `)
+    await dst.migrateIncoming(uri, { capabilities: { 'postcopy-ram': true } })
+    const active = await dst.waitMigration({ until: ['postcopy-active', 'completed', 'failed'], timeoutMs: 60_000 })
+    assert.is(active.status, 'postcopy-active', JSON.stringify(active))
+    // One page near the end of RAM, asked for at once: the push (and its read-ahead in file order)
+    // is still far from its block then.
+    const { page, block: b } = dataPageAt(local, (116 * MiB) / 4096)
+    assert.equal(await dst.readGuest(page * 4096 + 512, 256), fileRange(sourceRam, page * 4096 + 512, 256), `guest read of page ${page}`)
+    // Queued when the request was served, ahead of the push's read-ahead: started within moments.
+    const want = [1, 2, 3, 4].map((k) => b + k).filter((i) => i * BLOCK < size).map((i) => blockRange(i, size))
+    for (let t = 0; t < 50 && !want.every((r) => logged().includes(r)); t++) await sleep(20)
+    const now = logged()
+    for (const r of want) assert.ok(now.includes(r), `block ${r} after the request's block ${b} was not fetched ahead (${now.length} GETs so far)`)
+    // ... and not by the push's read-ahead in file order: that had not reached the blocks before it.
+    const before = [1, 2, 3, 4, 5, 6].map((k) => blockRange(b - k, size))
+    assert.ok(before.some((r) => !now.includes(r)), `inconclusive: the push had fetched blocks ${b - 6}-${b - 1} already`)
+    const done = await dst.waitMigration({ timeoutMs: 120_000 })
+    assert.is(done.status, 'completed', JSON.stringify(done))
+    assert.is(await waitStatus(status), 0, readFileSync(err, 'utf8'))
+    const fetched = logged()
+    assert.equal(fetched.filter((r, i) => fetched.indexOf(r) !== i), [], 'ranges fetched more than once')
+    assert.ok(fetched.every((r) => Number(r.split('-')[1]) <= size), 'a GET past the end of the object')
+    assert.equal(await filesEqual(sourceRam, dst.memPath), { equal: true }, 'lazily restored RAM differs')
+  } finally {
+    await local.close()
+    await dst.quit()
+  }
+})
+
+test('read-ahead stops at the end of the object; the blocks of a working set are fetched in its order, each once', async () => {
+  const key = 'vm1/edge.snap'
+  await put(key, readFileSync(image))
+  const bytes = readFileSync(image)
+  const last = Math.ceil(bytes.length / BLOCK) - 1
+  const ws: Array<[number, number]> = [[5 * BLOCK + 10, 100], [2 * BLOCK, BLOCK + 1], [5 * BLOCK, 1]] // blocks 5, 2, 3 (5 once)
+  const fetched = await gets(async (env) => {
+    // Without the block cache, each GET starts in the order it was queued (no cache lookups first).
+    const src = await S3Source.open(`s3://${BUCKET}/${key}`, { cacheDir: w.path('cache-edge'), cacheMax: 0 })
+    try {
+      assert.ok(src.readSync(bytes.length - 100, 100).equals(bytes.subarray(bytes.length - 100)))
+      src.prefetch(ws)
+      for (let t = 0; t < 250 && readFileSync(env.SNAPCTL_S3_GET_LOG!, 'utf8').split('\n').filter(Boolean).length < 5; t++) await sleep(20)
+      await sleep(200) // anything more it would fetch
+    } finally {
+      await src.close()
+    }
+  })
+  assert.equal(fetched, [0, last, 5, 2, 3].map((i) => blockRange(i, bytes.length))) // block 0 pins the ETag
 })
 
 test('wrong credentials, a missing bucket and a missing object: clear errors with stable codes, no secret in them', async () => {
