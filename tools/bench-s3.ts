@@ -7,6 +7,9 @@
 //   node dist/tools/bench-s3.js STREAM [--runs 5] [--dir DIR]
 // STREAM: a QEMU migration stream (migrate "exec:cat > FILE"). Set SNAPCTL_RGW_MEM_BYTES above
 // RUNS x the image's size: the gateway frees replaced objects only hours later.
+//   node dist/tools/bench-s3.js --lazy [--runs 5] [--mem MiB] [--no-guest]
+// lazy restores instead (tools/bench-s3-lazy.ts): time until the VM can run and the guest
+// workload after resume, local against s3:// with a cold and a warm cache.
 import { CreateBucketCommand, S3Client } from '@aws-sdk/client-s3'
 import { spawnSync } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
@@ -14,6 +17,7 @@ import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { SNAPCTL_BIN } from '../test/snapctl.js'
 import { startRgw } from './rgw.js'
+import { benchLazy } from './bench-s3-lazy.js'
 
 const argv = process.argv.slice(2)
 const opt = (name: string): string | undefined => {
@@ -22,8 +26,15 @@ const opt = (name: string): string | undefined => {
 }
 const runs = Number(opt('--runs') ?? 5)
 const dir = opt('--dir') ?? mkdtempSync(join(tmpdir(), 'snapctl-bench-s3-'))
+const flag = (name: string): boolean => {
+  const i = argv.indexOf(name)
+  return i >= 0 && argv.splice(i, 1).length === 1
+}
+const lazy = flag('--lazy')
+const noGuest = flag('--no-guest')
+const memMiB = Number(opt('--mem') ?? 1024)
 const stream = argv[0]
-if (!stream) throw new Error('usage: bench-s3.js STREAM [--runs N] [--dir DIR]')
+if (!stream && !lazy) throw new Error('usage: bench-s3.js STREAM [--runs N] [--dir DIR] | bench-s3.js --lazy [--runs N] [--mem MiB] [--no-guest]')
 
 interface Run {
   wall: number
@@ -51,7 +62,17 @@ try {
   Object.assign(process.env, rgw.env, { SNAPCTL_CACHE_DIR: join(dir, 'writer-cache') }) // create's index
   const s3 = new S3Client({ forcePathStyle: true, requestChecksumCalculation: 'WHEN_REQUIRED', responseChecksumValidation: 'WHEN_REQUIRED' })
   await s3.send(new CreateBucketCommand({ Bucket: 'bench' }))
+  if (lazy) {
+    await benchLazy({ runs, memMiB, guest: !noGuest, s3, bucket: 'bench' })
+    process.exitCode = 0
+  } else await eager()
   s3.destroy()
+} finally {
+  rgw.stop()
+  if (!argv.includes('--keep')) rmSync(dir, { recursive: true, force: true })
+}
+
+async function eager(): Promise<void> {
   const url = 's3://bench/vm.snap'
   const local = join(dir, 'vm.snap')
   const r: Record<string, Run[]> = { createLocal: [], createS3: [], loadLocal: [], loadCold: [], loadWarm: [] }
@@ -74,7 +95,4 @@ try {
   console.log(row('load FILE --to /dev/null', r.loadLocal))
   console.log(row('load s3:// (fresh --cache-dir)', r.loadCold, r.loadLocal))
   console.log(row('load s3:// (cache warm)', r.loadWarm, r.loadLocal))
-} finally {
-  rgw.stop()
-  if (!argv.includes('--keep')) rmSync(dir, { recursive: true, force: true })
 }
