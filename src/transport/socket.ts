@@ -10,7 +10,7 @@
 // Every wait on the peer is bounded (SNAP_CHANNEL_TIMEOUT): `timeoutMs`, else
 // $SNAPCTL_CHANNEL_TIMEOUT_MS, else 60 s; 0 waits for ever.
 
-import { chmod, lstat, unlink } from 'node:fs/promises'
+import { chmod, lstat, rename, unlink } from 'node:fs/promises'
 import { createConnection, createServer, type Server, type Socket } from 'node:net'
 import { SnapError, fromSystemError } from '../errors.js'
 import { looksMultifd } from '../multifd/packet.js'
@@ -71,12 +71,24 @@ export class MigrationListener {
     if (st && !st.isSocket()) throw new SnapError('SNAP_BAD_PATH', `--listen ${path} exists and is not a socket`)
     if (st) await unlink(path).catch(() => {})
     const server = createServer({ pauseOnConnect: false }, onConnection)
+    // bind() makes the file and listen() follows as a second system call: a peer that connects
+    // between the two, as soon as the file is there, is refused (seen under load: 2 runs in 45).
+    // So the socket listens, and is made private, under a name of its own, then takes its name.
+    const tmp = `${path}.${process.pid}.tmp`
+    await unlink(tmp).catch(() => {})
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e) => reject(fromSystemError(e, `listening on ${path}`)))
-      server.listen({ path, backlog: 256 }, () => resolve())
+      server.listen({ path: tmp, backlog: 256 }, () => resolve())
     })
     server.on('error', () => {})
-    await chmod(path, 0o600).catch(() => {})
+    try {
+      await chmod(tmp, 0o600).catch(() => {})
+      await rename(tmp, path)
+    } catch (e) {
+      server.close()
+      await unlink(tmp).catch(() => {})
+      throw fromSystemError(e, `listening on ${path}`)
+    }
     return new MigrationListener(path, server)
   }
 
