@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian 12 machine for snapctl: QEMU >= 9 (from bookworm-backports when the
 # installed one is older), the guest toolchain (gcc with 32-bit support), UEFI firmware (ovmf),
-# liblz4's headers (native/lz4),
+# liblz4's and zlib's headers (native/lz4),
 # then `npm ci`, the build and the Linux test guest (tools/linux-guest/build.sh).
 # Idempotent: every step checks first. Run as root (or with sudo available).
 set -euo pipefail
@@ -31,6 +31,7 @@ command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)  # node-gyp's gyp
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)   # UEFI firmware for the compatibility matrix
 command -v fincore >/dev/null 2>&1 || need_pkgs+=(util-linux-extra)   # page-cache residency for --bypass-cache (test and bench)
 [ -e /usr/include/lz4.h ] || need_pkgs+=(liblz4-dev)   # native/lz4, the LZ4 addon that decodes into snapctl's own buffers (built by npm ci)
+[ -e /usr/include/zlib.h ] || need_pkgs+=(zlib1g-dev)   # native/lz4's crc32 falls back to zlib's on CPUs without PCLMULQDQ
 
 if [ "${need_qemu:-0}" = 1 ] || [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing system packages" >&2

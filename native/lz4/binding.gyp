@@ -3,7 +3,7 @@
     {
       "target_name": "snapctl_lz4",
       "sources": ["snapctl_lz4.c"],
-      "libraries": ["-llz4"],
+      "libraries": ["-llz4", "-lz"],
       "cflags": ["-O2", "-Wall", "-Wextra"]
     }
   ]

@@ -1,10 +1,10 @@
 // Data clusters: format-spec/container.md, "Cluster header", "Codecs" and "Reading an image"
 // step 5. Every failure names the cluster (its sequence number) and its file offset.
 import { createRequire } from 'node:module'
-import { crc32 } from 'node:zlib'
 import type Lz4Napi from 'lz4-napi'
 import { Reader, Writer, roundUp } from '../bytes.js'
 import { SnapError, type ErrorCode } from '../errors.js'
+import { crc32 } from './crc.js'
 import { ALIGN } from './header.js'
 import { Lz4Error, compressLz4Into, decodeLz4Block } from './lz4-block.js'
 

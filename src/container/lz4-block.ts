@@ -14,6 +14,7 @@ interface NativeLz4 {
   decodeBlock(src: Uint8Array, dst: Uint8Array): number
   compressBlock(src: Uint8Array, dst: Uint8Array): number
   compressBound(n: number): number
+  crc32(src: Uint8Array): number
   version: string
 }
 

@@ -4,7 +4,8 @@
 // lying blocks throw Lz4Error (SNAP_CORRUPT through cluster.ts) without writing past raw_length.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { crc32 } from 'node:zlib'
+import { crc32 as zlibCrc32 } from 'node:zlib'
+import { crc32 } from '../../src/container/crc.js'
 import { randomBytes } from 'node:crypto'
 import lz4 from 'lz4-napi'
 import { Lz4Error, compressLz4Into, decodeLz4Block, decodeLz4BlockJs, lz4Decoder, nativeLz4 } from '../../src/container/lz4-block.js'
@@ -72,6 +73,22 @@ test('compressLz4Into writes codec 1 (length prefix, block) that lz4-napi decode
   }
   const random = randomBytes(65536)
   assert.is(compressLz4Into(random, out.subarray(0, random.length - 1)), 0, 'random bytes do not fit in less than their length')
+})
+
+test('crc32 (native/lz4, PCLMULQDQ folding) is zlib.crc32: every length to 600 at 17 offsets, and long random runs', () => {
+  const big = randomBytes(1 << 20)
+  for (let len = 0; len < 600; len++) {
+    for (let off = 0; off < 17; off++) {
+      const b = big.subarray(off, off + len)
+      assert.is(crc32(b), zlibCrc32(b), `length ${len} at offset ${off}`)
+    }
+  }
+  for (let i = 0; i < 200; i++) {
+    const off = (i * 7919) % 4096
+    const b = big.subarray(off, off + ((i * 104729) % (big.length - off)))
+    assert.is(crc32(b), zlibCrc32(b), `length ${b.length} at offset ${off}`)
+  }
+  assert.is(crc32(Buffer.alloc(1 << 17)), zlibCrc32(Buffer.alloc(1 << 17)))
 })
 
 test('liblz4 and the JavaScript decoder agree on damaged blocks: what liblz4 accepts, the JavaScript one decodes the same', () => {
