@@ -23,8 +23,9 @@ import { dirname, join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { Vm, fillRam, filesEqual, processesWith, requireQemu, waitExitStatus } from '../vm.js'
 import { RUN_JS } from './contenders.js'
-import { parseSize } from './options.js'
+import { argOption, parseSize } from './options.js'
 import { median } from './report.js'
+import { runToEnd } from './runner.js'
 
 const MiB = 1 << 20
 const SNAPCTL = `${process.execPath} ${RUN_JS}`
@@ -62,24 +63,13 @@ interface SizeResult {
   recover: RecoverSample[]
 }
 
-/** Runs `cmd` to its end: exit code, stdout, stderr. */
-function run(cmd: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(cmd[0], cmd.slice(1), { env, stdio: ['ignore', 'pipe', 'pipe'] })
-    let stdout = ''
-    let stderr = ''
-    child.stdout.on('data', (d) => (stdout += d))
-    child.stderr.on('data', (d) => (stderr += d))
-    child.on('close', (code) => resolve({ code, stdout, stderr }))
-  })
-}
 
 async function recovery(work: string, memMiB: number, image: string, ram: string, tag: string): Promise<RecoverSample> {
   const qmp = join(work, `recover-${tag}-snapctl.qmp`) // not ${name}.qmp: the Vm's own
   const dst = await Vm.start({ name: `recover-${tag}`, memMiB, incoming: 'defer', dir: work, extraArgs: ['-qmp', `unix:${qmp},server=on,wait=off`] })
   try {
     const slow = { ...process.env, SNAPCTL_POSTCOPY_PUSH_RATE: String((memMiB * MiB) / 8) }
-    const first = run([process.execPath, RUN_JS, 'restore', image, '--qmp', qmp, '--lazy', '--paused', '-q'], slow)
+    const first = runToEnd([process.execPath, RUN_JS, 'restore', image, '--qmp', qmp, '--lazy', '--paused', '-q'], slow)
     const early = first.then((r) => `the lazy restore exited (${r.code}) before postcopy: ${r.stderr}`)
     const st = await Promise.race([pollUntil(dst, ['postcopy-active', 'completed', 'failed']), early])
     if (st !== 'postcopy-active') throw new Error(`${st}\n${dst.stderr}`)
@@ -91,7 +81,7 @@ async function recovery(work: string, memMiB: number, image: string, ram: string
     if ((await pollUntil(dst, ['postcopy-paused', 'completed', 'failed'], 30_000)) !== 'postcopy-paused') throw new Error('the destination did not pause')
     await first
     const t0 = performance.now()
-    const r = await run(['/usr/bin/time', '-f', 'cpu %U %S', process.execPath, RUN_JS, 'restore', image, '--qmp', qmp, '--lazy', '--recover', '--paused', '--json'])
+    const r = await runToEnd(['/usr/bin/time', '-f', 'cpu %U %S', process.execPath, RUN_JS, 'restore', image, '--qmp', qmp, '--lazy', '--recover', '--paused', '--json'])
     const commandSeconds = (performance.now() - t0) / 1000
     if (r.code !== 0) throw new Error(`restore --recover: ${r.stderr}`)
     if (!(await filesEqual(ram, dst.memPath)).equal) throw new Error('recovered restore: RAM differs')
@@ -106,10 +96,6 @@ async function recovery(work: string, memMiB: number, image: string, ram: string
   }
 }
 
-function option(argv: string[], name: string, fallback: string): string {
-  const i = argv.indexOf(name)
-  return i >= 0 && argv[i + 1] !== undefined ? argv[i + 1] : fallback
-}
 
 /** Polls query-migrate every 5 ms until one of `until`. */
 async function pollUntil(vm: Vm, until: string[], timeoutMs = 600_000): Promise<string> {
@@ -240,12 +226,12 @@ function report(results: SizeResult[]): string {
 
 async function main(): Promise<void> {
   const argv = process.argv.slice(2)
-  const sizes = option(argv, '--sizes', '256M,1G,4G').split(',')
-  const repeat = Math.max(3, Number(option(argv, '--repeat', '3')))
-  const json = option(argv, '--json', 'bench-out/lazy.json')
-  const parent = option(argv, '--dir', '/var/tmp')
-  const clusterSize = option(argv, '--cluster-size', '1M')
-  const o: LazyOptions = { reads: Number(option(argv, '--reads', '200')), connect: argv.includes('--connect'), recover: argv.includes('--recover') }
+  const sizes = argOption(argv, '--sizes', '256M,1G,4G').split(',')
+  const repeat = Math.max(3, Number(argOption(argv, '--repeat', '3')))
+  const json = argOption(argv, '--json', 'bench-out/lazy.json')
+  const parent = argOption(argv, '--dir', '/var/tmp')
+  const clusterSize = argOption(argv, '--cluster-size', '1M')
+  const o: LazyOptions = { reads: Number(argOption(argv, '--reads', '200')), connect: argv.includes('--connect'), recover: argv.includes('--recover') }
   const qemu = requireQemu()
   const results: SizeResult[] = []
   for (const size of sizes) results.push(await benchSize(parent, size, repeat, clusterSize, o))

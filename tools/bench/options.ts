@@ -144,3 +144,9 @@ function parseInteger(name: string, v: string, min: number): number {
   if (!Number.isInteger(n) || n < min) throw new Error(`${name} must be an integer >= ${min}, not ${v}`)
   return n
 }
+
+/** The value after `name` in a script's own arguments (bench:lazy, bench:working-set), else `fallback`. */
+export function argOption(argv: string[], name: string, fallback: string): string {
+  const i = argv.indexOf(name)
+  return i >= 0 && argv[i + 1] !== undefined ? argv[i + 1] : fallback
+}

@@ -14,6 +14,18 @@ import { QmpError } from '../qmp.js'
 import { Vm, filesEqual } from '../vm.js'
 import { migrationUri, peerCommand, type Capabilities, type Contender, type RssProbe, type SampleFiles } from './contenders.js'
 
+/** Runs `cmd` to its end: exit code, stdout, stderr. */
+export function runToEnd(cmd: string[], env: NodeJS.ProcessEnv = process.env): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(cmd[0], cmd.slice(1), { env, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.on('data', (d) => (stdout += d))
+    child.stderr.on('data', (d) => (stderr += d))
+    child.on('close', (code) => resolve({ code, stdout, stderr }))
+  })
+}
+
 export interface DiskUse {
   /** st_blocks × 512, summed over every file the contender wrote (image and index) */
   alloc: number
