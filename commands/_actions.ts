@@ -80,14 +80,14 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const { exportMappedRam } = await import('../src/mapped-ram-export.js')
     stats = await exportMappedRam(image, { to, force: flags.force === true, signal })
   } else if (flags.postcopy) {
-    const { loadPostcopy } = await import('../src/postcopy.js')
+    const { defaultPushNice, loadPostcopy } = await import('../src/postcopy.js')
     const { parseHostPageSizes } = await import('./_size.js')
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     // Nothing to undo: it writes to QEMU only.
     if (flags.channels !== undefined) throw new SnapError('SNAP_USAGE', '--channels cannot go with --postcopy: QEMU 10.0 does not do postcopy with multifd')
     stats = await unlessAborted(signal, loadPostcopy(image, { bypassCache: flags['bypass-cache'] === true, log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true,
       recordWindowMs: flags['record-window'] === undefined ? undefined : parseDuration(String(flags['record-window']), '--record-window'),
-      precopyMax: flags['precopy-max'] === undefined ? undefined : parseSize(String(flags['precopy-max']), '--precopy-max') }))
+      precopyMax: flags['precopy-max'] === undefined ? undefined : parseSize(String(flags['precopy-max']), '--precopy-max'), pushNice: defaultPushNice() }))
   } else if (flags.recover) {
     throw new SnapError('SNAP_USAGE', '--recover goes with --postcopy: it continues a lazy restore')
   } else if (connect !== undefined) {

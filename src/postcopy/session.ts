@@ -3,6 +3,7 @@
 // (format-spec and src/postcopy.ts describe the stream). No page is sent twice (a `sent` byte
 // per page), and no page is sent before its cluster passed its checks and agreed with the page
 // map. The session sees the transport only as a StreamSink and a ReturnPathReader.
+import { getPriority, setPriority } from 'node:os'
 import type { DecodedCluster } from '../container/reader.js'
 import type { RestoreImage } from '../container/chain.js'
 import { PageFetcher } from './page-fetcher.js'
@@ -58,6 +59,11 @@ export interface SessionOptions {
   recover?: boolean
   /** bytes per second of the background push at most (answers to requests are never held back); absent: as fast as it goes */
   pushRate?: number
+  /**
+   * Once part of the working set was precopied, this process's nice value goes up by this much
+   * for the rest: the guest has what it works on, and the push should take only the CPU it leaves.
+   */
+  pushNice?: number
 }
 
 /** Keys as in README, "Output keys". */
@@ -207,6 +213,7 @@ export class Session {
       (m) => this.onMessage(m),
       (err) => this.fail(err ?? new SnapError('SNAP_RETURN_PATH', 'the return path closed before every page was sent: the destination QEMU stopped')),
     )
+    if (this.precopiedPages > 0 && this.opts.pushNice) yieldCpu(this.opts.pushNice, this.opts.log)
     if (this.opts.record && this.opts.recordWindowMs) await this.recordWindow(this.opts.recordWindowMs)
     await this.pushEverything()
     await this.requestChain
@@ -569,6 +576,19 @@ export class Session {
     this.check()
     await this.preempt?.flush()
     await this.out.flush()
+  }
+}
+
+/**
+ * Raises the nice value by `by` (lowering a priority needs no privilege); a refusal is only
+ * logged. On Linux it is this thread's: the one that reads, checks and queues every page (under
+ * exec: the pipe's writer threads keep theirs).
+ */
+function yieldCpu(by: number, log?: (msg: string) => void): void {
+  try {
+    setPriority(Math.min(19, getPriority() + by))
+  } catch (e) {
+    log?.(`the push keeps its CPU priority: ${(e as Error).message}`)
   }
 }
 

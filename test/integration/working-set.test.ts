@@ -1,11 +1,14 @@
 // Record and prefetch the working set with a real Linux guest (tools/linux-guest): a lazy
 // restore with --record stores the order in which the guest asked for pages in the image; the
-// next lazy restore of the same image pushes those pages first and the guest asks for far fewer.
+// next lazy restore of the same image sends those pages before the VM runs and the guest asks for
+// far fewer than without one.
 // The same image then shows a lazy restore surviving its source with a running guest: its load
 // killed in postcopy, the guest stalls (postcopy-paused), restore --lazy --recover resumes it.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { LINUX_CMDLINE, SerialLog, linuxGuest } from '../../tools/linux-guest.js'
+import { readFileSync } from 'node:fs'
+import { getPriority } from 'node:os'
 import { processesWith, type Vm } from '../../tools/vm.js'
 import { Workdir, execCreate, parseJson, snapctl } from './helpers.js'
 
@@ -49,23 +52,47 @@ async function lazyRestore(name: string, extra: string[]): Promise<any> {
   return j
 }
 
-test('restore --lazy --record stores a working set; the next lazy restore asks for far fewer pages', async () => {
+test('restore --lazy --record stores a working set; the next lazy restore sends it before the VM runs and the guest asks for 90% fewer pages', async () => {
+  // The same image without a working set: what the guest asks for with the push alone.
+  const plain = await lazyRestore('ws-plain', [])
+  assert.ok(plain.requests > 0 && plain.prefetchedPages === 0 && plain.precopiedPages === 0, JSON.stringify(plain))
+  // --record-window (default 5 s): no push meanwhile, so every page the guest touches is asked
+  // for and recorded, far more than the push left it to ask for.
   const first = await lazyRestore('ws-rec', ['--record'])
-  assert.ok(first.recordedPages > 0 && first.prefetchedPages === 0, JSON.stringify(first))
+  assert.ok(first.recordedPages > 2 * plain.requests && first.prefetchedPages === 0, JSON.stringify(first))
   const info = parseJson(await snapctl(['info', image, '--json']))
   assert.is(info.workingSet.pages, first.recordedPages)
   assert.is((await snapctl(['verify', image])).code, 0)
 
-  const second = await lazyRestore('ws-use', [])
-  assert.ok(second.prefetchedPages >= first.recordedPages * 0.9, JSON.stringify(second))
-  const fewer = 1 - second.requests / first.requests
-  console.log(`working set: ${first.recordedPages} pages recorded; requests ${first.requests} -> ${second.requests} (${(fewer * 100).toFixed(0)}% fewer); ` +
-    `prefetched ${second.prefetchedPages}, of which the guest asked for ${second.prefetchedTouched} before they arrived; ` +
-    `runnable ${first.runnableSeconds.toFixed(3)} / ${second.runnableSeconds.toFixed(3)} s, all in ${first.seconds.toFixed(2)} / ${second.seconds.toFixed(2)} s`)
-  // Measured on QEMU 10 TCG, 512 MiB: 229 -> 190 requests; the guest asked for only 1 of the 228
-  // prefetched pages, but touched others the recording never saw (they were there already when
-  // it touched them in the recorded run). The issue's 90% is not reached: see the report.
-  assert.ok(second.prefetchedTouched < second.prefetchedPages / 2, JSON.stringify(second))
+  // While it runs, the highest nice value its load's main thread (pid = tid) had.
+  let nice = -100
+  let polling = true
+  const poll = (async () => {
+    while (polling) {
+      for (const pid of processesWith(['load', '--postcopy', image])) {
+        try {
+          nice = Math.max(nice, Number(readFileSync(`/proc/${pid}/stat`, 'utf8').replace(/^.*\) /s, '').split(' ')[16]))
+        } catch {} // gone meanwhile
+      }
+      await new Promise((r) => setTimeout(r, 20))
+    }
+  })()
+  const second = await lazyRestore('ws-use', []).finally(() => (polling = false))
+  await poll
+  // All of it (tens of MiB, under --precopy-max's 128M) went before the device state: in RAM
+  // before the guest ran, so none of it could be asked for.
+  assert.is(second.precopiedPages, first.recordedPages, JSON.stringify(second))
+  assert.is(second.prefetchedPages, first.recordedPages, JSON.stringify(second))
+  assert.is(second.prefetchedTouched, 0, JSON.stringify(second))
+  // The push after it yields the CPU to the guest (nice +10, $SNAPCTL_POSTCOPY_PUSH_NICE).
+  assert.is(nice, Math.min(19, getPriority() + 10), 'the load raised its nice value by 10 once the working set was in')
+  const fewer = 1 - second.requests / plain.requests
+  console.log(`working set: ${first.recordedPages} pages recorded (${first.requests} requests in the recording); requests without it ${plain.requests}, with it ${second.requests} ` +
+    `(${(fewer * 100).toFixed(0)}% fewer); runnable ${plain.runnableSeconds.toFixed(3)} s without, ${second.runnableSeconds.toFixed(3)} s with ${second.precopiedPages} pages precopied; ` +
+    `all in ${plain.seconds.toFixed(2)} / ${second.seconds.toFixed(2)} s`)
+  // The lazy-restore issue's target. Measured on QEMU 10 TCG, 512 MiB, the shared machine: see
+  // README, "working set". Before the record window and the precopy: 17% fewer, or none.
+  assert.ok(fewer >= 0.9, `requests ${plain.requests} -> ${second.requests}: ${(fewer * 100).toFixed(0)}% fewer, not 90%`)
 })
 
 test('a running guest whose lazy restore is killed in postcopy runs on after --recover, its data intact', async () => {
