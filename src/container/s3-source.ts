@@ -8,18 +8,16 @@
 // the fetch thread while read-ahead goes on there. What a reader waits for starts at once, beside
 // the read-ahead; then the blocks after a page request, the working set (prefetch()), and the
 // blocks ahead of a reader in file order.
-import { GetObjectCommand, HeadObjectCommand } from '@aws-sdk/client-s3'
 import { createHash } from 'node:crypto'
-import { appendFileSync, mkdirSync } from 'node:fs'
+import { mkdirSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { MessageChannel, Worker, receiveMessageOnPort, type MessagePort } from 'node:worker_threads'
 import { SnapError } from '../errors.js'
-import { parseS3Url, s3Client, s3Error, withRetry, type S3Location } from '../s3/client.js'
-import { objectCache } from '../s3/url.js'
+import { objectCache, parseS3Url, type S3Location } from '../s3/url.js'
 import type { ByteSource } from './byte-source.js'
 import { BlockCache, DEFAULT_CACHE_MAX } from './s3-cache.js'
-import type { FetchJob, FetchReply, FetchWorkerData } from './s3-sync-worker.js'
+import type { FetchJob, FetchReply, FetchRequest, FetchWorkerData } from './s3-sync-worker.js'
 
 export const BLOCK = 1 << 20
 /** blocks kept in memory (the header, footer and trailer, chunk boundaries, read-ahead) */
@@ -39,16 +37,6 @@ export interface S3SourceOptions {
   cacheDir?: string
   /** bound of the cache of fetched blocks, bytes (default DEFAULT_CACHE_MAX; 0: no block cache) */
   cacheMax?: number
-}
-
-/** A GET's body as one Buffer, and what the object said about itself. */
-export async function getRange(loc: S3Location, start: number, end: number, etag: string | undefined): Promise<{ buf: Buffer; etag?: string; total?: number }> {
-  // Tests count what is fetched: one line per GET (O_APPEND, so processes can share the file).
-  if (process.env.SNAPCTL_S3_GET_LOG) appendFileSync(process.env.SNAPCTL_S3_GET_LOG, `${start}-${end}\n`)
-  const r = await s3Client().send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key, Range: `bytes=${start}-${end - 1}`, IfMatch: etag }))
-  const buf = await collect(r.Body as unknown as AsyncIterable<Uint8Array>, end - start)
-  const m = /\/(\d+)$/.exec(r.ContentRange ?? '')
-  return { buf, etag: r.ETag, total: m ? Number(m[1]) : r.ContentLength }
 }
 
 /** The host's cache of object-storage images: --cache-dir (setObjectCache), else $SNAPCTL_CACHE_DIR, else $TMPDIR/snapctl-UID. */
@@ -74,23 +62,6 @@ export function cacheMaxFromEnv(): number {
   return v !== undefined && v !== '' && Number.isSafeInteger(Number(v)) && Number(v) >= 0 ? Number(v) : DEFAULT_CACHE_MAX
 }
 
-/**
- * A GET's body into one buffer of the size asked for, copied once as it arrives (the SDK's
- * transformToByteArray concatenates the chunks, and Buffer.from copied that again: garbage
- * collection was the largest cost of a first restore). A longer body is kept whole, for the
- * caller's length check to refuse.
- */
-async function collect(body: AsyncIterable<Uint8Array>, expect: number): Promise<Buffer> {
-  let out = Buffer.allocUnsafe(expect)
-  let n = 0
-  for await (const chunk of body) {
-    if (n + chunk.length > out.length) out = Buffer.concat([out.subarray(0, n)], Math.max(2 * out.length, n + chunk.length))
-    out.set(chunk, n)
-    n += chunk.length
-  }
-  return out.subarray(0, n)
-}
-
 /** A range handed to the fetch thread, until its answer is taken. */
 interface Job {
   id: number
@@ -103,12 +74,20 @@ interface Job {
   /** the answer, once settled (for a reader waiting on its own thread) */
   buf?: Buffer
   err?: unknown
+  /** what a HEAD or the first GET said about the object */
+  etag?: string
+  total?: number
 }
 
 export class S3Source implements ByteSource {
   readonly path: string
   readonly indexPath: string
   private readonly mem = new Map<number, Buffer>()
+  /** blocks being looked up in the cache directory */
+  private readonly looking = new Map<number, Promise<Buffer>>()
+  /** pinned by open() */
+  private etag = ''
+  private length = 0
   /** blocks handed to the fetch thread and not answered yet */
   private readonly pending = new Map<number, Job>()
   private readonly jobs = new Map<number, Job>()
@@ -125,7 +104,7 @@ export class S3Source implements ByteSource {
   /** the last block the last read touched (read-ahead follows readers in file order) */
   private lastBlock = -1
 
-  private constructor(readonly loc: S3Location, readonly etag: string, private readonly length: number, private readonly cacheDir: string) {
+  private constructor(readonly loc: S3Location, private readonly cacheDir: string) {
     this.path = loc.url
     mkdirSync(join(cacheDir, 'index'), { recursive: true, mode: 0o700 })
     this.indexPath = s3IndexPath(loc, cacheDir)
@@ -133,36 +112,35 @@ export class S3Source implements ByteSource {
 
   /**
    * The object's size and the ETag every later read is pinned to: with the block cache, from a
-   * HEAD (block 0 may be cached); without, from the first block, fetched unconditionally.
+   * HEAD (block 0 may be cached); without, from the first block, fetched unconditionally. Both
+   * by the fetch thread, which loads the AWS SDK: this thread never does.
    */
   static async open(url: string, opts: S3SourceOptions = {}): Promise<S3Source> {
     const loc = parseS3Url(url)
     const cacheDir = opts.cacheDir ?? defaultCacheDir()
     const cacheMax = opts.cacheMax ?? cacheMaxFromEnv()
-    if (cacheMax > 0) {
-      const head = await withRetry(loc, `reading ${url}`, () => s3Client().send(new HeadObjectCommand({ Bucket: loc.bucket, Key: loc.key }))).catch(async (e: unknown) => {
-        // A HEAD's 404 has no body to say whether the bucket or the object is missing: a GET does.
-        if ((e as SnapError).code === 'SNAP_OBJECT_NOT_FOUND') await withRetry(loc, `reading ${url}`, () => getRange(loc, 0, 1, undefined))
-        throw e
-      })
-      if (!head.ETag || head.ContentLength === undefined) throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${url}: the store sent no ETag or size for the object`)
-      const src = new S3Source(loc, head.ETag, head.ContentLength, cacheDir)
-      src.cache = new BlockCache(cacheDir, objectId(loc), head.ETag, cacheMax)
-      await src.cache.init().catch(() => {
-        src.cache = null // an unwritable cache directory: read without one
-      })
+    const src = new S3Source(loc, cacheDir)
+    try {
+      const first = await src.ask(cacheMax > 0 ? 'head' : 'first')
+      src.etag = first.etag!
+      src.length = first.total!
+      if (cacheMax > 0) {
+        const cache = new BlockCache(cacheDir, objectId(loc), src.etag, cacheMax)
+        src.cache = await cache.init().then(() => cache, () => null) // an unwritable cache directory: read without one
+      } else if (first.buf!.length > 0) src.remember(0, first.buf!)
+      src.worker!.postMessage({ op: 'pin', etag: src.etag, cache: src.cache ? { dir: cacheDir, object: objectId(loc), max: cacheMax } : null } satisfies FetchRequest)
       return src
-    }
-    const first = await withRetry(loc, `reading ${url}`, () => getRange(loc, 0, BLOCK, undefined)).catch((e) => {
-      if ((e as SnapError).context?.status === 416) return { buf: Buffer.alloc(0), etag: '""', total: 0 } // an empty object
+    } catch (e) {
+      await src.close()
       throw e
-    })
-    if (!first.etag || first.total === undefined) throw new SnapError('SNAP_OBJECT_UNAVAILABLE', `${url}: the store sent no ETag or size with a ranged GET`)
-    const src = new S3Source(loc, first.etag, first.total, cacheDir)
-    src.remember(0, first.buf)
-    src.bytesFetched += first.buf.length
-    src.requests++
-    return src
+    }
+  }
+
+  /** A HEAD, or the first block unpinned: the answer with what the object said about itself. */
+  private async ask(op: 'head' | 'first'): Promise<Job> {
+    const job = this.submit(0, 0, -1, 0, op)
+    await job.promise
+    return job
   }
 
   async size(): Promise<number> {
@@ -187,10 +165,7 @@ export class S3Source implements ByteSource {
   private thread(): Worker {
     if (this.worker) return this.worker
     const { port1, port2 } = new MessageChannel()
-    const data: FetchWorkerData = {
-      loc: this.loc, etag: this.etag, port: port2, signal: this.signal.buffer as SharedArrayBuffer, parallel: PARALLEL,
-      cache: this.cache ? { dir: this.cacheDir, object: objectId(this.loc), max: this.cache.max } : null,
-    }
+    const data: FetchWorkerData = { loc: this.loc, port: port2, signal: this.signal.buffer as SharedArrayBuffer, parallel: PARALLEL }
     this.worker = new Worker(new URL('./s3-sync-worker.js', import.meta.url), { workerData: data, transferList: [port2] })
     this.worker.unref()
     this.worker.on('error', (e) => this.failAll(new SnapError('SNAP_OBJECT_UNAVAILABLE', `${this.path}: the fetch thread failed: ${e.message}`)))
@@ -205,7 +180,7 @@ export class S3Source implements ByteSource {
   }
 
   /** Hand [start, end) to the fetch thread (block >= 0: block `block`, remembered once it comes). */
-  private submit(start: number, end: number, block: number, lane: Job['lane']): Job {
+  private submit(start: number, end: number, block: number, lane: Job['lane'], op: 'get' | 'head' | 'first' = 'get'): Job {
     let resolve!: (b: Buffer) => void
     let reject!: (e: unknown) => void
     const promise = new Promise<Buffer>((res, rej) => {
@@ -218,7 +193,7 @@ export class S3Source implements ByteSource {
     if (this.jobs.size === 0) this.port!.ref() // an answer is awaited: the process stays up for it
     this.jobs.set(job.id, job)
     if (block >= 0) this.pending.set(block, job)
-    thread.postMessage({ op: 'get', id: job.id, start, end, block, lane } satisfies FetchJob)
+    thread.postMessage(op === 'get' ? ({ op, id: job.id, start, end, block, lane } satisfies FetchJob) : ({ op, id: job.id } satisfies FetchRequest))
     return job
   }
 
@@ -227,6 +202,8 @@ export class S3Source implements ByteSource {
     if (!job) return
     if ('buf' in m) {
       const buf = Buffer.from(m.buf.buffer, m.buf.byteOffset, m.buf.length)
+      job.etag = m.etag
+      job.total = m.total
       if (m.hit) this.cacheHits++
       else {
         this.bytesFetched += buf.length
@@ -266,16 +243,27 @@ export class S3Source implements ByteSource {
     return job.buf
   }
 
-  /** Block i, from memory, a fetch under way, or the fetch thread (one fetch however many ask at once). */
+  /** Block i, from memory, a fetch under way, the cache directory, or the fetch thread (one fetch however many ask at once). */
   private block(i: number, lane: Job['lane']): Promise<Buffer> {
     const have = this.mem.get(i)
     if (have) {
       this.remember(i, have)
       return Promise.resolve(have)
     }
-    const p = this.pending.get(i)
-    if (p) return p.promise
-    return this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, lane).promise
+    const p = this.pending.get(i)?.promise ?? this.looking.get(i)
+    if (p) return p
+    const fetch = (): Promise<Buffer> => (this.pending.get(i) ?? this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, lane)).promise
+    if (!this.cache) return fetch()
+    // Looked up here first: a host restoring an image again need not start the fetch thread's GETs.
+    const look = this.cache.get(i, this.blockLength(i)).then((buf) => {
+      this.looking.delete(i)
+      if (!buf) return fetch() // or readSync queued it meanwhile
+      this.cacheHits++
+      this.remember(i, buf)
+      return buf
+    })
+    this.looking.set(i, look)
+    return look
   }
 
   private range(pos: number, len: number): [number, number] {
@@ -305,7 +293,7 @@ export class S3Source implements ByteSource {
     const [a, b] = this.range(pos, len)
     // A small read (a cluster header for the index or info) by itself: fetching its whole block
     // would fetch the whole image twice when the index is built before a restore.
-    if (!this.cache && len <= SMALL && a === b && !this.mem.has(a) && !this.pending.has(a)) return this.submit(pos, pos + len, -1, 0).promise
+    if (!this.cache && len <= SMALL && a === b && !this.mem.has(a) && !this.pending.has(a) && !this.looking.has(a)) return this.submit(pos, pos + len, -1, 0).promise
     const parts: Array<Promise<Buffer>> = []
     for (let i = a; i <= b; i++) parts.push(this.block(i, 0))
     this.readAhead(a, b)
@@ -317,7 +305,9 @@ export class S3Source implements ByteSource {
    * (in parallel, PARALLEL at a time); errors surface when it does ask.
    */
   private readAhead(a: number, b: number): void {
-    const sequential = a >= this.lastBlock && a <= this.lastBlock + 1
+    // Not from the first read (the header): a lazy restore reads the footer and trailer next, and
+    // then only what is asked for and pushed.
+    const sequential = this.lastBlock >= 0 && a >= this.lastBlock && a <= this.lastBlock + 1
     this.lastBlock = b
     if (sequential) this.ahead(b + 1, b + AHEAD, 3)
   }
@@ -325,7 +315,7 @@ export class S3Source implements ByteSource {
   /** Blocks from..to (clipped to the object) not held or under way, queued on `lane`. */
   private ahead(from: number, to: number, lane: Job['lane']): void {
     for (let i = from; i <= Math.min(to, this.lastBlockOfObject); i++) {
-      if (!this.mem.has(i) && !this.pending.has(i)) this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, lane)
+      if (!this.mem.has(i) && !this.pending.has(i) && !this.looking.has(i)) this.block(i, lane).catch(() => {})
     }
   }
 
@@ -359,6 +349,7 @@ export class S3Source implements ByteSource {
     for (let i = a; i <= b; i++) {
       let buf = this.mem.get(i)
       if (!buf && !this.pending.has(i) && this.cache) {
+        // (a lookup under way in `looking` is not waited for: this thread cannot; the file is read again)
         buf = this.cache.getSync(i, this.blockLength(i)) ?? undefined
         if (buf) this.cacheHits++
       }
@@ -383,4 +374,3 @@ export class S3Source implements ByteSource {
   }
 }
 
-export { s3Error }

@@ -2,21 +2,24 @@
 // reads the image never blocks its own HTTP: a lazy restore's page request waits on this thread
 // (Atomics.wait) while it fetches, and read-ahead goes on here meanwhile.
 //
-// In (parentPort): { op: 'get', id, start, end, block, lane } queues a range (block >= 0: a whole
+// In (parentPort): { op: 'head', id } or { op: 'first', id } (the first block, unpinned) find the
+// object's ETag and size; { op: 'pin', etag } pins every later GET to it (If-Match) and opens
+// the block cache; { op: 'get', id, start, end, block, lane } queues a range (block >= 0: a whole
 // block, through the shared block cache when there is one); { op: 'urgent', id } moves a queued
 // one to the front; { op: 'drop' } forgets everything queued (each answered as dropped).
 // Lanes: 0 = a reader waits for it (started at once, beside whatever runs, never behind it);
 // 1 = the blocks after a page request's; 2 = the working set's, in its order; 3 = ahead of a
 // reader in file order. Lanes 1 to 3 run `parallel` at a time, a lower lane first, each in the
 // order given.
-// Out (the port given in workerData): { id, buf (transferred), hit } or { id, error }, then
+// Out (the port given in workerData): { id, buf (transferred), hit, etag?, total? } or { id, error }, then
 // Atomics.add + notify on `signal[0]`, so a waiting thread wakes and takes it with
 // receiveMessageOnPort.
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads'
 import { SnapError } from '../errors.js'
 import { withRetry, type S3Location } from '../s3/client.js'
+import { getFirst, getRange, headObject } from '../s3/get.js'
 import { BlockCache } from './s3-cache.js'
-import { getRange } from './s3-source.js'
+import { BLOCK } from './s3-source.js'
 
 export interface FetchJob {
   op: 'get'
@@ -28,20 +31,22 @@ export interface FetchJob {
   lane: 0 | 1 | 2 | 3
 }
 
-export type FetchReply = { id: number; buf: Buffer; hit: boolean } | { id: number; error: { code: SnapError['code']; message: string; context: Record<string, unknown> } | null }
+export type FetchRequest = FetchJob | { op: 'head' | 'first'; id: number } | { op: 'pin'; etag: string; cache: { dir: string; object: string; max: number } | null } | { op: 'urgent'; id: number } | { op: 'drop' }
+
+export type FetchReply = { id: number; buf: Buffer; hit: boolean; etag?: string; total?: number } | { id: number; error: { code: SnapError['code']; message: string; context: Record<string, unknown> } | null }
 
 export interface FetchWorkerData {
   loc: S3Location
-  etag: string
   port: MessagePort
   signal: SharedArrayBuffer
-  cache: { dir: string; object: string; max: number } | null
   parallel: number
 }
 
-const { loc, etag, port, signal, cache: cacheAt, parallel } = workerData as FetchWorkerData
+
+const { loc, port, signal, parallel } = workerData as FetchWorkerData
 const seq = new Int32Array(signal)
-const cache = cacheAt ? new BlockCache(cacheAt.dir, cacheAt.object, etag, cacheAt.max) : null
+let etag: string | undefined
+let cache: BlockCache | null = null
 const lanes: FetchJob[][] = [[], [], []]
 let running = 0
 
@@ -49,7 +54,7 @@ function reply(m: FetchReply): void {
   if ('buf' in m) {
     // Transferred, not copied: a whole ArrayBuffer of its own (a pooled or larger one is copied first).
     const own = m.buf.byteOffset === 0 && m.buf.buffer.byteLength === m.buf.length ? m.buf : Buffer.from(m.buf)
-    port.postMessage({ id: m.id, buf: own, hit: m.hit }, [own.buffer as ArrayBuffer])
+    port.postMessage({ ...m, buf: own }, [own.buffer as ArrayBuffer])
   } else port.postMessage(m)
   Atomics.add(seq, 0, 1)
   Atomics.notify(seq, 0)
@@ -62,9 +67,10 @@ async function fetchRange(j: FetchJob): Promise<Buffer> {
   return got.buf
 }
 
-async function run(j: FetchJob): Promise<void> {
+async function run(j: FetchJob | { op: 'head' | 'first'; id: number }): Promise<void> {
   try {
-    if (j.block >= 0 && cache) {
+    if (j.op !== 'get') reply(j.op === 'head' ? { id: j.id, buf: Buffer.alloc(0), hit: false, ...(await headObject(loc)) } : { id: j.id, hit: false, ...(await getFirst(loc, BLOCK)) })
+    else if (j.block >= 0 && cache) {
       const r = await cache.obtain(j.block, j.end - j.start, () => fetchRange(j))
       reply({ id: j.id, buf: r.buf, hit: r.hit })
     } else reply({ id: j.id, buf: await fetchRange(j), hit: false })
@@ -86,8 +92,12 @@ function pump(): void {
   }
 }
 
-parentPort!.on('message', (m: FetchJob | { op: 'urgent'; id: number } | { op: 'drop' }) => {
-  if (m.op === 'get') {
+parentPort!.on('message', (m: FetchRequest) => {
+  if (m.op === 'head' || m.op === 'first') void run(m)
+  else if (m.op === 'pin') {
+    etag = m.etag
+    cache = m.cache ? new BlockCache(m.cache.dir, m.cache.object, m.etag, m.cache.max) : null
+  } else if (m.op === 'get') {
     if (m.lane === 0) void run(m) // a reader waits: beside the read-ahead, never behind it
     else lanes[m.lane - 1].push(m)
     pump()
