@@ -31,6 +31,7 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
     from,
     compress: (flags.compress ?? 'lz4') as 'lz4' | 'none',
     clusterSize,
+    dedupe: flags['no-dedupe'] !== true,
     force: flags.force === true,
     sync: flags.sync === true,
     bypassCache: flags['bypass-cache'] === true,
@@ -45,7 +46,7 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
   progress?.finish(r.bytesIn, r.bytesTotal)
   const s = r.image
   const stats = {
-    pages: s.pages, storedPages: s.storedPages, zeroPages: s.zeroPages, basePages: s.basePages, ramPages: s.ramPages,
+    pages: s.pages, storedPages: s.storedPages, zeroPages: s.zeroPages, basePages: s.basePages, sharedPages: s.sharedPages, ramPages: s.ramPages,
     bytesIn: r.bytesIn, bytesOut: s.fileBytes, seconds: r.seconds, source: r.source, stream: streamReport(r.counters),
     ...(listen !== undefined ? { channels: r.channels, epochs: r.epochs } : {}),
   }

@@ -39,6 +39,7 @@ export const CREATE: CommandSpec = {
     timeout: { type: 'string', description: 'with --listen: give up (SNAP_CHANNEL_TIMEOUT) when QEMU does not connect or a connection stays silent this many ms (0: wait for ever; default $SNAPCTL_CHANNEL_TIMEOUT_MS, else 60000)' },
     compress: { type: 'string', options: ['lz4', 'none'], default: 'lz4', description: 'cluster compression' },
     'cluster-size': { type: 'string', default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' },
+    'no-dedupe': { type: 'boolean', description: 'store every page sent, even one whose bytes the image already holds (by default such a page, confirmed byte for byte, points at the stored copy: format-spec/container.md, "Shared slots"; images with shared pages need snapctl 0.1 with shared slots to read)' },
     force: { type: 'boolean', description: 'replace an existing image' },
     base: { type: 'string', description: 'write an incremental image over BASE (an image of the same VM, or the top of a chain): only pages whose content differs from what BASE restores are stored; BASE is only read, and its path is stored relative to the image' },
     'base-relative-to': { type: 'string', description: 'with --base: store the base\'s path relative to this directory, where the image will be moved (save uses it); default the image\'s own directory' },

@@ -35,7 +35,7 @@ export default class Info extends Command {
         ['uuid', info.uuid],
         ['format', `snapctl v${info.version}, generation ${info.generation}, created ${info.createdAt}`],
         ['machine', `${info.machine} (from ${info.source}${info.creator ? `, written by ${info.creator}` : ''})`],
-        ['ram', `${formatBytes(info.ramBytes)} in ${info.ramBlocks.length} block${info.ramBlocks.length === 1 ? '' : 's'}, ${info.ramPages} pages: ${info.pages} held (${info.storedPages} with data, ${info.zeroPages} zero)${info.basePages ? `, ${info.basePages} from the base` : ''}`],
+        ['ram', `${formatBytes(info.ramBytes)} in ${info.ramBlocks.length} block${info.ramBlocks.length === 1 ? '' : 's'}, ${info.ramPages} pages: ${info.pages} held (${info.storedPages} with data, ${info.zeroPages} zero)${info.basePages ? `, ${info.basePages} from the base` : ''}${info.sharedPages ? `; ${info.sharedPages} stored once with another page (shared slots)` : ''}`],
         ['clusters', `${info.clusters} of up to ${formatBytes(info.clusterSize)}, ${info.codecs.lz4} lz4${info.framedClusters ? ` (${info.framedClusters} in frames)` : ''}, ${info.codecs.none} raw`],
         ['file', `${formatBytes(info.fileBytes)}: ${formatBytes(info.storedBytes)} of page data (${formatBytes(info.rawBytes)} before compression, ratio ${info.compressionRatio.toFixed(2)}), ${formatBytes(info.deadBytes)} dead`],
         ['device state', `${info.deviceStateBytes} bytes, ${deviceCheckText(info.deviceCheck)}`],

@@ -27,6 +27,8 @@ export interface CreateOptions {
   input?: IncomingMigration
   clusterSize?: number
   compress?: 'lz4' | 'none'
+  /** store a page whose bytes the image holds already once (container.md "Shared slots"); default on */
+  dedupe?: boolean
   force?: boolean
   /** make the image durable (fdatasync, directory fsync) before create returns */
   sync?: boolean
@@ -85,6 +87,7 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
   const opening = ImageWriter.create(path, {
     clusterSize: opts.clusterSize,
     compress: opts.compress,
+    dedupe: opts.dedupe,
     force: opts.force,
     sync: opts.sync,
     bypassCache: opts.bypassCache,

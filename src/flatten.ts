@@ -46,6 +46,8 @@ export async function flattenImage(path: string, out: string, opts: FlattenOptio
       for (const slot of image.locator.liveSlots(c.seq, c.pages, { offset: c.offset })) {
         w.putPage(c.pages[2 * slot], c.pages[2 * slot + 1], c.raw.subarray(slot * ps, (slot + 1) * ps))
       }
+      const shared = image.locator.sharedPages(c.seq, c.pages, { offset: c.offset })
+      for (let i = 0; i < shared.length; i += 3) w.putPage(shared[i + 1], shared[i + 2], c.raw.subarray(shared[i] * ps, (shared[i] + 1) * ps))
       if (w.needsDrain()) await w.drain()
     }
     const top = topOf(image)

@@ -96,11 +96,14 @@ async function writeStream(reader: RestoreImage, rec: PageRecordWriter, opening:
     for await (const cluster of reader.clusters({ reuse: true })) {
       // Only pages whose cluster agrees with the page map (checked first) are sent.
       const slots = locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
-      if (slots.length === 0) continue
+      // Pages stored once for several places (container.md "Shared slots") go out with the cluster that holds them.
+      const shared = locator.sharedPages(cluster.seq, cluster.pages, { offset: cluster.offset })
+      if (slots.length === 0 && shared.length === 0) continue
       clusters++
       const list = cluster.pages
       for (const slot of slots) rec.page(list[2 * slot], list[2 * slot + 1], cluster.raw.subarray(slot * pageSize, (slot + 1) * pageSize))
-      pages += slots.length
+      for (let i = 0; i < shared.length; i += 3) rec.page(shared[i + 1], shared[i + 2], cluster.raw.subarray(shared[i] * pageSize, (shared[i] + 1) * pageSize))
+      pages += slots.length + shared.length / 3
       await send(rec.take())
       opts.onProgress?.(pages * pageSize, storedPages * pageSize)
     }

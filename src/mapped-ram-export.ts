@@ -130,7 +130,8 @@ async function writeFile(reader: RestoreImage, fd: number, opts: MappedRamExport
   for await (const cluster of reader.clusters()) {
     throwIfAborted(opts.signal)
     const slots = locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
-    if (slots.length === 0) continue
+    const shared = locator.sharedPages(cluster.seq, cluster.pages, { offset: cluster.offset })
+    if (slots.length === 0 && shared.length === 0) continue
     clusters++
     const list = cluster.pages
     // Runs of slots that are consecutive pages of one block go out in one write.
@@ -145,8 +146,13 @@ async function writeFile(reader: RestoreImage, fd: number, opts: MappedRamExport
       writes.push(put(cluster.raw.subarray(s0 * PAGE, (s0 + n) * PAGE), plan.blocks[block].pagesOffset + page0 * PAGE))
       i += n
     }
+    // A shared slot's bytes also go where each page stored once for several places is (container.md "Shared slots").
+    for (let i = 0; i < shared.length; i += 3) {
+      setBit(bitmaps[shared[i + 1]], shared[i + 2])
+      writes.push(put(cluster.raw.subarray(shared[i] * PAGE, (shared[i] + 1) * PAGE), plan.blocks[shared[i + 1]].pagesOffset + shared[i + 2] * PAGE))
+    }
     await Promise.all(writes)
-    pages += slots.length
+    pages += slots.length + shared.length / 3
     opts.onProgress?.(pages * PAGE, storedPages * PAGE)
   }
   for (let b = 0; b < blocks.length; b++) await put(bitmaps[b], plan.blocks[b].bitmapOffset)

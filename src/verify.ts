@@ -155,6 +155,7 @@ async function checkClusters(reader: ImageReader, report: VerifyReport, onProgre
     if (!bad) {
       try {
         locator.liveSlots(c.seq, c.pages)
+        locator.sharedPages(c.seq, c.pages) // shared runs point at slots the cluster has
       } catch (e) {
         bad = (e as Error).message
       }

@@ -10,7 +10,7 @@ import { SnapError, isSnapError } from '../errors.js'
 import { isS3Url } from '../s3/url.js'
 import type { RamBlock } from '../types.js'
 import type { BaseImageRef } from './base-image.js'
-import { BASE_CLUSTER, LOC_NEVER_SENT, LOC_ZERO, RunLocator, noData, type PageLocator, type PageRun } from './locator.js'
+import { BASE_CLUSTER, LOC_NEVER_SENT, LOC_ZERO, RunLocator, noData, slotServes, type PageLocator, type PageRun } from './locator.js'
 import { ImageReader, type ClusterResult, type DecodedCluster } from './reader.js'
 import type { ClusterHeader } from './cluster.js'
 import type { WriterBase } from './writer.js'
@@ -97,7 +97,9 @@ function clip(runs: readonly PageRun[], mask: Span[] | null, keep: (r: PageRun) 
   const out: PageRun[] = []
   const piece = (r: PageRun, a: number, b: number) => {
     const data = !noData(r.cluster)
-    out.push({ blockId: r.blockId, firstPage: a, pageCount: b - a, cluster: data ? r.cluster + clusterBase : r.cluster, firstSlot: data ? r.firstSlot + a - r.firstPage : 0 })
+    const run: PageRun = { blockId: r.blockId, firstPage: a, pageCount: b - a, cluster: data ? r.cluster + clusterBase : r.cluster, firstSlot: data ? r.firstSlot + a - r.firstPage : 0 }
+    if (r.shared) run.shared = true
+    out.push(run)
   }
   let j = 0
   for (const r of runs) {
@@ -262,7 +264,7 @@ export function writerBase(image: RestoreImage, newImagePath: string, relativeTo
   const bytes = (b: number, p: number, l: number): Buffer => {
     const c = cluster(l - 1)
     const slot = where.slotOf(b, p)
-    if (c.pages[2 * slot] !== b || c.pages[2 * slot + 1] !== p) throw new SnapError('SNAP_CORRUPT', `the base's page map puts page ${p} of block ${b} in a slot of cluster ${c.seq} that holds another page`)
+    if (!slotServes(c.pages, slot, b, p, where.isShared(b, p))) throw new SnapError('SNAP_CORRUPT', `the base's page map puts page ${p} of block ${b} in a slot of cluster ${c.seq} that holds another page`)
     return c.raw.subarray(slot * ps, (slot + 1) * ps)
   }
   return {

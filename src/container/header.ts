@@ -20,8 +20,10 @@ export const INCOMPAT_BASE_IMAGE = 1n << 0n
 export const INCOMPAT_ENCRYPTED = 1n << 1n
 export const INCOMPAT_HUGE_PAGES = 1n << 2n
 export const INCOMPAT_FRAMED = 1n << 3n
+/** the page map may hold shared runs (container.md "Shared slots") */
+export const INCOMPAT_SHARED_SLOTS = 1n << 4n
 /** Incompatible bits this version can open: base_image (an incremental image), framed_clusters. */
-export const SUPPORTED_INCOMPATIBLE = INCOMPAT_BASE_IMAGE | INCOMPAT_FRAMED
+export const SUPPORTED_INCOMPATIBLE = INCOMPAT_BASE_IMAGE | INCOMPAT_FRAMED | INCOMPAT_SHARED_SLOTS
 export const COMPAT_XBZRLE_SOURCE = 1n << 0n
 
 export interface ImageHeader {

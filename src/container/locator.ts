@@ -37,6 +37,8 @@ export interface PageLocation {
   slot?: number
   /** with layered(): which layer answered (0 = the top image) */
   layer?: number
+  /** with PAGE_DATA: a shared run's page (container.md "Shared slots"): the slot's pages entry may name another page */
+  shared?: boolean
 }
 
 /** What a reader asks of a locator; an image over its base answers through `layered()`. */
@@ -55,17 +57,32 @@ export function slotHolds(pages: Uint32Array, slot: number, block: number, page:
 }
 
 export function sameRun(a: PageRun, b: PageRun): boolean {
-  return a.blockId === b.blockId && a.firstPage === b.firstPage && a.pageCount === b.pageCount && a.cluster === b.cluster && a.firstSlot === b.firstSlot
+  return a.blockId === b.blockId && a.firstPage === b.firstPage && a.pageCount === b.pageCount && a.cluster === b.cluster && a.firstSlot === b.firstSlot && !a.shared === !b.shared
+}
+
+/**
+ * Whether a page may be handed out from slot `slot` of a cluster whose page list is `pages`: an
+ * owned page must be the one the slot's entry names, a shared one (container.md "Shared slots")
+ * only needs the slot to exist.
+ */
+export function slotServes(pages: Uint32Array, slot: number, block: number, page: number, shared: boolean): boolean {
+  return shared ? slot < pages.length / 2 : slotHolds(pages, slot, block, page)
 }
 
 /** The page map and a cluster's own page list disagree: never hand out that page. */
-export function disagreement(block: number, page: number, cluster: number, slot: number, details: Record<string, unknown> = {}): SnapError {
-  return new SnapError('SNAP_CORRUPT', `the page map puts page ${page} of block ${block} in slot ${slot} of cluster ${cluster}, which holds another page`, { cluster, ...details })
+export function disagreement(block: number, page: number, cluster: number, slot: number, details: Record<string, unknown> = {}, shared = false): SnapError {
+  const what = shared ? 'which the cluster does not have' : 'which holds another page'
+  return new SnapError('SNAP_CORRUPT', `the page map puts page ${page} of block ${block} in slot ${slot} of cluster ${cluster}, ${what}`, { cluster, ...details })
 }
 
 export class PageLocator implements PageLookup {
   readonly loc: Uint32Array[]
   readonly slot: Uint16Array[]
+  /** per block, made when its first shared page comes: 1 where the page is in a shared run */
+  protected shared: Array<Uint8Array | undefined> = []
+  /** pages in shared runs */
+  sharedPages = 0
+  /** owned pages per cluster (a shared page does not make its slot's owner live) */
   protected live = new Uint32Array(1024)
 
   constructor(blockPages: number[]) {
@@ -91,7 +108,19 @@ export class PageLocator implements PageLookup {
     this.loc[r.blockId].fill(r.cluster + 1, r.firstPage, end)
     const s = this.slot[r.blockId]
     for (let i = 0; i < r.pageCount; i++) s[r.firstPage + i] = r.firstSlot + i
-    this.live[r.cluster] += r.pageCount
+    if (r.shared) {
+      this.sharedBits(r.blockId).fill(1, r.firstPage, end)
+      this.sharedPages += r.pageCount
+    } else this.live[r.cluster] += r.pageCount
+  }
+
+  protected sharedBits(block: number): Uint8Array {
+    return (this.shared[block] ??= new Uint8Array(this.loc[block].length))
+  }
+
+  /** Whether a data page is in a shared run (its slot's pages entry may name another page). */
+  isShared(block: number, page: number): boolean {
+    return this.shared[block]?.[page] === 1
   }
 
   protected grow(cluster: number): void {
@@ -128,17 +157,49 @@ export class PageLocator implements PageLookup {
     if (l === undefined || l === LOC_NEVER_SENT) return { state: PAGE_NEVER_SENT }
     if (l === LOC_ZERO) return { state: PAGE_ZERO }
     if (l === LOC_BASE) return { state: PAGE_BASE }
-    return { state: PAGE_DATA, cluster: l - 1, slot: this.slot[block][page] }
+    return this.isShared(block, page) ? { state: PAGE_DATA, cluster: l - 1, slot: this.slot[block][page], shared: true } : { state: PAGE_DATA, cluster: l - 1, slot: this.slot[block][page] }
   }
 
+  /** Owned pages of the cluster (without shared pages: see liveSlotCounts). */
   liveCount(cluster: number): number {
     return cluster < this.live.length ? this.live[cluster] : 0
   }
 
+  /**
+   * The spec's live slots per cluster (slots some page points at, owned or shared): one pass over
+   * the map with a byte per slot, only when some page is shared (else the owned counts are it).
+   */
+  liveSlotCounts(pageCounts: ArrayLike<number>): ArrayLike<number> {
+    if (this.sharedPages === 0) {
+      const owned = new Uint32Array(pageCounts.length)
+      owned.set(this.live.subarray(0, pageCounts.length))
+      return owned
+    }
+    const first = new Float64Array(pageCounts.length + 1)
+    for (let c = 0; c < pageCounts.length; c++) first[c + 1] = first[c] + pageCounts[c]
+    const used = new Uint8Array(first[pageCounts.length])
+    const counts = new Uint32Array(pageCounts.length)
+    for (let b = 0; b < this.loc.length; b++) {
+      const loc = this.loc[b]
+      const slot = this.slot[b]
+      for (let p = 0; p < loc.length; p++) {
+        const l = loc[p]
+        if (l === LOC_NEVER_SENT || l === LOC_ZERO || l === LOC_BASE || l > pageCounts.length) continue
+        const at = first[l - 1] + slot[p]
+        if (used[at] === 0) {
+          used[at] = 1
+          counts[l - 1]++
+        }
+      }
+    }
+    return counts
+  }
+
   /** Sum over clusters of the spec's dead bytes. */
   deadBytes(pageCounts: ArrayLike<number>, storedLengths: ArrayLike<number>): number {
+    const live = this.liveSlotCounts(pageCounts)
     let dead = 0
-    for (let c = 0; c < pageCounts.length; c++) dead += clusterDeadBytes(storedLengths[c], pageCounts[c], this.liveCount(c))
+    for (let c = 0; c < pageCounts.length; c++) dead += clusterDeadBytes(storedLengths[c], pageCounts[c], live[c])
     return dead
   }
 
@@ -155,7 +216,7 @@ export class PageLocator implements PageLookup {
   }
 
   /** Pages the image holds (storedPages + zeroPages), over every block; basePages: taken from the base. */
-  totals(): { pages: number; storedPages: number; zeroPages: number; basePages: number } {
+  totals(): { pages: number; storedPages: number; zeroPages: number; basePages: number; sharedPages: number } {
     let zeroPages = 0
     let storedPages = 0
     let basePages = 0
@@ -165,7 +226,7 @@ export class PageLocator implements PageLookup {
       storedPages += c.storedPages
       basePages += c.basePages
     }
-    return { pages: zeroPages + storedPages, storedPages, zeroPages, basePages }
+    return { pages: zeroPages + storedPages, storedPages, zeroPages, basePages, sharedPages: this.sharedPages }
   }
 
   /** The spec's page_map: sorted by (block, first_page), adjacent pages merged into runs. */
@@ -174,6 +235,7 @@ export class PageLocator implements PageLookup {
     for (let b = 0; b < this.loc.length; b++) {
       const loc = this.loc[b]
       const slot = this.slot[b]
+      const shared = this.shared[b]
       let run: PageRun | null = null
       for (let p = 0; p < loc.length; p++) {
         const l = loc[p]
@@ -183,10 +245,11 @@ export class PageLocator implements PageLookup {
         }
         const cluster = l === LOC_ZERO ? ZERO_CLUSTER : l === LOC_BASE ? BASE_CLUSTER : l - 1
         const s = noData(cluster) ? 0 : slot[p]
-        if (run && run.cluster === cluster && (noData(cluster) || run.firstSlot + run.pageCount === s)) {
+        const sh = shared !== undefined && shared[p] === 1
+        if (run && run.cluster === cluster && (noData(cluster) || (run.firstSlot + run.pageCount === s && !run.shared === !sh))) {
           run.pageCount++
         } else {
-          run = { blockId: b, firstPage: p, pageCount: 1, cluster, firstSlot: s }
+          run = sh ? { blockId: b, firstPage: p, pageCount: 1, cluster, firstSlot: s, shared: true } : { blockId: b, firstPage: p, pageCount: 1, cluster, firstSlot: s }
           runs.push(run)
         }
       }
@@ -211,6 +274,15 @@ export class PageMap extends PageLocator {
     this.slot[block][page] = slot
   }
 
+  /** The page's bytes are those of slot `slot` of `cluster`, which another page (or an older copy) owns. */
+  setShared(block: number, page: number, cluster: number, slot: number): void {
+    this.release(block, page)
+    this.loc[block][page] = cluster + 1
+    this.slot[block][page] = slot
+    this.sharedBits(block)[page] = 1
+    this.sharedPages++
+  }
+
   setZero(block: number, page: number): void {
     this.release(block, page)
     this.loc[block][page] = LOC_ZERO
@@ -231,7 +303,12 @@ export class PageMap extends PageLocator {
 
   private release(block: number, page: number): void {
     const l = this.loc[block][page]
-    if (l !== LOC_NEVER_SENT && l !== LOC_ZERO && l !== LOC_BASE) this.live[l - 1]--
+    if (l === LOC_NEVER_SENT || l === LOC_ZERO || l === LOC_BASE) return
+    const shared = this.shared[block]
+    if (shared !== undefined && shared[page] === 1) {
+      shared[page] = 0
+      this.sharedPages--
+    } else this.live[l - 1]--
   }
 }
 
@@ -253,13 +330,19 @@ export class RunLocator implements PageLookup {
     this.live = new Uint32Array(clusterCount)
     for (const r of runs) {
       if (noData(r.cluster)) continue
-      this.live[r.cluster] += r.pageCount
+      if (r.shared) this.sharedRuns++
       const list = this.byCluster.get(r.cluster)
       if (list) list.push(r)
       else this.byCluster.set(r.cluster, [r])
     }
-    for (const list of this.byCluster.values()) list.sort((a, b) => a.firstSlot - b.firstSlot)
+    for (const [c, list] of this.byCluster) {
+      list.sort((a, b) => a.firstSlot - b.firstSlot)
+      this.live[c] = slotUnion(list)
+    }
   }
+
+  /** runs with the shared bit (container.md "Shared slots") */
+  sharedRuns = 0
 
   /** The spec's lookup, by binary search over the runs. */
   locate(block: number, page: number): PageLocation {
@@ -279,19 +362,21 @@ export class RunLocator implements PageLookup {
     if (!r || r.blockId !== block || page >= r.firstPage + r.pageCount) return { state: PAGE_NEVER_SENT }
     if (r.cluster === ZERO_CLUSTER) return { state: PAGE_ZERO }
     if (r.cluster === BASE_CLUSTER) return { state: PAGE_BASE }
-    return { state: PAGE_DATA, cluster: r.cluster, slot: r.firstSlot + page - r.firstPage }
+    const slot = r.firstSlot + page - r.firstPage
+    return r.shared ? { state: PAGE_DATA, cluster: r.cluster, slot, shared: true } : { state: PAGE_DATA, cluster: r.cluster, slot }
   }
 
+  /** Live slots of the cluster: slots some run points at (an owned and a shared page may share one). */
   liveCount(cluster: number): number {
     return cluster < this.live.length ? this.live[cluster] : 0
   }
 
-  counts(block: number): { zeroPages: number; storedPages: number; basePages: number } {
+  counts(block: number): { zeroPages: number; storedPages: number; basePages: number; sharedPages: number } {
     return runCounts(this.runs, (r) => r.blockId === block)
   }
 
   /** Pages the image holds (storedPages + zeroPages), over every block; basePages: taken from the base. */
-  totals(): { pages: number; storedPages: number; zeroPages: number; basePages: number } {
+  totals(): { pages: number; storedPages: number; zeroPages: number; basePages: number; sharedPages: number } {
     const c = runCounts(this.runs, () => true)
     return { pages: c.zeroPages + c.storedPages, ...c }
   }
@@ -312,11 +397,29 @@ export class RunLocator implements PageLookup {
   liveSlots(seq: number, pages: Uint32Array, details: Record<string, unknown> = {}): number[] {
     const out: number[] = []
     for (const r of this.byCluster.get(seq) ?? []) {
+      if (r.shared) continue
       for (let i = 0; i < r.pageCount; i++) {
         const slot = r.firstSlot + i
         if (!slotHolds(pages, slot, r.blockId, r.firstPage + i)) throw disagreement(r.blockId, r.firstPage + i, seq, slot, details)
         out.push(slot)
       }
+    }
+    return out
+  }
+
+  /**
+   * The pages of shared runs that point into cluster `seq` (container.md "Shared slots"), as
+   * (slot, block, page) triples in slot order, once each slot is shown to be in the cluster
+   * (`pages`: its page list): a reader sends them with the cluster's owned pages. Empty (and
+   * free) in an image without shared runs.
+   */
+  sharedPages(seq: number, pages: Uint32Array, details: Record<string, unknown> = {}): number[] {
+    const out: number[] = []
+    if (this.sharedRuns === 0) return out
+    for (const r of this.byCluster.get(seq) ?? []) {
+      if (!r.shared) continue
+      if (r.firstSlot + r.pageCount > pages.length / 2) throw disagreement(r.blockId, r.firstPage, seq, r.firstSlot + r.pageCount - 1, details, true)
+      for (let i = 0; i < r.pageCount; i++) out.push(r.firstSlot + i, r.blockId, r.firstPage + i)
     }
     return out
   }
@@ -327,17 +430,33 @@ export class RunLocator implements PageLookup {
   }
 }
 
-function runCounts(runs: readonly PageRun[], keep: (r: PageRun) => boolean): { zeroPages: number; storedPages: number; basePages: number } {
+/** Slots covered by runs sorted by first_slot (owned and shared runs of one cluster may overlap). */
+function slotUnion(sorted: readonly PageRun[]): number {
+  let n = 0
+  let end = 0
+  for (const r of sorted) {
+    const e = r.firstSlot + r.pageCount
+    if (e > end) {
+      n += e - Math.max(end, r.firstSlot)
+      end = e
+    }
+  }
+  return n
+}
+
+function runCounts(runs: readonly PageRun[], keep: (r: PageRun) => boolean): { zeroPages: number; storedPages: number; basePages: number; sharedPages: number } {
   let zeroPages = 0
   let storedPages = 0
   let basePages = 0
+  let sharedPages = 0
   for (const r of runs) {
     if (!keep(r)) continue
     if (r.cluster === ZERO_CLUSTER) zeroPages += r.pageCount
     else if (r.cluster === BASE_CLUSTER) basePages += r.pageCount
     else storedPages += r.pageCount
+    if (r.shared) sharedPages += r.pageCount
   }
-  return { zeroPages, storedPages, basePages }
+  return { zeroPages, storedPages, basePages, sharedPages }
 }
 
 /**

@@ -11,7 +11,7 @@ import {
 import { LocalFile, type ByteSource } from './byte-source.js'
 import { isS3Url } from '../s3/url.js'
 import { FOOTER_SIZE, decodeFooter, type ImageFooter } from './footer.js'
-import { ALIGN, HEADER_SIZE, INCOMPAT_BASE_IMAGE, INCOMPAT_FRAMED, decodeHeader, type ImageHeader } from './header.js'
+import { ALIGN, HEADER_SIZE, INCOMPAT_BASE_IMAGE, INCOMPAT_FRAMED, INCOMPAT_SHARED_SLOTS, decodeHeader, type ImageHeader } from './header.js'
 import { decodeBaseImage, type BaseImageRef } from './base-image.js'
 import { RunLocator, type PageLocation } from './locator.js'
 import * as T from './trailer.js'
@@ -132,7 +132,7 @@ export class ImageReader {
       }
     }
     if (offsets.length === 0 && trailerOffset !== HEADER_SIZE) corrupt('no clusters, yet the trailer does not follow the header')
-    const runs = T.decodePageMap(records.get(T.REC_PAGE_MAP)!, blocks, offsets.length, lim.maxPages, base !== null)
+    const runs = T.decodePageMap(records.get(T.REC_PAGE_MAP)!, blocks, offsets.length, lim.maxPages, base !== null, (header.incompatibleFeatures & INCOMPAT_SHARED_SLOTS) !== 0n)
     const config = records.get(T.REC_CONFIG)!
     const device: DeviceState = {
       machine: typeof streamInfo.machine === 'string' ? streamInfo.machine : (machineFromConfig(config) ?? header.machine),

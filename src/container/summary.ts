@@ -32,7 +32,7 @@ export async function imageSummary(reader: ImageReader): Promise<ImageSummaryInf
     version: h.version, uuid: h.uuid.toString('hex'), machine: reader.device.machine, clusterSize: h.clusterSize, pageSize: h.pageSize,
     compression: lz4 > 0 ? 'lz4' : 'none', codecs: { none: infos.length - lz4, lz4 }, framedClusters: framed,
     ramBytes: sum('size'), ramPages: sum('ramPages'), pages: sum('pages'), storedPages: sum('storedPages'), zeroPages: sum('zeroPages'),
-    basePages: sum('basePages'),
+    basePages: sum('basePages'), sharedPages: locator.totals().sharedPages,
     ramBlocks, clusters: infos.length, fileBytes: reader.fileLength, storedBytes, rawBytes, deadBytes,
     compressionRatio: storedBytes > 0 ? Math.round((100 * rawBytes) / storedBytes) / 100 : 1,
     deviceStateBytes: reader.device.config.length + reader.device.deviceSections.length + reader.device.streamEnd.length,
@@ -63,6 +63,8 @@ export interface ImageSummaryInfo {
   zeroPages: number
   /** an incremental image's pages taken from its base (0 for a standalone image) */
   basePages: number
+  /** stored pages in shared runs: their bytes are a slot another page (or an older copy) has (container.md "Shared slots") */
+  sharedPages: number
   ramBlocks: Array<{ id: number; name: string; size: number; pageSize: number; ramPages: number; pages: number; storedPages: number; zeroPages: number; basePages: number }>
   clusters: number
   fileBytes: number

@@ -171,21 +171,27 @@ export interface PageRun {
   /** cluster sequence number, or ZERO_CLUSTER */
   cluster: number
   firstSlot: number
+  /** a shared run (first_slot bit 31, container.md "Shared slots"): the slots' pages entries may name other pages */
+  shared?: boolean
 }
+
+/** first_slot bit 31: a shared run (only with incompatible bit 4, shared_slots). */
+export const SHARED_RUN = 0x80000000
 
 export function encodePageMap(runs: PageRun[]): Buffer {
   const w = new Writer(Buffer.alloc(4 + RUN_SIZE * runs.length))
   w.u32(runs.length)
-  for (const r of runs) w.u32(r.blockId).u32(r.firstPage).u32(r.pageCount).u32(r.cluster).u32(r.firstSlot)
+  for (const r of runs) w.u32(r.blockId).u32(r.firstPage).u32(r.pageCount).u32(r.cluster).u32(r.shared ? (r.firstSlot | SHARED_RUN) >>> 0 : r.firstSlot)
   return w.buf
 }
 
 /**
  * Decode and check the page map against the block table and the cluster count: sorted,
  * not overlapping, inside its block, slots inside a cluster's largest page count. Base runs
- * (BASE_CLUSTER) only in an image with a base (`hasBase`).
+ * (BASE_CLUSTER) only in an image with a base (`hasBase`), shared runs only in one with
+ * incompatible bit 4 (`sharedSlots`).
  */
-export function decodePageMap(body: Buffer, blocks: RamBlock[], clusterCount: number, maxPages: number, hasBase = false): PageRun[] {
+export function decodePageMap(body: Buffer, blocks: RamBlock[], clusterCount: number, maxPages: number, hasBase = false, sharedSlots = false): PageRun[] {
   const r = new Reader(body, 0, body.length, 'SNAP_CORRUPT')
   const count = r.u32('run_count')
   // Check before allocating: a count of 0xFFFFFFFF must cost nothing.
@@ -195,7 +201,11 @@ export function decodePageMap(body: Buffer, blocks: RamBlock[], clusterCount: nu
   let prevBlock = -1
   let prevEnd = 0
   for (let i = 0; i < count; i++) {
-    const run = { blockId: r.u32(), firstPage: r.u32(), pageCount: r.u32(), cluster: r.u32(), firstSlot: r.u32() }
+    const run: PageRun = { blockId: r.u32(), firstPage: r.u32(), pageCount: r.u32(), cluster: r.u32(), firstSlot: r.u32() }
+    if (run.firstSlot >= SHARED_RUN && sharedSlots && run.cluster !== ZERO_CLUSTER && run.cluster !== BASE_CLUSTER) {
+      run.firstSlot -= SHARED_RUN
+      run.shared = true
+    }
     const b = blocks[run.blockId]
     if (!b) corrupt(`page_map run ${i} names block ${run.blockId}, which is not in the block table`)
     if (run.pageCount < 1 || run.firstPage + run.pageCount > b.size / b.pageSize) corrupt(`page_map run ${i} is outside block ${b.name}`)

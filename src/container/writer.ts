@@ -12,9 +12,10 @@ import { PAGE_BASE, PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, typ
 import { CODEC_LZ4, CODEC_NONE, DEFAULT_FRAME_PAGES, encodeFrames } from './cluster.js'
 import { ClusterFile, fsyncDir, type ClusterFileOptions, type Stored } from './cluster-file.js'
 import { copyLive, copyZeros } from './compaction.js'
+import { SlotFinder, type DedupeStats } from './dedupe.js'
 import { FOOTER_SIZE, encodeFooter } from './footer.js'
 import {
-  ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, INCOMPAT_BASE_IMAGE, INCOMPAT_FRAMED, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
+  ALIGN, COMPAT_XBZRLE_SOURCE, DEFAULT_CLUSTER_SIZE, HEADER_LENGTH_V1, INCOMPAT_BASE_IMAGE, INCOMPAT_FRAMED, INCOMPAT_SHARED_SLOTS, MAX_CLUSTER_SIZE, MIN_CLUSTER_SIZE, PAGE_SIZE,
   encodeHeader, isPowerOfTwo,
 } from './header.js'
 import { localIndexPath } from './byte-source.js'
@@ -54,6 +55,11 @@ export interface WriterOptions {
   bypassCache?: boolean
   /** write an incremental image: pages equal to what this base restores are stored as base runs */
   base?: WriterBase
+  /**
+   * store a page whose bytes a slot of the image already holds once: it points at that slot (a
+   * shared run, container.md "Shared slots"; confirmed byte for byte). Default on
+   */
+  dedupe?: boolean
   /** s3:// images: where the spool file is written (default $TMPDIR) and the index built (the read cache) */
   spoolDir?: string
   cacheDir?: string
@@ -124,6 +130,8 @@ export interface ImageSummary {
   storedPages: number
   /** an incremental image's pages taken from its base (0 without a base) */
   basePages: number
+  /** stored pages that point at a slot another page (or an older copy) has: not stored again */
+  sharedPages: number
   /** every page of the RAM blocks (pages QEMU never sent included) and their bytes */
   ramPages: number
   ramBytes: number
@@ -157,6 +165,12 @@ export class ImageWriter {
   /** the same for the buffers clusters are compressed into, free again once written */
   private readonly spareStored: Buffer[] = []
   private readonly oursStored = new WeakSet<ArrayBufferLike>()
+  /** proposes slots that may hold a page's bytes already (null: --no-dedupe) */
+  private finder: SlotFinder | null = null
+  /** slots of the open cluster that shared pages point at: never moved or overwritten */
+  private readonly sharedSlot: Uint8Array
+  /** pages the open cluster names that no longer live there (they left a slot still shared) */
+  private staleNames = 0
 
   private constructor(
     readonly path: string,
@@ -169,8 +183,10 @@ export class ImageWriter {
     private readonly fileOpts: ClusterFileOptions,
     private readonly base: WriterBase | null,
     private readonly sink: ImageSink | null = null,
+    private readonly dedupe = true,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
+    this.sharedSlot = new Uint8Array(this.ppc)
     this.watch(this.file)
     if (sink) this.file.onWritten = (end) => sink.progress(end)
     this.buf = this.newBuffer()
@@ -205,7 +221,12 @@ export class ImageWriter {
       await unlink(partial).catch(() => {})
       throw lockedError(path, running)
     }
-    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false, fileOpts, opts.base ?? null)
+    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false, fileOpts, opts.base ?? null, null, opts.dedupe ?? true)
+  }
+
+  /** What deduplication did so far (null: off). */
+  get dedupeStats(): DedupeStats | null {
+    return this.finder?.stats ?? null
   }
 
   /** Why --bypass-cache could not be honoured (the filesystem refuses O_DIRECT), for the caller to print. */
@@ -221,7 +242,7 @@ export class ImageWriter {
       // Through the page cache whatever --bypass-cache says: the upload reads the spool right back.
       const fileOpts: ClusterFileOptions = {}
       const file = await ClusterFile.create(sink.spool, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, { lruBytes: opts.cacheBytes })
-      return new ImageWriter(url, sink.spool, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, false, fileOpts, null, sink)
+      return new ImageWriter(url, sink.spool, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, false, fileOpts, null, sink, opts.dedupe ?? true)
     } catch (e) {
       await sink.abort()
       throw e
@@ -246,6 +267,7 @@ export class ImageWriter {
     }
     this.blocks = blocks.map((b, id) => ({ id, name: b.name, size: b.size, pageSize: PAGE_SIZE }))
     this.map = new PageMap(blocks.map((b) => b.size / PAGE_SIZE))
+    if (this.dedupe) this.finder = new SlotFinder(blocks.reduce((n, b) => n + b.size / PAGE_SIZE, 0))
   }
 
   private check(block: number, page: number): PageMap {
@@ -268,17 +290,68 @@ export class ImageWriter {
       map.setBase(block, page)
       return
     }
-    if (map.loc[block][page] === this.seq + 1) {
+    const loc = map.loc[block][page]
+    const at = map.slot[block][page]
+    const owns = loc === this.seq + 1 && this.names(at, block, page)
+    const fp = this.finder ? SlotFinder.fingerprint(data) : 0
+    if (owns && this.sharedSlot[at] === 0) {
       // Re-sent while its cluster is still open: replace it in place, no dead copy.
-      this.buf.set(data, map.slot[block][page] * PAGE_SIZE)
+      this.buf.set(data, at * PAGE_SIZE)
+      this.finder?.remember(fp, this.seq, at)
       return
     }
+    if (this.finder && this.share(map, block, page, fp, data, loc, at, owns)) return
+    // A page is named at most once in a cluster: one that left a slot others still share goes on in the next.
+    if (owns || (this.staleNames > 0 && this.named(block, page))) this.seal()
     const s = this.count++
     this.buf.set(data, s * PAGE_SIZE)
     this.pages[2 * s] = block
     this.pages[2 * s + 1] = page
     map.setData(block, page, this.seq, s)
+    this.finder?.remember(fp, this.seq, s)
     if (this.count === this.ppc) this.seal()
+  }
+
+  /**
+   * Point the page at a slot that holds its bytes already, if the finder proposes one and the
+   * bytes agree (container.md "Shared slots"): whether it did. `loc`/`at`: where the page is now.
+   */
+  private share(map: PageMap, block: number, page: number, fp: number, data: Uint8Array, loc: number, at: number, owns: boolean): boolean {
+    const finder = this.finder!
+    const got = finder.propose(fp)
+    if (!got) return false
+    const { cluster, slot } = got
+    let raw: Buffer | undefined
+    if (cluster === this.seq) {
+      if (slot >= this.count) return false
+      raw = this.buf
+    } else {
+      raw = this.file.cached(cluster)
+      if (raw === undefined) {
+        if (!finder.mayRead()) return false
+        finder.stats.clusterReads++
+        raw = this.file.rawSync(cluster)
+      }
+      if (slot >= raw.length / PAGE_SIZE) return false
+    }
+    if (raw.compare(data, 0, PAGE_SIZE, slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE) !== 0) return false
+    finder.stats.confirmed++
+    if (loc === cluster + 1 && at === slot) return true // re-sent as it is stored
+    this.vacate(map, block, page) // a page that owned a shared slot leaves it and its name there (staleNames)
+    map.setShared(block, page, cluster, slot)
+    if (cluster === this.seq) this.sharedSlot[slot] = 1
+    return true
+  }
+
+  /** Whether slot `slot` of the open cluster is named (block, page). */
+  private names(slot: number, block: number, page: number): boolean {
+    return slot < this.count && this.pages[2 * slot] === block && this.pages[2 * slot + 1] === page
+  }
+
+  /** Whether the open cluster names (block, page) in any slot. */
+  private named(block: number, page: number): boolean {
+    for (let s = 0; s < this.count; s++) if (this.pages[2 * s] === block && this.pages[2 * s + 1] === page) return true
+    return false
   }
 
   putZero(block: number, page: number): void {
@@ -288,20 +361,26 @@ export class ImageWriter {
     else map.setZero(block, page)
   }
 
-  /** A page of the open cluster leaves it: its slot is filled with the last page, so no dead slot is written. */
+  /**
+   * A page of the open cluster leaves it: its slot is filled with the last page, so no dead slot
+   * is written, unless either slot is shared (then the slot stays, and its name: staleNames).
+   */
   private vacate(map: PageMap, block: number, page: number): void {
-    if (map.loc[block][page] === this.seq + 1) {
-      // Fill the hole with the open cluster's last page so that no dead slot is written.
-      const hole = map.slot[block][page]
-      const last = --this.count
-      if (hole !== last) {
-        this.buf.copy(this.buf, hole * PAGE_SIZE, last * PAGE_SIZE, (last + 1) * PAGE_SIZE)
-        const b = this.pages[2 * last]
-        const p = this.pages[2 * last + 1]
-        this.pages[2 * hole] = b
-        this.pages[2 * hole + 1] = p
-        map.moveSlot(b, p, hole)
-      }
+    const hole = map.slot[block][page]
+    if (map.loc[block][page] !== this.seq + 1 || !this.names(hole, block, page)) return
+    const last = this.count - 1
+    if (this.sharedSlot[hole] !== 0 || this.sharedSlot[last] !== 0) {
+      this.staleNames++
+      return
+    }
+    this.count--
+    if (hole !== last) {
+      this.buf.copy(this.buf, hole * PAGE_SIZE, last * PAGE_SIZE, (last + 1) * PAGE_SIZE)
+      const b = this.pages[2 * last]
+      const p = this.pages[2 * last + 1]
+      this.pages[2 * hole] = b
+      this.pages[2 * hole + 1] = p
+      map.moveSlot(b, p, hole)
     }
   }
 
@@ -351,6 +430,8 @@ export class ImageWriter {
     this.file.enqueue(this.seq++, pages, n, raw, stored)
     this.buf = this.newBuffer()
     this.count = 0
+    this.sharedSlot.fill(0)
+    this.staleNames = 0
   }
 
   private newStoredBuffer(): Buffer {
@@ -419,11 +500,13 @@ export class ImageWriter {
     }
     this.map = map
     this.seq = 0
+    this.finder?.clear()
     await copyLive(old, oldMap, {
       file: this.file,
       map,
       nextSeq: () => this.seq++,
       putPage: (b, p, data) => this.putPage(b, p, data),
+      putShared: (b, p, seq, slot) => map.setShared(b, p, seq, slot),
       maxInflight: MAX_INFLIGHT,
     })
     this.seal()
@@ -468,7 +551,8 @@ export class ImageWriter {
       clusterCount: f.offsets.length, generation: 1,
     })
     const header = encodeHeader({
-      version: 1, headerLength: HEADER_LENGTH_V1, incompatibleFeatures: (this.base ? INCOMPAT_BASE_IMAGE : 0n) | (f.frameCounts.some((n) => n > 0) ? INCOMPAT_FRAMED : 0n),
+      version: 1, headerLength: HEADER_LENGTH_V1,
+      incompatibleFeatures: (this.base ? INCOMPAT_BASE_IMAGE : 0n) | (f.frameCounts.some((n) => n > 0) ? INCOMPAT_FRAMED : 0n) | (runs.some((r) => r.shared) ? INCOMPAT_SHARED_SLOTS : 0n),
       compatibleFeatures: compat, autoclearFeatures: 0n,
       clusterSize: this.clusterSize, pageSize: PAGE_SIZE, uuid: this.uuid, creationTime: this.createdAt, generation: 1,
       trailerOffset, trailerLength: trailer.length, fileLength, machine: device.machine, baseImageOffset, encryptionMethod: 0,
@@ -482,11 +566,11 @@ export class ImageWriter {
     // Renamed while still open, so that the partial is held (locked) until it has its name.
     await this.publish(fileLength)
     await f.close()
-    const { pages, zeroPages, storedPages, basePages } = map.totals()
+    const { pages, zeroPages, storedPages, basePages, sharedPages } = map.totals()
     const summary: ImageSummary = {
       path: this.path, uuid: this.uuid.toString('hex'), clusters: f.offsets.length, fileBytes: fileLength,
       storedBytes: f.storedLengths.reduce((a, b) => a + b, 0), rawBytes: f.pageCounts.reduce((a, b) => a + b, 0) * PAGE_SIZE,
-      deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages, zeroPages, storedPages, basePages,
+      deadBytes: map.deadBytes(f.pageCounts, f.storedLengths), pages, zeroPages, storedPages, basePages, sharedPages,
       ramPages: this.blocks.reduce((n, b) => n + b.size / b.pageSize, 0), ramBytes: this.blocks.reduce((n, b) => n + b.size, 0),
       compacted, indexPath: this.sink?.indexDir ?? localIndexPath(this.path),
     }

@@ -16,6 +16,8 @@ export const KIND_ZERO = 1
 export const KIND_DATA = 2
 /** an incremental image's run of pages taken from its base */
 export const KIND_BASE = 3
+/** a data run with the shared bit (container.md "Shared slots") */
+export const KIND_SHARED = 4
 
 const bad = (what: string): never => {
   throw new SnapError('SNAP_INDEX_CORRUPT', `the page index holds a malformed ${what}`)
@@ -43,7 +45,7 @@ export function decodeRunKey(key: Buffer): { blockId: number; byteOffset: number
 }
 
 export interface RunValue {
-  kind: typeof KIND_ZERO | typeof KIND_DATA | typeof KIND_BASE
+  kind: typeof KIND_ZERO | typeof KIND_DATA | typeof KIND_BASE | typeof KIND_SHARED
   pageCount: number
   cluster: number
   firstSlot: number
@@ -54,13 +56,13 @@ export function encodeRunValue(v: RunValue): Buffer {
 }
 
 export function decodeRunValue(b: Buffer): RunValue {
-  if (b.length !== 14 || b[0] !== INDEX_VERSION || (b[1] !== KIND_ZERO && b[1] !== KIND_DATA && b[1] !== KIND_BASE)) bad('run value')
+  if (b.length !== 14 || b[0] !== INDEX_VERSION || (b[1] !== KIND_ZERO && b[1] !== KIND_DATA && b[1] !== KIND_BASE && b[1] !== KIND_SHARED)) bad('run value')
   return { kind: b[1] as RunValue['kind'], pageCount: b.readUInt32BE(2), cluster: b.readUInt32BE(6), firstSlot: b.readUInt32BE(10) }
 }
 
 /** A page_map run as the index stores it (format-spec/index.md: a zero run has kind 1, cluster and slot 0xFFFFFFFF/0 as written). */
 export function runEntry(r: PageRun, pageSize: number): [Buffer, Buffer] {
-  const kind = r.cluster === ZERO_CLUSTER ? KIND_ZERO : r.cluster === BASE_CLUSTER ? KIND_BASE : KIND_DATA
+  const kind = r.cluster === ZERO_CLUSTER ? KIND_ZERO : r.cluster === BASE_CLUSTER ? KIND_BASE : r.shared ? KIND_SHARED : KIND_DATA
   return [runKey(r.blockId, r.firstPage * pageSize), encodeRunValue({ kind, pageCount: r.pageCount, cluster: r.cluster, firstSlot: r.firstSlot })]
 }
 
@@ -69,7 +71,9 @@ export function runFromEntry(key: Buffer, value: Buffer, pageSize: number): Page
   const k = decodeRunKey(key)
   const v = decodeRunValue(value)
   const cluster = v.kind === KIND_ZERO ? ZERO_CLUSTER : v.kind === KIND_BASE ? BASE_CLUSTER : v.cluster
-  return { blockId: k.blockId, firstPage: k.byteOffset / pageSize, pageCount: v.pageCount, cluster, firstSlot: v.kind === KIND_DATA ? v.firstSlot : 0 }
+  const run: PageRun = { blockId: k.blockId, firstPage: k.byteOffset / pageSize, pageCount: v.pageCount, cluster, firstSlot: v.kind === KIND_DATA || v.kind === KIND_SHARED ? v.firstSlot : 0 }
+  if (v.kind === KIND_SHARED) run.shared = true
+  return run
 }
 
 // ---- 02: clusters --------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import { Level } from 'level'
 import { SnapError, isSnapError } from '../errors.js'
 import { PAGE_BASE, PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type RamBlock } from '../types.js'
 import type { DecodedCluster, ImageReader } from '../container/reader.js'
-import { BASE_CLUSTER, ZERO_CLUSTER, sameRun, slotHolds, type PageLocation, type PageRun } from '../container/locator.js'
+import { BASE_CLUSTER, ZERO_CLUSTER, sameRun, slotServes, type PageLocation, type PageRun } from '../container/locator.js'
 import * as K from './keys.js'
 import { localIndexPath } from '../container/byte-source.js'
 
@@ -260,7 +260,8 @@ export class PageIndex {
     if (!run || run.blockId !== id || page >= run.firstPage + run.pageCount) return { state: PAGE_NEVER_SENT }
     if (run.cluster === ZERO_CLUSTER) return { state: PAGE_ZERO }
     if (run.cluster === BASE_CLUSTER) return { state: PAGE_BASE }
-    return { state: PAGE_DATA, cluster: run.cluster, slot: run.firstSlot + page - run.firstPage }
+    const slot = run.firstSlot + page - run.firstPage
+    return run.shared ? { state: PAGE_DATA, cluster: run.cluster, slot, shared: true } : { state: PAGE_DATA, cluster: run.cluster, slot }
   }
 
   /** A page's bytes (a view into a cached decoded cluster), 'zero', 'base' (ask the base image), or null if never sent. */
@@ -284,7 +285,7 @@ export class PageIndex {
     const ps = this.reader.header.pageSize
     const slot = loc.slot!
     // The index is a cache: never hand out a page the cluster does not name.
-    if (!slotHolds(c.pages, slot, id, Math.floor(byteOffset / ps))) {
+    if (!slotServes(c.pages, slot, id, Math.floor(byteOffset / ps), loc.shared === true)) {
       throw new SnapError('SNAP_INDEX_MISMATCH', `the page index points page ${byteOffset} of block ${id} at cluster ${seq} slot ${slot}, which holds another page`, { cluster: seq, offset: c.offset })
     }
     return c.raw.subarray(slot * ps, (slot + 1) * ps)

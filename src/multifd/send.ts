@@ -202,7 +202,9 @@ class Sender {
     const { reader, chans, main } = this
     for await (const cluster of reader.clusters({ readAhead: 2, reuse: 'manual' })) {
       const slots = reader.locator.liveSlots(cluster.seq, cluster.pages, { offset: cluster.offset })
-      if (slots.length === 0) {
+      // Pages stored once for several places (container.md "Shared slots"): (slot, block, page) triples.
+      const shared = reader.locator.sharedPages(cluster.seq, cluster.pages, { offset: cluster.offset })
+      if (slots.length === 0 && shared.length === 0) {
         cluster.release?.()
         continue
       }
@@ -224,12 +226,24 @@ class Sender {
         let j = i + 1
         while (j < slots.length && j - i < MULTIFD_PAGE_COUNT && list[2 * slots[j]] === block) j++
         holds++
-        this.emit(block, list, cluster.raw, slots.slice(i, j), done)
+        const run = slots.slice(i, j)
+        this.emit(block, cluster.raw, run, run.map((s) => list[2 * s + 1]), done)
         i = j
+      }
+      for (let i = 0; i < shared.length; ) {
+        const block = shared[i + 1]
+        const run: number[] = []
+        const pages: number[] = []
+        for (; i < shared.length && run.length < MULTIFD_PAGE_COUNT && shared[i + 1] === block; i += 3) {
+          run.push(shared[i])
+          pages.push(shared[i + 2])
+        }
+        holds++
+        this.emit(block, cluster.raw, run, pages, done)
       }
       done()
       if (this.held >= HELD_CLUSTERS) await this.released()
-      this.pages += slots.length
+      this.pages += slots.length + shared.length / 3
       for (const c of [main, ...chans]) if (c.socket.destroyed) await c.flush() // throws the peer's error at once
       this.opts.onProgress?.(this.pages * PAGE, storedPages * PAGE)
     }
@@ -245,12 +259,13 @@ class Sender {
   }
 
   /**
-   * A run of pages of one block: PAGE records on main without channels, else one packet on the
-   * least busy channel. `written` is called once the socket has taken the pages (or failed).
+   * Pages `pages` of one block from slots `slots` of `raw`: PAGE records on main without channels,
+   * else one packet on the least busy channel. `written` is called once the socket has taken the
+   * pages (or failed).
    */
-  private emit(block: number, list: Uint32Array, raw: Buffer, slots: number[], written: () => void): void {
+  private emit(block: number, raw: Buffer, slots: number[], pages: number[], written: () => void): void {
     if (!this.multifd) {
-      for (const s of slots) this.rec.page(block, list[2 * s + 1], raw.subarray(s * PAGE, (s + 1) * PAGE))
+      slots.forEach((s, i) => this.rec.page(block, pages[i], raw.subarray(s * PAGE, (s + 1) * PAGE)))
       this.pushMain(this.rec.take())
       written() // the records hold copies
       return
@@ -260,7 +275,7 @@ class Sender {
     const payload = contiguous ? raw.subarray(slots[0] * PAGE, (slots[slots.length - 1] + 1) * PAGE) : Buffer.concat(slots.map((s) => raw.subarray(s * PAGE, (s + 1) * PAGE)))
     const header = encodePacketHeader({
       flags: 0, pagesAlloc: MULTIFD_PAGE_COUNT, normalPages: slots.length, zeroPages: 0, packetNum: BigInt(this.packets++), ramblock: name,
-      offsets: slots.map((s) => list[2 * s + 1] * PAGE),
+      offsets: pages.map((p) => p * PAGE),
     })
     let best = this.chans[0]
     for (const c of this.chans) if (c.socket.writableLength < best.socket.writableLength) best = c

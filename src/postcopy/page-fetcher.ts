@@ -4,7 +4,7 @@
 // Everything here runs on the calling thread: a request must not queue behind bulk I/O in the
 // thread pool.
 import type { ClusterHeader } from '../container/cluster.js'
-import { disagreement, slotHolds } from '../container/locator.js'
+import { disagreement, slotServes } from '../container/locator.js'
 import type { RestoreImage } from '../container/chain.js'
 import type { DecodedCluster } from '../container/reader.js'
 
@@ -48,14 +48,14 @@ export class PageFetcher {
    * Page (b, p) at `slot` of cluster `seq`, checked against the cluster's page list. Decoded
    * buffers are never reused: the bytes stay valid after they leave the caches.
    */
-  page(seq: number, slot: number, b: number, p: number): Uint8Array {
+  page(seq: number, slot: number, b: number, p: number, shared = false): Uint8Array {
     const whole = this.clusters.get(seq)
-    if (whole) return this.slice(whole.pages, whole.raw, slot, 0, seq, b, p)
+    if (whole) return this.slice(whole.pages, whole.raw, slot, 0, seq, b, p, shared)
     const h = this.header(seq)
     if (!h.framePages) {
       this.clustersRead++ // not cached above: read now
       const c = this.cluster(seq)
-      return this.slice(c.pages, c.raw, slot, 0, seq, b, p)
+      return this.slice(c.pages, c.raw, slot, 0, seq, b, p, shared)
     }
     const i = Math.floor(slot / h.framePages)
     const key = seq * 65536 + i
@@ -66,12 +66,12 @@ export class PageFetcher {
       this.frames.set(key, frame)
       trim(this.frames, FRAME_CACHE)
     }
-    return this.slice(h.pages, frame, slot, i * h.framePages, seq, b, p)
+    return this.slice(h.pages, frame, slot, i * h.framePages, seq, b, p, shared)
   }
 
-  /** Slot `slot` out of decoded bytes that start at slot `first`, once the page list agrees. */
-  private slice(pages: Uint32Array, raw: Buffer, slot: number, first: number, seq: number, b: number, p: number): Uint8Array {
-    if (!slotHolds(pages, slot, b, p)) throw disagreement(b, p, seq, slot, { offset: this.reader.clusterOffsets[seq] })
+  /** Slot `slot` out of decoded bytes that start at slot `first`, once the page list agrees (a shared page: once the slot exists). */
+  private slice(pages: Uint32Array, raw: Buffer, slot: number, first: number, seq: number, b: number, p: number, shared: boolean): Uint8Array {
+    if (!slotServes(pages, slot, b, p, shared)) throw disagreement(b, p, seq, slot, { offset: this.reader.clusterOffsets[seq] }, shared)
     const at = (slot - first) * this.pageSize
     return raw.subarray(at, at + this.pageSize)
   }

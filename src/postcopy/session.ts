@@ -7,7 +7,7 @@ import { getPriority, setPriority } from 'node:os'
 import type { DecodedCluster } from '../container/reader.js'
 import type { RestoreImage } from '../container/chain.js'
 import { PageFetcher } from './page-fetcher.js'
-import { LOC_NEVER_SENT, LOC_ZERO, disagreement, slotHolds, type PageLocator, type RunLocator } from '../container/locator.js'
+import { LOC_NEVER_SENT, LOC_ZERO, type PageLocator, type RunLocator } from '../container/locator.js'
 import { SnapError } from '../errors.js'
 import * as enc from '../stream/encoder.js'
 import type { RpMessage } from '../stream/return-path.js'
@@ -405,16 +405,24 @@ export class Session {
     this.pushed[cluster.seq] = 1
     const list = cluster.pages
     for (const slot of this.runs.liveSlots(cluster.seq, list, { offset: cluster.offset })) {
-      const b = list[2 * slot]
-      const p = list[2 * slot + 1]
-      if (this.hostPages[b] > 1 || this.sent[b][p] !== 0) continue // hugepages: whole host pages, pushHostPages()
-      this.sent[b][p] = 1
-      this.bg ??= this.newSection(CHUNK_BYTES + (32 << 10))
-      this.bg.page(b, p, cluster.raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
-      this.pages++
-      this.bytesPushed += this.pageSize
-      if (this.bg.size() >= CHUNK_BYTES) await this.flushBackground()
+      if (this.pushSlot(cluster.raw, slot, list[2 * slot], list[2 * slot + 1])) await this.flushBackground()
     }
+    // Pages stored once for several places (container.md "Shared slots"), from the same decoded cluster.
+    const shared = this.runs.sharedPages(cluster.seq, list, { offset: cluster.offset })
+    for (let i = 0; i < shared.length; i += 3) {
+      if (this.pushSlot(cluster.raw, shared[i], shared[i + 1], shared[i + 2])) await this.flushBackground()
+    }
+  }
+
+  /** Page (b, p) from slot `slot` of decoded pages into the background section, unless sent already: whether that section is full. */
+  private pushSlot(raw: Buffer, slot: number, b: number, p: number): boolean {
+    if (this.hostPages[b] > 1 || this.sent[b][p] !== 0) return false // hugepages: whole host pages, pushHostPages()
+    this.sent[b][p] = 1
+    this.bg ??= this.newSection(CHUNK_BYTES + (32 << 10))
+    this.bg.page(b, p, raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
+    this.pages++
+    this.bytesPushed += this.pageSize
+    return this.bg.size() >= CHUNK_BYTES
   }
 
   private async flushBackground(): Promise<void> {
@@ -519,7 +527,7 @@ export class Session {
       section.zero(b, p) // zero, or never sent by QEMU: the destination had zeroes there too
       return
     }
-    section.page(b, p, this.fetch.page(l - 1, this.locator.slotOf(b, p), b, p))
+    section.page(b, p, this.fetch.page(l - 1, this.locator.slotOf(b, p), b, p, this.locator.isShared(b, p)))
   }
 
   /** Queue background bytes; waits while two chunks are already waiting. */
