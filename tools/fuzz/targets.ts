@@ -177,16 +177,18 @@ interface Base {
   records: Region[]
 }
 
-async function writeSynthImage(path: string, seed: number, compress: 'lz4' | 'none', device: DeviceState): Promise<void> {
+/** `repeats`: the share of pages that are one of 6 contents (stored once: shared runs, container.md "Shared slots"). */
+async function writeSynthImage(path: string, seed: number, compress: 'lz4' | 'none', device: DeviceState, repeats = 0): Promise<void> {
   const rand = caseRng(seed, 0)
   const blocks: RamBlockDecl[] = [{ name: 'pc.ram', size: 96 * PAGE }, { name: '0000:00:02.0/vga.vram', size: 16 * PAGE }, { name: 'pc.rom', size: PAGE }]
   const w = await ImageWriter.create(path, { clusterSize: 65536, compress })
   w.setBlocks(blocks)
+  const kinds = Array.from({ length: 6 }, () => pageOf(rand))
   for (let i = 0; i < 160; i++) {
     const b = rand() < 0.8 ? 0 : int(rand, blocks.length)
     const p = int(rand, blocks[b].size / PAGE)
     if (rand() < 0.2) w.putZero(b, p)
-    else w.putPage(b, p, pageOf(rand))
+    else w.putPage(b, p, rand() < repeats ? pick(rand, kinds) : pageOf(rand))
     if (w.needsDrain()) await w.drain()
   }
   await w.finish(device, { source: 'qemu', counters: { pages: 0, zeroPages: 0, xbzrlePages: 0, resentPages: 0, bytesIn: 0, sections: 0 } })
@@ -306,8 +308,13 @@ export async function imageTarget(classify: Classify): Promise<Target> {
     await createImage(join(dir, 'fixture.snap'), { from: FIXTURE, clusterSize: 65536 })
     // Its base is lz4.snap, beside case.snap: mutated copies of it open as a chain.
     await writeIncrImage(join(dir, 'incr.snap'), join(dir, 'lz4.snap'), device)
-    const bases = [await describe(join(dir, 'lz4.snap')), await describe(join(dir, 'raw.snap')), await describe(join(dir, 'fixture.snap')), await describe(join(dir, 'incr.snap'))]
+    await writeSynthImage(join(dir, 'shared.snap'), 4, 'lz4', device, 0.5)
+    const bases = [
+      await describe(join(dir, 'lz4.snap')), await describe(join(dir, 'raw.snap')), await describe(join(dir, 'fixture.snap')), await describe(join(dir, 'incr.snap')),
+      await describe(join(dir, 'shared.snap')),
+    ]
     const INCR = 3
+    const SHARED = 4
     const path = join(dir, 'case.snap')
     const out = join(dir, 'case.stream')
     return {
@@ -316,7 +323,9 @@ export async function imageTarget(classify: Classify): Promise<Target> {
         const base = bases[bi]
         // The incremental image's last record is its base_image (type 8): aimed at often, so that
         // its fields (uuid, generation, path) are damaged behind recomputed checksums.
-        const [name, region] = bi === INCR && rand() < 0.4 ? ['base_image record', base.records[base.records.length - 1]] as [string, Region] : imageRegion(base, rand)
+        // The image with shared runs: its page map (record 3, third) is aimed at often too.
+        const [name, region] = bi === INCR && rand() < 0.4 ? ['base_image record', base.records[base.records.length - 1]] as [string, Region]
+          : bi === SHARED && rand() < 0.4 ? ['page_map record', base.records[2]] as [string, Region] : imageRegion(base, rand)
         const mutated = mutateSome(base.bytes, rand, 2, () => region)
         let input = mutated.out
         const whats = [mutated.what]
