@@ -300,7 +300,7 @@ export class ImageWriter {
       this.finder?.remember(fp, this.seq, at)
       return
     }
-    if (this.finder && this.share(map, block, page, fp, data, loc, at, owns)) return
+    if (this.finder && this.share(map, block, page, fp, data, loc, at)) return
     // A page is named at most once in a cluster: one that left a slot others still share goes on in the next.
     if (owns || (this.staleNames > 0 && this.named(block, page))) this.seal()
     const s = this.count++
@@ -314,15 +314,21 @@ export class ImageWriter {
 
   /**
    * Point the page at a slot that holds its bytes already, if the finder proposes one and the
-   * bytes agree (container.md "Shared slots"): whether it did. `loc`/`at`: where the page is now.
+   * bytes agree (container.md "Shared slots"): whether it did. `loc`/`now`: where the page is now.
    */
-  private share(map: PageMap, block: number, page: number, fp: number, data: Uint8Array, loc: number, at: number, owns: boolean): boolean {
+  private share(map: PageMap, block: number, page: number, fp: number, data: Uint8Array, loc: number, now: number): boolean {
     const finder = this.finder!
     const got = finder.propose(fp)
     if (!got) return false
     const { cluster, slot } = got
     let raw: Buffer | undefined
-    if (cluster === this.seq) {
+    let read = false
+    let at = slot * PAGE_SIZE
+    const hot = finder.hot(cluster, slot)
+    if (hot) {
+      raw = hot
+      at = 0
+    } else if (cluster === this.seq) {
       if (slot >= this.count) return false
       raw = this.buf
     } else {
@@ -331,15 +337,19 @@ export class ImageWriter {
         if (!finder.mayRead()) return false
         finder.stats.clusterReads++
         raw = this.file.rawSync(cluster)
+        read = true
       }
       if (slot >= raw.length / PAGE_SIZE) return false
     }
-    if (raw.compare(data, 0, PAGE_SIZE, slot * PAGE_SIZE, (slot + 1) * PAGE_SIZE) !== 0) return false
+    const same = raw.compare(data, 0, PAGE_SIZE, at, at + PAGE_SIZE) === 0
+    if (read && same) finder.stats.readsPaid++
+    if (!same) return false
     finder.stats.confirmed++
-    if (loc === cluster + 1 && at === slot) return true // re-sent as it is stored
+    if (loc === cluster + 1 && now === slot) return true // re-sent as it is stored
     this.vacate(map, block, page) // a page that owned a shared slot leaves it and its name there (staleNames)
     map.setShared(block, page, cluster, slot)
     if (cluster === this.seq) this.sharedSlot[slot] = 1
+    finder.keep(cluster, slot, data)
     return true
   }
 
