@@ -34,6 +34,8 @@ export interface SaveOptions {
   clusterSize?: number
   /** an incremental image over this base (create --base) */
   base?: string
+  /** false: create --no-dedupe (every page stored, none shares a slot) */
+  dedupe?: boolean
   force?: boolean
   sync?: boolean
   /** the create writes the image with O_DIRECT, around the host's page cache (`create --bypass-cache`) */
@@ -164,6 +166,7 @@ class Save {
       const args = ['create', tmp, ...(s3 && this.opts.force ? ['--force'] : []), '--compress', this.opts.compress ?? 'lz4', '--cluster-size', String(this.opts.clusterSize ?? 1 << 20)]
       if (this.opts.sync) args.push('--sync')
       if (this.opts.bypassCache) args.push('--bypass-cache')
+      if (this.opts.dedupe === false) args.push('--no-dedupe')
       if (this.opts.base !== undefined) args.push('--base', resolve(this.opts.base), '--base-relative-to', dirname(this.path))
       this.migrateIssued = true
       if (n) {
