@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
 # Regenerate test/fixtures/qemu10-pc-16M.stream: the migration stream QEMU 10 writes for a stopped
 # (-S, never started) pc machine with 16 MiB of RAM, saved with `migrate file:`.
-# Usage: tools/make-stream-fixtures.sh [QEMU_BINARY]
+# Usage: tools/make-stream-fixtures.sh [QEMU_BINARY [OUT [RAM_FILE]]]
+# With RAM_FILE (16 MiB), guest RAM is that file (memory-backend-file, block "mem"), as filled by
+# the caller (tools/make-image-fixtures.sh uses it for the shared-slots fixture).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 QEMU=${1:-qemu-system-x86_64}
-OUT=test/fixtures/qemu10-pc-16M.stream
+OUT=${2:-test/fixtures/qemu10-pc-16M.stream}
+RAM_FILE=${3:-}
+MEM=(-machine pc -m 16M)
+if [ -n "$RAM_FILE" ]; then
+  MEM=(-object "memory-backend-file,id=mem,size=16M,mem-path=$RAM_FILE,share=on" -machine pc,memory-backend=mem -m 16M)
+fi
 TMP=$(mktemp -d)
 trap 'kill "$QPID" 2>/dev/null || true; rm -rf "$TMP"' EXIT
 SOCK=$TMP/qmp.sock
 
-"$QEMU" -machine pc -accel tcg -m 16M -nodefaults -display none -S \
+"$QEMU" "${MEM[@]}" -accel tcg -nodefaults -display none -S \
   -qmp "unix:$SOCK,server=on,wait=off" &
 QPID=$!
 

@@ -40,6 +40,19 @@ const FIXTURES = [
     incompatible: 8,
     loadSha256: '6332da07996f87a4a90d74b87be149839540e3c95be414f5c63483e8bf810316',
   },
+  {
+    // shared slots (incompatible bit 4): a stream of its own, 1 MiB of one text line repeated
+    // (15 page contents), 256K clusters; 241 of its 307 data pages share a slot
+    file: 'v1-shared-pc-16M.snap',
+    version: 1,
+    machine: 'pc-i440fx-10.0',
+    pages: 4226,
+    zeroPages: 3919,
+    sharedPages: 241,
+    clusters: 2,
+    incompatible: 24,
+    loadSha256: '157d609f0a1dab8a6335c684c7eb20b0a0ad5483416665b8cc2c7823938a98ad',
+  },
 ]
 
 for (const f of FIXTURES) {
@@ -58,6 +71,7 @@ for (const f of FIXTURES) {
     assert.is(info.zeroPages, f.zeroPages)
     assert.is(info.features.incompatible, f.incompatible)
     assert.is(info.framedClusters, f.incompatible ? f.clusters : 0)
+    assert.is(info.sharedPages ?? 0, f.sharedPages ?? 0)
 
     r = run('verify', img, '--json')
     assert.is(r.status, 0, r.stderr)
