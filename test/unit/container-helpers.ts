@@ -3,8 +3,10 @@
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
+import * as assert from 'uvu/assert'
+import type { RestoreImage } from '../../src/container/chain.js'
 import { ImageWriter, type ImageSummary, type WriterOptions } from '../../src/container/writer.js'
-import type { DeviceState, RamBlockDecl, StreamCounters } from '../../src/types.js'
+import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type RamBlockDecl, type StreamCounters } from '../../src/types.js'
 
 export const PS = 4096
 
@@ -103,4 +105,28 @@ export async function makeImage(path: string, opts: WriterOptions & { ops?: numb
   }
   const summary = await w.finish(device(), { source: 'qemu', counters: counters() })
   return { path, model, summary, blocks }
+}
+
+/**
+ * Every page of every block of BLOCKS as `image` restores it (through its locator and clusters),
+ * against the model. `neverAsZero`: a page never sent may read as zero (a mapped-ram file has
+ * no "never sent").
+ */
+export function checkPages(image: RestoreImage, model: Model, what: string, neverAsZero = false): void {
+  let data = 0
+  BLOCKS.forEach((blk, b) => {
+    for (let p = 0; p < blk.size / PS; p++) {
+      const want = model.get(mkey(b, p))
+      const l = image.locator.locate(b, p)
+      if (want === undefined) assert.ok(l.state === PAGE_NEVER_SENT || (neverAsZero && l.state === PAGE_ZERO), `${what} ${b}:${p} never sent`)
+      else if (want === 'zero') assert.is(l.state, PAGE_ZERO, `${what} ${b}:${p} zero`)
+      else {
+        assert.is(l.state, PAGE_DATA, `${what} ${b}:${p} data`)
+        const c = image.readClusterSync(l.cluster!)
+        assert.ok(c.raw.subarray(l.slot! * PS, (l.slot! + 1) * PS).equals(want), `${what} ${b}:${p} bytes`)
+        data++
+      }
+    }
+  })
+  assert.ok(data > 0)
 }

@@ -16,8 +16,7 @@ import { storeWorkingSet } from '../../src/container/working-set.js'
 import { flattenImage } from '../../src/flatten.js'
 import { verifyImage } from '../../src/verify.js'
 import { imageInfo } from '../../src/info.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO } from '../../src/types.js'
-import { BLOCKS, PS, counters, device, makeImage, mkey, pageContent, rng, tempDir, type Model } from './container-helpers.js'
+import { BLOCKS, PS, checkPages, counters, device, makeImage, mkey, pageContent, rng, tempDir, type Model } from './container-helpers.js'
 
 const code = async (p: Promise<unknown>): Promise<string> => p.then(() => 'ok', (e) => (e as { code: string }).code)
 
@@ -84,27 +83,6 @@ async function child(path: string, base: RestoreImage, below: Layer, seed: numbe
   const s = await w.finish(device(), { source: 'qemu', counters: counters() })
   assert.is(s.basePages, same)
   return { model, basePages: same }
-}
-
-/** Every page of every block as `image` restores it, against the model. */
-function checkPages(image: RestoreImage, model: Layer, what: string): void {
-  const loc = image.locator
-  let data = 0
-  BLOCKS.forEach((blk, b) => {
-    for (let p = 0; p < blk.size / PS; p++) {
-      const want = model.get(mkey(b, p))
-      const l = loc.locate(b, p)
-      if (want === undefined) assert.is(l.state, PAGE_NEVER_SENT, `${what} ${b}:${p} never sent`)
-      else if (want === 'zero') assert.is(l.state, PAGE_ZERO, `${what} ${b}:${p} zero`)
-      else {
-        assert.is(l.state, PAGE_DATA, `${what} ${b}:${p} data`)
-        const c = image.readClusterSync(l.cluster!)
-        assert.ok(c.raw.subarray(l.slot! * PS, (l.slot! + 1) * PS).equals(want), `${what} ${b}:${p} bytes`)
-        data++
-      }
-    }
-  })
-  assert.ok(data > 0)
 }
 
 test('a chain of 3: written against its base, read back page for page; flatten; verify; info', async () => {

@@ -9,7 +9,7 @@ import * as assert from 'uvu/assert'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { crc32 } from 'node:zlib'
-import { openImage, type RestoreImage } from '../../src/container/chain.js'
+import { openImage } from '../../src/container/chain.js'
 import { INCOMPAT_SHARED_SLOTS, SUPPORTED_INCOMPATIBLE, decodeHeader } from '../../src/container/header.js'
 import { ImageReader } from '../../src/container/reader.js'
 import { SlotFinder } from '../../src/container/dedupe.js'
@@ -23,8 +23,8 @@ import { loadImage } from '../../src/load.js'
 import { verifyImage } from '../../src/verify.js'
 import { PageIndex } from '../../src/index/page-index.js'
 import { PageFetcher } from '../../src/postcopy/page-fetcher.js'
-import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type RamBlock } from '../../src/types.js'
-import { BLOCKS, PS, counters, device, mkey, pageContent, rng, tempDir, type Model } from './container-helpers.js'
+import type { DeviceState, RamBlock } from '../../src/types.js'
+import { BLOCKS, PS, checkPages, counters, device, mkey, pageContent, rng, tempDir, type Model } from './container-helpers.js'
 import { configElement, deviceTail } from './stream-helpers.js'
 
 const t = tempDir('shared')
@@ -114,26 +114,6 @@ async function writeRepeats(path: string, opts: WriterOptions & { seed?: number;
   }
   const s = await w.finish(dev(), { source: 'qemu', counters: counters() })
   return { model, shared: s.sharedPages }
-}
-
-/** Every page of every block as `image` restores it, against the model, through the locator. */
-function checkPages(image: RestoreImage, model: Model, what: string, neverAsZero = false): void {
-  let data = 0
-  BLOCKS.forEach((blk, b) => {
-    for (let p = 0; p < blk.size / PS; p++) {
-      const want = model.get(mkey(b, p))
-      const l = image.locator.locate(b, p)
-      if (want === undefined) assert.ok(l.state === PAGE_NEVER_SENT || (neverAsZero && l.state === PAGE_ZERO), `${what} ${b}:${p} never sent`)
-      else if (want === 'zero') assert.is(l.state, PAGE_ZERO, `${what} ${b}:${p} zero`)
-      else {
-        assert.is(l.state, PAGE_DATA, `${what} ${b}:${p} data`)
-        const c = image.readClusterSync(l.cluster!)
-        assert.ok(c.raw.subarray(l.slot! * PS, (l.slot! + 1) * PS).equals(want), `${what} ${b}:${p} bytes`)
-        data++
-      }
-    }
-  })
-  assert.ok(data > 0)
 }
 
 /** A file a reader wrote (a stream, a mapped-ram file) read back by create without dedupe, and checked. */
