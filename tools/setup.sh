@@ -30,7 +30,7 @@ command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)  # node-gyp's gyp
 [ -e /usr/include/x86_64-linux-gnu/gnu/stubs-32.h ] || [ -e /usr/lib32/crt1.o ] || need_pkgs+=(gcc-multilib)
 [ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need_pkgs+=(ovmf)   # UEFI firmware for the compatibility matrix
 command -v fincore >/dev/null 2>&1 || need_pkgs+=(util-linux-extra)   # page-cache residency for --bypass-cache (test and bench)
-[ -e /usr/include/lz4.h ] || need_pkgs+=(liblz4-dev)   # native/lz4, the LZ4 addon that decodes into snapctl's own buffers (built by npm ci)
+[ -e /usr/include/lz4.h ] || need_pkgs+=(liblz4-dev)   # native/lz4, the LZ4 addon that decodes into snapctl's own buffers (built by npm run build: tools/build-native.sh)
 [ -e /usr/include/zlib.h ] || need_pkgs+=(zlib1g-dev)   # native/lz4's crc32 falls back to zlib's on CPUs without PCLMULQDQ
 
 if [ "${need_qemu:-0}" = 1 ] || [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -59,15 +59,8 @@ echo "setup: $(qemu-system-x86_64 --version | head -1)" >&2
 bash tools/rgw/rgw.sh install >&2   # Ceph's RADOS Gateway (ceph-mon, ceph-osd, radosgw): the S3 server of the object-storage tests
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  # node-gyp (native/lz4) downloads Node's headers from nodejs.org unless it is told where they
-  # are: use the ones installed with Node (nodesource's packages and the official tarballs have
-  # them), so that npm ci works with no network but the npm registry.
-  node_prefix=$(dirname "$(dirname "$(readlink -f "$(command -v node)")")")
-  if [ -z "${npm_config_nodedir:-}" ] && [ -e "$node_prefix/include/node/common.gypi" ]; then
-    export npm_config_nodedir="$node_prefix"
-  fi
   npm ci --no-audit --no-fund >&2
 fi
-npm run --silent build >&2
+npm run --silent build >&2   # also builds native/lz4 (tools/build-native.sh)
 bash tools/linux-guest/build.sh >&2   # the Linux test guest: kernel .deb via apt, busybox initramfs (dist/linux-guest)
 echo "setup: done" >&2

@@ -55,8 +55,8 @@ test(`${name}: a block that lies throws Lz4Error`, () => {
 })
 }
 
-test('the addon is built and decodeLz4Block uses it (run `npm ci` if not)', () => {
-  assert.ok(nativeLz4(), 'native/lz4 is not built: `npm ci` (tools/setup.sh) builds it')
+test('the addon is built and decodeLz4Block uses it (`npm run build` builds it)', () => {
+  assert.ok(nativeLz4(), 'native/lz4 is not built: `npm run build` (tools/build-native.sh) builds it')
   assert.match(lz4Decoder(), /^liblz4 1\.\d+\.\d+$/)
 })
 
