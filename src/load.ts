@@ -8,7 +8,6 @@
 
 import { unlessAborted } from './abort.js'
 import { openImage, topOf, type RestoreImage } from './container/chain.js'
-import { refreshIndex } from './index/refresh.js'
 import { fdOutgoing } from './transport/fd.js'
 import type { OutgoingMigration, SinkOptions } from './transport/types.js'
 import {
@@ -71,10 +70,10 @@ export async function loadImage(path: string, opts: LoadOptions = {}): Promise<L
 async function writeStream(reader: RestoreImage, rec: PageRecordWriter, opening: Promise<OutgoingMigration>, opts: LoadOptions, started: number): Promise<LoadResult> {
   let out: OutgoingMigration | null = null
   let done = false
+  let refresh: Promise<void> | null = null
   try {
     out = await opening
     const writer = out.main
-    if (opts.index !== false) await refreshIndex(topOf(reader), opts.log)
     const locator = reader.locator
     const send = async (chunks: Buffer[]): Promise<void> => {
       for (const chunk of chunks) await writer.write(chunk)
@@ -108,10 +107,15 @@ async function writeStream(reader: RestoreImage, rec: PageRecordWriter, opening:
       opts.onProgress?.(pages * pageSize, storedPages * pageSize)
     }
 
+    // LevelDB is loaded and the index checked once every page is sent, while QEMU takes in the
+    // device state: before the first byte it held QEMU back 0.25-0.43 s of a 1 GiB restore.
+    refresh = opts.index === false ? null : import('./index/refresh.js').then((m) => m.refreshIndex(topOf(reader), opts.log))
+    refresh?.catch(() => {})
     rec.raw(eosFooter(ramId))
     for (const part of streamEnding(d)) rec.raw(part)
     await send(rec.flush())
     const bytesOut = writer.bytes
+    await refresh
     await out.finish()
     done = true
     return {
@@ -124,6 +128,7 @@ async function writeStream(reader: RestoreImage, rec: PageRecordWriter, opening:
       seconds: (performance.now() - started) / 1000,
     }
   } finally {
+    await refresh?.catch(() => {}) // it reads the image: done before the image is closed
     if (!done) await out?.discard()
     await reader.close()
   }
