@@ -1,7 +1,7 @@
 // LZ4 block decoding into a buffer the caller gives (format-spec/container.md, "Codecs", codec 1:
 // a u32 LE raw length, then one LZ4 block). lz4-napi only returns a new Buffer per call: on a
 // restore that is fresh, page-faulting memory per frame and a copy. The decoder is the system's
-// liblz4 through snapctl's own small addon (native/lz4, built by `npm ci`): 0.08 CPU-s for the
+// liblz4 through snapctl's own small addon (native/lz4, built by `npm run build`): 0.08 CPU-s for the
 // 511 MiB of frames of a 1 GiB benchmark image, where the JavaScript decoder below took 0.46 to
 // 0.61 s and lz4-napi 0.19 s plus the faults of its allocations. The JavaScript decoder stays for
 // a checkout whose addon is not built (it is then used and `lz4Decoder()` says so); the block
