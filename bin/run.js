@@ -11,9 +11,10 @@ const argv = process.argv.slice(2)
 // buffers (src/container/lz4-block.ts): there, returning pages at once only made every cluster
 // fault its memory back in (1 GiB save: 307,000 faults, 1.1 s of system time). Read when the
 // addon loads.
-// load --connect (multifd) and --postcopy still decode with lz4-napi on the pool: a bench run
-// with the delay kept for them peaked at 589 MiB (load --connect --channels 2, 1 GiB).
-const ownBuffers = argv[0] === 'create' || (argv[0] === 'load' && !argv.includes('--connect') && !argv.includes('--postcopy'))
+// load --connect (multifd) now decodes into reused buffers too (src/multifd/send.ts); --postcopy
+// still decodes with lz4-napi on the pool: a bench run with the delay kept for it peaked at
+// 589 MiB (then load --connect --channels 2, 1 GiB).
+const ownBuffers = argv[0] === 'create' || (argv[0] === 'load' && !argv.includes('--postcopy'))
 if (!ownBuffers) {
   process.env.MIMALLOC_PURGE_DELAY ??= '0'
   process.env.MIMALLOC_RESET_DELAY ??= '0'
