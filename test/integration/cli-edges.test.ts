@@ -119,6 +119,19 @@ test('--stats that cannot be written fails up front (SNAP_BAD_PATH), before the 
   assert.equal(leftovers(w.dir), [])
 })
 
+test('load: --record-window without --record, --precopy-max without --postcopy, and a bad duration or size are SNAP_USAGE before anything is read', async () => {
+  for (const args of [
+    ['--to', w.path('never.stream'), '--record-window', '5s'],
+    ['--to', w.path('never.stream'), '--precopy-max', '64M'],
+    ['--postcopy', '--record', '--record-window', '5min'],
+    ['--postcopy', '--precopy-max', '12X'],
+  ]) {
+    const r = await snapctl(['load', image, ...args])
+    assert.is(codeOf(r), 'SNAP_USAGE', `${args.join(' ')}: ${r.stderr}`)
+  }
+  assert.not.ok(existsSync(w.path('never.stream')))
+})
+
 test('a directory or an empty string as IMAGE (or --from, --to): SNAP_BAD_PATH at once', async () => {
   const lists = [
     ['create', w.dir], ['create', w.dir, '--force'], ['create', ''], ['create', `${w.path('x.snap')}/`],
