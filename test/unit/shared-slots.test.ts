@@ -9,7 +9,7 @@ import * as assert from 'uvu/assert'
 import { readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { crc32 } from 'node:zlib'
-import { openImage } from '../../src/container/chain.js'
+import { openImage, writerBase } from '../../src/container/chain.js'
 import { INCOMPAT_SHARED_SLOTS, SUPPORTED_INCOMPATIBLE, decodeHeader } from '../../src/container/header.js'
 import { ImageReader } from '../../src/container/reader.js'
 import { SlotFinder } from '../../src/container/dedupe.js'
@@ -233,6 +233,39 @@ test('compaction keeps slots that only shared pages still use', async () => {
   await img.close()
   const v = await verifyImage(path)
   assert.ok(v.ok, JSON.stringify(v.problems))
+})
+
+test('a chain over a base with shared runs: the child replaces owners of shared slots, every page read through the layers', async () => {
+  const made = await writeRepeats(join(t.dir, 'chain-base.snap'), { seed: 9 })
+  assert.ok(made.shared > 50)
+  const base = await openImage(join(t.dir, 'chain-base.snap'))
+  const path = join(t.dir, 'chain-top.snap')
+  // The child: half of the base's pages sent again changed (owners of shared slots among them), the rest unchanged (base runs).
+  const w = await ImageWriter.create(path, { clusterSize: 65536, base: writerBase(base, path) })
+  w.setBlocks(BLOCKS)
+  const rand = rng(31)
+  const model: Model = new Map()
+  for (const [k, v] of made.model) {
+    const [b, p] = k.split(':').map(Number)
+    if (rand() < 0.5) {
+      const data = pageContent(rand)
+      w.putPage(b, p, data)
+      model.set(k, data)
+    } else {
+      w.putPage(b, p, v === 'zero' ? Buffer.alloc(PS) : v)
+      model.set(k, v)
+    }
+    if (w.needsDrain()) await w.drain()
+  }
+  const s = await w.finish(dev(), { source: 'qemu', counters: counters() })
+  assert.ok(s.basePages > 100, `${s.basePages} base pages`)
+  await base.close()
+  const chain = await openImage(path)
+  checkPages(chain, model, 'chain')
+  await chain.close()
+  const stream = join(t.dir, 'chain.stream')
+  await loadImage(path, { to: stream })
+  await checkExport(stream, model, 'chain load --to')
 })
 
 /** Rewrite the checksums that cover the trailer, so that only the change itself is seen. */
