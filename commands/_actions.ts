@@ -31,7 +31,7 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
     from,
     compress: (flags.compress ?? 'lz4') as 'lz4' | 'none',
     clusterSize,
-    dedupe: flags['no-dedupe'] !== true,
+    dedupe: flags.dedupe === true,
     force: flags.force === true,
     sync: flags.sync === true,
     bypassCache: flags['bypass-cache'] === true,

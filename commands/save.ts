@@ -29,7 +29,7 @@ QEMU runs the create as its own child, as QEMU's user: that user must be able to
     resume: Flags.boolean({ description: 'let a VM that was running run on after the save (default: leave it paused)' }),
     compress: Flags.string({ options: ['lz4', 'none'], default: 'lz4', description: 'cluster compression' }),
     'cluster-size': Flags.string({ default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' }),
-    'no-dedupe': Flags.boolean({ description: 'store every page sent, even one whose bytes the image already holds (passed on to create; by default such a page points at the stored copy)' }),
+    dedupe: Flags.boolean({ description: 'store a page whose bytes the image already holds once, pointing at the stored copy (passed on to create: create --dedupe)' }),
     force: Flags.boolean({ description: 'replace an existing image' }),
     sync: Flags.boolean({ description: 'make the image durable (fdatasync) before reporting success' }),
     'bypass-cache': Flags.boolean({ description: 'write the image with direct I/O (O_DIRECT), so that the save neither fills nor evicts the host\'s page cache (as virsh save --bypass-cache; passed on to create)' }),
@@ -46,7 +46,7 @@ QEMU runs the create as its own child, as QEMU's user: that user must be able to
       const r = await saveVm(args.image, {
         qmp: flags.qmp, live: flags.live, resume: flags.resume, force: flags.force, sync: flags.sync, bypassCache: flags['bypass-cache'],
         compress: flags.compress as 'lz4' | 'none', clusterSize: parseSize(flags['cluster-size'], '--cluster-size'),
-        signal, onProgress: view.update, log: view.note, channels: flags.channels, base: flags.base, dedupe: !flags['no-dedupe'],
+        signal, onProgress: view.update, log: view.note, channels: flags.channels, base: flags.base, dedupe: flags.dedupe,
       }).finally(view.end)
       if (flags.json) return printJson(r)
       const down = r.downtimeMs === null ? '' : `, the guest stopped for ${r.downtimeMs} ms`

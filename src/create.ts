@@ -27,7 +27,7 @@ export interface CreateOptions {
   input?: IncomingMigration
   clusterSize?: number
   compress?: 'lz4' | 'none'
-  /** store a page whose bytes the image holds already once (container.md "Shared slots"); default on */
+  /** store a page whose bytes the image holds already once (container.md "Shared slots"); default off */
   dedupe?: boolean
   force?: boolean
   /** make the image durable (fdatasync, directory fsync) before create returns */

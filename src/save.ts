@@ -34,7 +34,7 @@ export interface SaveOptions {
   clusterSize?: number
   /** an incremental image over this base (create --base) */
   base?: string
-  /** false: create --no-dedupe (every page stored, none shares a slot) */
+  /** create --dedupe: pages whose bytes the image holds already share its slot */
   dedupe?: boolean
   force?: boolean
   sync?: boolean
@@ -166,7 +166,7 @@ class Save {
       const args = ['create', tmp, ...(s3 && this.opts.force ? ['--force'] : []), '--compress', this.opts.compress ?? 'lz4', '--cluster-size', String(this.opts.clusterSize ?? 1 << 20)]
       if (this.opts.sync) args.push('--sync')
       if (this.opts.bypassCache) args.push('--bypass-cache')
-      if (this.opts.dedupe === false) args.push('--no-dedupe')
+      if (this.opts.dedupe) args.push('--dedupe')
       if (this.opts.base !== undefined) args.push('--base', resolve(this.opts.base), '--base-relative-to', dirname(this.path))
       this.migrateIssued = true
       if (n) {

@@ -24,7 +24,7 @@ if [ "$NAME" = v1-shared-pc-16M.snap ]; then
   tools/make-stream-fixtures.sh qemu-system-x86_64 "$TMP/stream" "$TMP/ram"
   STREAM=$TMP/stream
 fi
-node bin/run.js create "$OUT" --from "$STREAM" --cluster-size 256K --force
+node bin/run.js create "$OUT" --from "$STREAM" --cluster-size 256K --force $([ "$NAME" = v1-shared-pc-16M.snap ] && echo --dedupe)
 # The page index is a cache beside the image (format-spec/index.md), rebuilt when missing.
 rm -rf "$OUT.index"
 ls -l "$OUT"

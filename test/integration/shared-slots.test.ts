@@ -1,7 +1,7 @@
 // Identical pages stored once (format-spec/container.md, "Shared slots") against real QEMU 10:
 // guest RAM where the same page content recurs at many offsets is saved with exec:snapctl create
 // (stored once per content), then restored eagerly and lazily (reads served while pages are
-// missing), byte for byte; the same VM saved with --no-dedupe restores the same RAM.
+// missing), byte for byte; the same VM saved without --dedupe restores the same RAM.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { readFileSync, writeFileSync } from 'node:fs'
@@ -37,7 +37,7 @@ test.before(async () => {
 })
 
 test('saved with repeated pages stored once; restored eagerly, byte for byte', async () => {
-  await execCreate(w, src, image)
+  await execCreate(w, src, image, '--dedupe')
   const info = parseJson(await snapctl(['info', image, '--json']))
   // Nearly every repeated page but the first of each content points at a stored slot (the table
   // of fingerprints is lossy: another page in the same entry makes a content be stored again).
@@ -70,11 +70,11 @@ test('restored lazily: shared pages served on request and pushed, byte for byte'
   await dst.quit()
 })
 
-test('--no-dedupe: every page stored, the same RAM restored; the shared image is smaller', async () => {
+test('without --dedupe: every page stored, the same RAM restored; the shared image is smaller', async () => {
   await src.quit()
   src = await w.vm({ name: 'sh-src2', memMiB: 64, memPath: ram })
   const plain = w.path('plain.snap')
-  await execCreate(w, src, plain, '--no-dedupe')
+  await execCreate(w, src, plain)
   const info = parseJson(await snapctl(['info', plain, '--json']))
   assert.is(info.sharedPages, 0)
   assert.is(info.features.incompatible & 16, 0)

@@ -75,7 +75,7 @@ test('the fingerprint only proposes: equal pages agree, the table is bounded', (
  */
 async function writeRepeats(path: string, opts: WriterOptions & { seed?: number; resendEvery?: number } = {}): Promise<{ model: Model; shared: number }> {
   const rand = rng(opts.seed ?? 5)
-  const w = await ImageWriter.create(path, { clusterSize: 65536, ...opts })
+  const w = await ImageWriter.create(path, { clusterSize: 65536, dedupe: true, ...opts })
   w.setBlocks(BLOCKS)
   const model: Model = new Map()
   const put = (b: number, p: number, data: Buffer) => {
@@ -189,7 +189,7 @@ test('a page repeated in two blocks, at other offsets and re-sent is stored once
   await f.close()
 })
 
-test('--no-dedupe stores every page: no shared run, no bit 4, the same pages', async () => {
+test('without dedupe every page is stored: no shared run, no bit 4, the same pages', async () => {
   const path = join(t.dir, 'nodedupe.snap')
   const { model, shared } = await writeRepeats(path, { dedupe: false })
   assert.is(shared, 0)
@@ -201,7 +201,7 @@ test('--no-dedupe stores every page: no shared run, no bit 4, the same pages', a
 
 test('compaction keeps slots that only shared pages still use', async () => {
   const path = join(t.dir, 'compact.snap')
-  const w = await ImageWriter.create(path, { clusterSize: 65536 })
+  const w = await ImageWriter.create(path, { clusterSize: 65536, dedupe: true })
   w.setBlocks(BLOCKS)
   const rand = rng(21)
   const model: Model = new Map()
@@ -241,7 +241,7 @@ test('a chain over a base with shared runs: the child replaces owners of shared 
   const base = await openImage(join(t.dir, 'chain-base.snap'))
   const path = join(t.dir, 'chain-top.snap')
   // The child: half of the base's pages sent again changed (owners of shared slots among them), the rest unchanged (base runs).
-  const w = await ImageWriter.create(path, { clusterSize: 65536, base: writerBase(base, path) })
+  const w = await ImageWriter.create(path, { clusterSize: 65536, base: writerBase(base, path), dedupe: true })
   w.setBlocks(BLOCKS)
   const rand = rng(31)
   const model: Model = new Map()

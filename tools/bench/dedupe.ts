@@ -1,6 +1,6 @@
 // What storing identical pages once costs and saves (format-spec/container.md, "Shared slots"):
 // one QEMU stream (the bench's RAM mix, or the Linux test guest), then `create --from` with and
-// without --no-dedupe, alternated, each run timed by /usr/bin/time (wall, user+sys CPU, peak RSS).
+// without --dedupe, alternated, each run timed by /usr/bin/time (wall, user+sys CPU, peak RSS).
 // Usage: node dist/tools/bench/dedupe.js [--size 1G] [--linux] [--repeat 5] [--dir /var/tmp]
 import { spawnSync } from 'node:child_process'
 import { mkdtempSync, rmSync } from 'node:fs'
@@ -47,7 +47,7 @@ async function makeStream(): Promise<string> {
 
 function create(stream: string, dedupe: boolean): Run {
   const out = join(dir, dedupe ? 'a.snap' : 'b.snap')
-  const args = ['-f', '%e %U %S %M', process.execPath, SNAPCTL_BIN, 'create', out, '--from', stream, '--force', '--json', ...(dedupe ? [] : ['--no-dedupe'])]
+  const args = ['-f', '%e %U %S %M', process.execPath, SNAPCTL_BIN, 'create', out, '--from', stream, '--force', '--json', ...(dedupe ? ['--dedupe'] : [])]
   const r = spawnSync('/usr/bin/time', args, { encoding: 'utf8', maxBuffer: 64 * MiB })
   if (r.status !== 0) throw new Error(`create failed: ${r.stderr}`)
   const [wall, user, sys, rssKiB] = r.stderr.trim().split('\n').pop()!.split(' ').map(Number)

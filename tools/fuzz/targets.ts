@@ -181,7 +181,7 @@ interface Base {
 async function writeSynthImage(path: string, seed: number, compress: 'lz4' | 'none', device: DeviceState, repeats = 0): Promise<void> {
   const rand = caseRng(seed, 0)
   const blocks: RamBlockDecl[] = [{ name: 'pc.ram', size: 96 * PAGE }, { name: '0000:00:02.0/vga.vram', size: 16 * PAGE }, { name: 'pc.rom', size: PAGE }]
-  const w = await ImageWriter.create(path, { clusterSize: 65536, compress })
+  const w = await ImageWriter.create(path, { clusterSize: 65536, compress, dedupe: repeats > 0 })
   w.setBlocks(blocks)
   const kinds = Array.from({ length: 6 }, () => pageOf(rand))
   for (let i = 0; i < 160; i++) {
