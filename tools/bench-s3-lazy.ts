@@ -10,7 +10,7 @@
 //    must be ok), and the page requests it made.
 import { PutObjectCommand, type S3Client } from '@aws-sdk/client-s3'
 import { existsSync, readFileSync, rmSync } from 'node:fs'
-import { LINUX_CMDLINE, SerialLog, linuxGuest } from './linux-guest.js'
+import { SerialLog, linuxGuestVm } from './linux-guest.js'
 import { fillRam, filesEqual, type Vm } from './vm.js'
 import { Workdir, execCreate, execUri, parseJson, snapctl, waitStatus } from '../test/integration/helpers.js'
 
@@ -104,13 +104,11 @@ async function synthetic(w: Workdir, o: LazyBenchOptions): Promise<string[]> {
   ]
 }
 
-const DEVICES = ['-smp', '2', '-no-reboot', '-netdev', 'user,id=n0', '-device', 'virtio-net-pci,netdev=n0', '-device', 'virtio-rng-pci']
 const logs: SerialLog[] = []
 
 async function guestVm(w: Workdir, name: string, incoming?: string): Promise<{ vm: Vm; qmp: string; log: SerialLog }> {
-  const { kernel, initrd } = linuxGuest()
   const qmp = w.path(`${name}-snapctl.qmp`)
-  const vm = await w.vm({ name, memMiB: 512, machine: 'q35', kernel, initrd, append: LINUX_CMDLINE, paused: false, incoming, extraArgs: [...DEVICES, '-qmp', `unix:${qmp},server=on,wait=off`] })
+  const vm = await w.vm(linuxGuestVm(name, qmp, incoming))
   const log = new SerialLog(vm.logPath)
   logs.push(log)
   return { vm, qmp, log }

@@ -25,6 +25,18 @@ export function linuxGuest(dir = LINUX_GUEST_DIR): { kernel: string; initrd: str
   return { kernel, initrd }
 }
 
+/** The devices the tests give the Linux guest: two vCPUs, user-mode networking on virtio-net, virtio-rng. */
+export const LINUX_GUEST_DEVICES = ['-smp', '2', '-no-reboot', '-netdev', 'user,id=n0', '-device', 'virtio-net-pci,netdev=n0', '-device', 'virtio-rng-pci']
+
+/**
+ * tools/vm.ts options for the running Linux guest (512 MiB, q35, memwork), with a second QMP
+ * socket at `qmp` for snapctl (save, restore); `incoming: 'defer'` for a restore's destination.
+ */
+export function linuxGuestVm(name: string, qmp: string, incoming?: string): { name: string; memMiB: number; machine: string; kernel: string; initrd: string; append: string; paused: false; incoming?: string; extraArgs: string[] } {
+  const { kernel, initrd } = linuxGuest()
+  return { name, memMiB: 512, machine: 'q35', kernel, initrd, append: LINUX_CMDLINE, paused: false, incoming, extraArgs: [...LINUX_GUEST_DEVICES, '-qmp', `unix:${qmp},server=on,wait=off`] }
+}
+
 /** What memwork does (tools/linux-guest/memwork.c): MiB of tmpfs data, MiB kept rewritten, tick length. */
 export interface MemworkOptions {
   data?: number

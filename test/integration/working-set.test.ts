@@ -6,7 +6,7 @@
 // killed in postcopy, the guest stalls (postcopy-paused), restore --lazy --recover resumes it.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
-import { LINUX_CMDLINE, SerialLog, linuxGuest } from '../../tools/linux-guest.js'
+import { SerialLog, linuxGuestVm } from '../../tools/linux-guest.js'
 import { readFileSync } from 'node:fs'
 import { getPriority } from 'node:os'
 import { processesWith, type Vm } from '../../tools/vm.js'
@@ -19,12 +19,9 @@ test.after(async () => {
   await w.cleanup()
 })
 
-const DEVICES = ['-smp', '2', '-no-reboot', '-netdev', 'user,id=n0', '-device', 'virtio-net-pci,netdev=n0', '-device', 'virtio-rng-pci']
-
 async function guestVm(name: string, incoming?: string): Promise<{ vm: Vm; qmp: string; log: SerialLog }> {
-  const { kernel, initrd } = linuxGuest()
   const qmp = w.path(`${name}-snapctl.qmp`)
-  const vm = await w.vm({ name, memMiB: 512, machine: 'q35', kernel, initrd, append: LINUX_CMDLINE, paused: false, incoming, extraArgs: [...DEVICES, '-qmp', `unix:${qmp},server=on,wait=off`] })
+  const vm = await w.vm(linuxGuestVm(name, qmp, incoming))
   const log = new SerialLog(vm.logPath)
   logs.push(log)
   return { vm, qmp, log }
