@@ -1,6 +1,6 @@
 // The LevelDB page index beside an image: format-spec/index.md. A cache of the page map and
 // the cluster directory; missing, stale or unreadable indexes are deleted and rebuilt.
-import { chmod, mkdir, readdir, rename, rm, stat } from 'node:fs/promises'
+import { chmod, mkdir, readFile, readdir, rename, rm, stat, writeFile } from 'node:fs/promises'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { join } from 'node:path'
 import { Level } from 'level'
@@ -10,12 +10,15 @@ import type { DecodedCluster, ImageReader } from '../container/reader.js'
 import { BASE_CLUSTER, ZERO_CLUSTER, sameRun, slotServes, type PageLocation, type PageRun } from '../container/locator.js'
 import * as K from './keys.js'
 import { localIndexPath } from '../container/byte-source.js'
+import { pidAlive } from '../container/lock.js'
 
 type DB = Level<Buffer, Buffer>
 const BATCH = 4096
 const CLUSTER_CACHE = 8
 /** LevelDB lets one process at a time open a database: wait this long for another to let go. */
 const LOCK_WAIT_MS = 2000
+/** How long a rebuild waits for another process's rebuild of the same index (a 4 GiB image's takes ~2 s). */
+const BUILD_WAIT_MS = 60_000
 let builds = 0
 
 export interface IndexCluster {
@@ -61,6 +64,40 @@ function isLocked(e: unknown): boolean {
 function levelError(e: unknown, what: string): SnapError {
   if (isSnapError(e)) return e
   return new SnapError('SNAP_INDEX_CORRUPT', `the page index could not be read (${what}: ${(e as Error)?.message})`, { cause: e })
+}
+
+/**
+ * One rebuild of an index at a time: `DIR.building`, a directory made atomically, names the
+ * builder's PID. Two restores that found the index missing used to build it at once, and the
+ * second's rename moved the first's index away while the first had it open: LevelDB goes on
+ * writing by path, into the other's directory, and left an index `verify` calls bad. A lock left
+ * by a dead process is taken over. Where no lock can be made (a read-only directory) `fn` runs
+ * without one and fails as the build would have.
+ */
+async function withBuildLock<T>(dir: string, fn: () => Promise<T>): Promise<T> {
+  const lock = `${dir}.building`
+  const deadline = Date.now() + BUILD_WAIT_MS
+  for (;;) {
+    try {
+      await mkdir(lock, { mode: 0o700 })
+      break
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST') return fn()
+      const pid = Number.parseInt(await readFile(join(lock, 'pid'), 'utf8').catch(() => ''), 10)
+      if (pid > 0 && !pidAlive(pid)) {
+        await rm(lock, { recursive: true, force: true })
+        continue
+      }
+      if (Date.now() > deadline) throw new SnapError('SNAP_LOCKED', `the page index ${dir} is being rebuilt by another process (${lock})`)
+      await sleep(25 + Math.random() * 50)
+    }
+  }
+  try {
+    await writeFile(join(lock, 'pid'), String(process.pid))
+    return await fn()
+  } finally {
+    await rm(lock, { recursive: true, force: true })
+  }
 }
 
 async function withUmask<T>(fn: () => Promise<T>): Promise<T> {
@@ -204,6 +241,23 @@ export class PageIndex {
     }
   }
 
+  /**
+   * Rebuild the index under the build lock, unless, once the lock is held, it is there and
+   * `good` (another process rebuilt it while this one waited). True if this call built it.
+   */
+  static async rebuildUnlessFresh(reader: ImageReader, good: (index: PageIndex) => Promise<boolean> = async () => true): Promise<boolean> {
+    const dir = reader.source.indexPath ?? PageIndex.indexPath(reader.path)
+    return withBuildLock(dir, async () => {
+      const now = await PageIndex.openExisting(reader).catch(() => null)
+      if (now instanceof PageIndex) {
+        const ok = await good(now).catch(() => false).finally(() => now.close().catch(() => {}))
+        if (ok) return false
+      }
+      await PageIndex.build(reader)
+      return true
+    })
+  }
+
   static async open(reader: ImageReader, opts: OpenOptions = {}): Promise<PageIndex> {
     const dir = reader.source.indexPath ?? PageIndex.indexPath(reader.path)
     const first = await PageIndex.openExisting(reader)
@@ -212,13 +266,14 @@ export class PageIndex {
       const code = first === 'stale' ? 'SNAP_INDEX_MISMATCH' : 'SNAP_INDEX_CORRUPT'
       throw new SnapError(code, `the page index ${dir} is ${first === 'stale' ? 'stale (it describes another image or generation)' : 'unreadable'}; any command that uses it rebuilds it`)
     }
+    let built: boolean
     try {
-      await PageIndex.build(reader)
+      built = await PageIndex.rebuildUnlessFresh(reader)
     } catch (e) {
       if (isSnapError(e) && e.code !== 'SNAP_IO' && e.code !== 'SNAP_NO_SPACE') throw e
       throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} was ${first} and could not be rebuilt: ${(e as Error).message}`, { cause: e })
     }
-    opts.log?.(`note: the page index ${dir} was ${first}; rebuilt it from the image`)
+    if (built) opts.log?.(`note: the page index ${dir} was ${first}; rebuilt it from the image`)
     const again = await PageIndex.openExisting(reader)
     if (again instanceof PageIndex) return again
     throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${dir} is ${again} even after a rebuild`)

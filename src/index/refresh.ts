@@ -28,12 +28,13 @@ export async function refreshIndex(reader: ImageReader, log?: (msg: string) => v
     const path = index.path
     await index.close()
     index = undefined
+    let built: boolean
     try {
-      await PageIndex.build(reader)
+      built = await PageIndex.rebuildUnlessFresh(reader, (i) => i.sameRuns(reader.runs))
     } catch (e) {
       throw new SnapError('SNAP_INDEX_CORRUPT', `the page index ${path} ${why} and could not be rebuilt: ${(e as Error).message}`, { cause: e })
     }
-    log?.(`note: the page index ${path} ${why}; rebuilt it from the image`)
+    if (built) log?.(`note: the page index ${path} ${why}; rebuilt it from the image`)
   } catch (e) {
     if (isSnapError(e) && !INDEX_FALLBACK.includes(e.code)) throw e
     // One line, no error code: the restore goes on and succeeds.
