@@ -5,7 +5,7 @@
 // against them need no read.
 import { closeSync, constants, fsyncSync, openSync } from 'node:fs'
 import { open, type FileHandle } from 'node:fs/promises'
-import { crc32 } from 'node:zlib'
+import { crc32 } from './crc.js'
 import { roundUp } from '../bytes.js'
 import { readFullySync } from './byte-source.js'
 import { SnapError, fromSystemError } from '../errors.js'
