@@ -250,7 +250,7 @@ class Sender {
         await this.room()
       }
       done()
-      if (this.held >= HELD_CLUSTERS) await this.released()
+      while (this.held >= HELD_CLUSTERS && !main.socket.destroyed) await this.released()
       this.pages += slots.length + shared.length / 3
       for (const c of [main, ...chans]) if (c.socket.destroyed) await c.flush() // throws the peer's error at once
       this.opts.onProgress?.(this.pages * PAGE, storedPages * PAGE)
