@@ -96,11 +96,6 @@ export class S3Source implements ByteSource {
   private port: MessagePort | undefined
   private readonly signal = new Int32Array(new SharedArrayBuffer(4))
   private cache: BlockCache | null = null
-  /** bytes fetched from object storage */
-  bytesFetched = 0
-  requests = 0
-  /** blocks found in the cache directory */
-  cacheHits = 0
   /** the last block the last read touched (read-ahead follows readers in file order) */
   private lastBlock = -1
 
@@ -204,11 +199,6 @@ export class S3Source implements ByteSource {
       const buf = Buffer.from(m.buf.buffer, m.buf.byteOffset, m.buf.length)
       job.etag = m.etag
       job.total = m.total
-      if (m.hit) this.cacheHits++
-      else {
-        this.bytesFetched += buf.length
-        this.requests++
-      }
       if (job.block >= 0) this.remember(job.block, buf)
       this.finish(job, buf)
     } else {
@@ -258,7 +248,6 @@ export class S3Source implements ByteSource {
     const look = this.cache.get(i, this.blockLength(i)).then((buf) => {
       this.looking.delete(i)
       if (!buf) return fetch() // or readSync queued it meanwhile
-      this.cacheHits++
       this.remember(i, buf)
       return buf
     })
@@ -351,7 +340,6 @@ export class S3Source implements ByteSource {
       if (!buf && !this.pending.has(i) && this.cache) {
         // (a lookup under way in `looking` is not waited for: this thread cannot; the file is read again)
         buf = this.cache.getSync(i, this.blockLength(i)) ?? undefined
-        if (buf) this.cacheHits++
       }
       buf ??= this.waitSync(this.pending.get(i) ?? this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, 0))
       this.remember(i, buf)

@@ -11,7 +11,7 @@
 // 1 = the blocks after a page request's; 2 = the working set's, in its order; 3 = ahead of a
 // reader in file order. Lanes 1 to 3 run `parallel` at a time, a lower lane first, each in the
 // order given.
-// Out (the port given in workerData): { id, buf (transferred), hit, etag?, total? } or { id, error }, then
+// Out (the port given in workerData): { id, buf (transferred), etag?, total? } or { id, error }, then
 // Atomics.add + notify on `signal[0]`, so a waiting thread wakes and takes it with
 // receiveMessageOnPort.
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads'
@@ -33,7 +33,7 @@ export interface FetchJob {
 
 export type FetchRequest = FetchJob | { op: 'head' | 'first'; id: number } | { op: 'pin'; etag: string; cache: { dir: string; object: string; max: number } | null } | { op: 'urgent'; id: number } | { op: 'drop' }
 
-export type FetchReply = { id: number; buf: Buffer; hit: boolean; etag?: string; total?: number } | { id: number; error: { code: SnapError['code']; message: string; context: Record<string, unknown> } | null }
+export type FetchReply = { id: number; buf: Buffer; etag?: string; total?: number } | { id: number; error: { code: SnapError['code']; message: string; context: Record<string, unknown> } | null }
 
 export interface FetchWorkerData {
   loc: S3Location
@@ -69,11 +69,10 @@ async function fetchRange(j: FetchJob): Promise<Buffer> {
 
 async function run(j: FetchJob | { op: 'head' | 'first'; id: number }): Promise<void> {
   try {
-    if (j.op !== 'get') reply(j.op === 'head' ? { id: j.id, buf: Buffer.alloc(0), hit: false, ...(await headObject(loc)) } : { id: j.id, hit: false, ...(await getFirst(loc, BLOCK)) })
+    if (j.op !== 'get') reply(j.op === 'head' ? { id: j.id, buf: Buffer.alloc(0), ...(await headObject(loc)) } : { id: j.id, ...(await getFirst(loc, BLOCK)) })
     else if (j.block >= 0 && cache) {
-      const r = await cache.obtain(j.block, j.end - j.start, () => fetchRange(j))
-      reply({ id: j.id, buf: r.buf, hit: r.hit })
-    } else reply({ id: j.id, buf: await fetchRange(j), hit: false })
+      reply({ id: j.id, buf: (await cache.obtain(j.block, j.end - j.start, () => fetchRange(j))).buf })
+    } else reply({ id: j.id, buf: await fetchRange(j) })
   } catch (e) {
     const err = e instanceof SnapError ? e : new SnapError('SNAP_OBJECT_UNAVAILABLE', `${loc.url}: ${(e as Error)?.name ?? 'error'}`)
     reply({ id: j.id, error: { code: err.code, message: err.message, context: { ...err.context, cause: undefined } } })
