@@ -32,6 +32,18 @@ for (const dir of unitOnly ? ['unit'] : ['unit', 'integration']) {
 globalThis.UVU_DEFER = 1
 globalThis.UVU_QUEUE = []
 const uvu = await import('uvu')
+// uvu counts a suite whose before hook throws as 0 of N passed and prints nothing of the error
+// (its runner returns from a finally): say what failed, or a broken set-up is a silent 0/N.
+type Hook = (state: unknown) => unknown
+const addBefore = uvu.test.before as unknown as ((fn: Hook) => void) & { each: unknown }
+uvu.test.before = Object.assign((fn: Hook) => addBefore(async (state: unknown) => {
+  try {
+    await fn(state)
+  } catch (e) {
+    console.error(`\n  FAIL  the suite's set-up (test.before) threw: ${(e as Error)?.stack ?? String(e)}`)
+    throw e
+  }
+}), { each: addBefore.each }) as unknown as typeof uvu.test.before
 for (const [i, file] of files.entries()) {
   globalThis.UVU_INDEX = i
   globalThis.UVU_QUEUE.push([file.slice(here.length + 1)])
