@@ -12,9 +12,19 @@
 //   crc32(src) -> CRC-32 (zlib's) of src: by carry-less multiplication where the CPU has it
 //     (PCLMULQDQ: 4 times the speed of Node's zlib.crc32 here), else zlib's crc32
 //   version -> liblz4's version string
+//   encodeFramesAsync(src, dst, frameBytes, frames) -> Promise of the bytes written to dst: src cut
+//     in frames of frameBytes, each stored as compressBlock does behind its u32 LE raw length (the
+//     codec 1 form, format-spec/container.md "Frames") when that is shorter than the frame, else
+//     the frame as it is; frames[2i] = frame i's stored length, frames[2i+1] = its CRC-32. The same
+//     bytes as src/container/cluster.ts encodeFrames, but on a libuv pool thread: the calling
+//     thread goes on while it runs. src, dst and frames are held (not copied) until the promise
+//     settles, and must not be changed meanwhile. dst must hold src.length bytes.
 //
-// src and dst are any typed arrays (a Buffer, a subarray of one); a dst is written, never kept.
+// src and dst are any typed arrays (a Buffer, a subarray of one); a dst is written, never kept
+// (encodeFramesAsync: until its promise settles).
 #include <limits.h>
+#include <stdlib.h>
+#include <string.h>
 #include <lz4.h>
 #include <node_api.h>
 #include <zlib.h>
@@ -187,18 +197,131 @@ static napi_value crc32_call(napi_env env, napi_callback_info info) {
   return out;
 }
 
+// encodeFramesAsync: what the pool thread needs, and the references that keep the arrays alive.
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref refs[3];
+  const char *src;
+  char *dst;
+  uint32_t *frames;
+  int src_len, frame_bytes, out;
+} frames_job;
+
+// On a pool thread: no N-API calls here.
+static void frames_execute(napi_env env, void *data) {
+  (void)env;
+  frames_job *j = data;
+  int at = 0;
+  for (int i = 0, start = 0; start < j->src_len; i++, start += j->frame_bytes) {
+    int len = j->src_len - start < j->frame_bytes ? j->src_len - start : j->frame_bytes;
+    // As compressLz4Into into len - 1 bytes: LZ4 only where it is shorter than the frame.
+    int n = len - 1 > 4 ? LZ4_compress_default(j->src + start, j->dst + at + 4, len, len - 5) : 0;
+    if (n > 0) {
+      uint32_t raw = (uint32_t)len;
+      unsigned char *p = (unsigned char *)j->dst + at;
+      p[0] = raw & 0xff, p[1] = (raw >> 8) & 0xff, p[2] = (raw >> 16) & 0xff, p[3] = raw >> 24;
+      n += 4;
+    } else {
+      memcpy(j->dst + at, j->src + start, (size_t)len);
+      n = len;
+    }
+    j->frames[2 * i] = (uint32_t)n;
+    j->frames[2 * i + 1] = crc32_any((const unsigned char *)j->dst + at, (size_t)n);
+    at += n;
+  }
+  j->out = at;
+}
+
+static void frames_complete(napi_env env, napi_status status, void *data) {
+  frames_job *j = data;
+  napi_value v;
+  if (status == napi_ok && napi_create_int32(env, j->out, &v) == napi_ok) {
+    napi_resolve_deferred(env, j->deferred, v);
+  } else {
+    napi_value msg, err;
+    napi_create_string_utf8(env, "snapctl-lz4: encodeFramesAsync did not run", NAPI_AUTO_LENGTH, &msg);
+    napi_create_error(env, NULL, msg, &err);
+    napi_reject_deferred(env, j->deferred, err);
+  }
+  for (int i = 0; i < 3; i++) napi_delete_reference(env, j->refs[i]);
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+static napi_value encode_frames_async(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 4) {
+    napi_throw_type_error(env, NULL, "expected (src: Uint8Array, dst: Uint8Array, frameBytes: number, frames: Uint32Array)");
+    return NULL;
+  }
+  char *src, *dst;
+  int src_len, dst_len;
+  if (!bytes_of(env, argv[0], "src must be a Uint8Array of at most 2 GiB", &src, &src_len) ||
+      !bytes_of(env, argv[1], "dst must be a Uint8Array of at most 2 GiB", &dst, &dst_len)) return NULL;
+  int32_t frame_bytes = 0;
+  if (napi_get_value_int32(env, argv[2], &frame_bytes) != napi_ok || frame_bytes < 1 || frame_bytes > LZ4_MAX_INPUT_SIZE) {
+    napi_throw_range_error(env, NULL, "frameBytes must be 1 to LZ4_MAX_INPUT_SIZE");
+    return NULL;
+  }
+  bool is;
+  napi_typedarray_type type;
+  size_t frames_len;
+  void *frames;
+  if (napi_is_typedarray(env, argv[3], &is) != napi_ok || !is ||
+      napi_get_typedarray_info(env, argv[3], &type, &frames_len, &frames, NULL, NULL) != napi_ok || type != napi_uint32_array) {
+    napi_throw_type_error(env, NULL, "frames must be a Uint32Array");
+    return NULL;
+  }
+  size_t count = src_len == 0 ? 0 : ((size_t)src_len + (size_t)frame_bytes - 1) / (size_t)frame_bytes;
+  if (dst_len < src_len || frames_len < 2 * count) {
+    napi_throw_range_error(env, NULL, "dst must hold src.length bytes and frames 2 entries per frame");
+    return NULL;
+  }
+  frames_job *j = calloc(1, sizeof *j);
+  if (!j) {
+    napi_throw_error(env, "SNAPCTL_LZ4", "snapctl-lz4: out of memory");
+    return NULL;
+  }
+  j->src = src, j->dst = dst, j->frames = frames, j->src_len = src_len, j->frame_bytes = frame_bytes;
+  napi_value promise, name;
+  int made = 0;
+  for (; made < 3; made++) {
+    if (napi_create_reference(env, argv[made == 2 ? 3 : made], 1, &j->refs[made]) != napi_ok) break;
+  }
+  if (made < 3 || napi_create_string_utf8(env, "snapctl-lz4:encodeFrames", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_async_work(env, NULL, name, frames_execute, frames_complete, j, &j->work) != napi_ok) {
+    for (int i = 0; i < made; i++) napi_delete_reference(env, j->refs[i]);
+    free(j);
+    napi_throw_error(env, "SNAPCTL_LZ4", "snapctl-lz4: cannot start encodeFramesAsync");
+    return NULL;
+  }
+  if (napi_create_promise(env, &j->deferred, &promise) != napi_ok || napi_queue_async_work(env, j->work) != napi_ok) {
+    // A promise made but not queued is never settled: nothing holds it but us.
+    for (int i = 0; i < 3; i++) napi_delete_reference(env, j->refs[i]);
+    napi_delete_async_work(env, j->work);
+    free(j);
+    napi_throw_error(env, "SNAPCTL_LZ4", "snapctl-lz4: cannot queue encodeFramesAsync");
+    return NULL;
+  }
+  return promise;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   __builtin_cpu_init();
   have_pclmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
-  napi_property_descriptor props[5] = {
+  napi_property_descriptor props[6] = {
       {"decodeBlock", NULL, decode_block, NULL, NULL, NULL, napi_enumerable, NULL},
       {"compressBlock", NULL, compress_block, NULL, NULL, NULL, napi_enumerable, NULL},
       {"compressBound", NULL, compress_bound, NULL, NULL, NULL, napi_enumerable, NULL},
       {"crc32", NULL, crc32_call, NULL, NULL, NULL, napi_enumerable, NULL},
       {"version", NULL, NULL, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"encodeFramesAsync", NULL, encode_frames_async, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_create_string_utf8(env, LZ4_versionString(), NAPI_AUTO_LENGTH, &props[4].value));
-  CHECK(napi_define_properties(env, exports, 5, props));
+  CHECK(napi_define_properties(env, exports, 6, props));
   return exports;
 }
 

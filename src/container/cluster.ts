@@ -6,7 +6,7 @@ import { Reader, Writer, roundUp } from '../bytes.js'
 import { SnapError, type ErrorCode } from '../errors.js'
 import { crc32 } from './crc.js'
 import { ALIGN } from './header.js'
-import { Lz4Error, compressLz4Into, decodeLz4Block } from './lz4-block.js'
+import { Lz4Error, compressLz4Into, decodeLz4Block, nativeLz4 } from './lz4-block.js'
 
 // lz4-napi (a native addon, ~20 ms of CPU to load) on first use, not at import: a lazy restore
 // sends the device state before it decodes any cluster, and the VM can run sooner by that much.
@@ -328,6 +328,21 @@ export function encodeFrames(raw: Buffer, pageSize: number, framePages: number, 
     frames[2 * i + 1] = crc32(out.subarray(at, at + len))
     at += len
   }
+  if (at > maxLz4Stored(raw.length) - 4) return null
+  return { stored: out.subarray(0, at), frames }
+}
+
+/**
+ * encodeFrames on a libuv pool thread (native/lz4 encodeFramesAsync): the same bytes, while the
+ * caller goes on. `raw` and `out` must not change until it settles. Without the addon it is
+ * encodeFrames, at once.
+ */
+export async function encodeFramesAsync(raw: Buffer, pageSize: number, framePages: number, out: Buffer): Promise<{ stored: Buffer; frames: Uint32Array } | null> {
+  const lib = nativeLz4()
+  if (!lib) return encodeFrames(raw, pageSize, framePages, out)
+  if (out.length < raw.length) throw new RangeError('encodeFramesAsync: out is shorter than the raw pages')
+  const frames = new Uint32Array(2 * Math.ceil(raw.length / (framePages * pageSize)))
+  const at = await lib.encodeFramesAsync(raw, out, framePages * pageSize, frames)
   if (at > maxLz4Stored(raw.length) - 4) return null
   return { stored: out.subarray(0, at), frames }
 }

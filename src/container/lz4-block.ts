@@ -15,6 +15,8 @@ interface NativeLz4 {
   compressBlock(src: Uint8Array, dst: Uint8Array): number
   compressBound(n: number): number
   crc32(src: Uint8Array): number
+  /** src in frames of frameBytes, each stored as encodeFrames (cluster.ts) stores it, on a libuv pool thread */
+  encodeFramesAsync(src: Uint8Array, dst: Uint8Array, frameBytes: number, frames: Uint32Array): Promise<number>
   version: string
 }
 
