@@ -120,6 +120,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
   if (opts.record && isS3Url(path)) throw new SnapError('SNAP_USAGE', '--record stores the working set in the image: it needs a local image, not s3://')
   if (opts.record && opts.recover) throw new SnapError('SNAP_USAGE', '--record cannot go with --recover: the order of the requests before the recovery is lost')
   const reader = await openImage(path, { whileCreating: 'refuse', bypassCache: opts.bypassCache })
+  const marks: Record<string, number> = { started, imageOpen: performance.now() }
   if (topOf(reader).source.note) opts.log?.(`note: ${topOf(reader).source.note}`)
   let out: OutgoingMigration | undefined
   let rp: ReturnPathReader | undefined
@@ -140,6 +141,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
       const { fdOutgoing } = await import('./transport/fd.js')
       out = await fdOutgoing({ returnPath: true, sink })
     }
+    marks.connected = performance.now()
     if (!out.returnPath) throw new SnapError('SNAP_USAGE', `a lazy restore needs a return path from QEMU, and ${out.main.what} has none`)
     rp = new ReturnPathReader(out.returnPath)
     // A working set that fails its checks is only a lost optimisation: say so, restore without it.
@@ -152,6 +154,7 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
       workingSet: ws?.pages ?? null, record: opts.record, recover: opts.recover, pushRate: pushRate(), pushNice: opts.pushNice,
       recordWindowMs: opts.recordWindowMs ?? RECORD_WINDOW_MS, precopyPages: Math.floor((opts.precopyMax ?? PRECOPY_MAX) / reader.header.pageSize),
     })
+    Object.assign(session.phases, marks)
     const stats = await session.run(started, async () => (await loadRefresh())(topOf(reader), opts.log))
     await out.finish()
     if (opts.record) {

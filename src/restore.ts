@@ -86,6 +86,8 @@ export interface RestoreResult {
   latencyMs: { p50: number; p99: number; max: number } | null
   /** --lazy: from the load's start until the device state was out */
   deviceStateSeconds: number | null
+  /** --lazy: the load's set-up steps (load --postcopy --stats phasesMs) */
+  phasesMs: Record<string, number> | null
   /** --lazy: pages sent in answer to requests */
   pagesServedOnRequest: number | null
   /** --lazy: pages of the image's working set pushed first, and how many of those the guest asked for (a lower bound of those it touched) */
@@ -383,10 +385,10 @@ class Restore {
   }
 }
 
-function lazyFigures(lazy: boolean, s: Partial<PostcopyStats & { recordedPages: number }>): Pick<RestoreResult, 'latencyMs' | 'deviceStateSeconds' | 'pagesServedOnRequest' | 'prefetchedPages' | 'precopiedPages' | 'prefetchedTouched' | 'recordedPages'> {
+function lazyFigures(lazy: boolean, s: Partial<PostcopyStats & { recordedPages: number }>): Pick<RestoreResult, 'latencyMs' | 'deviceStateSeconds' | 'phasesMs' | 'pagesServedOnRequest' | 'prefetchedPages' | 'precopiedPages' | 'prefetchedTouched' | 'recordedPages'> {
   const v = <T>(x: T | undefined): T | null => (lazy && x !== undefined ? x : null)
   return {
-    latencyMs: v(s.latencyMs), deviceStateSeconds: v(s.deviceStateSeconds), pagesServedOnRequest: v(s.pagesServedOnRequest),
+    latencyMs: v(s.latencyMs), deviceStateSeconds: v(s.deviceStateSeconds), phasesMs: v(s.phasesMs), pagesServedOnRequest: v(s.pagesServedOnRequest),
     prefetchedPages: v(s.prefetchedPages), precopiedPages: v(s.precopiedPages), prefetchedTouched: v(s.prefetchedTouched), recordedPages: v(s.recordedPages),
   }
 }

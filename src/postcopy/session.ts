@@ -107,6 +107,14 @@ export interface PostcopyStats {
   /** a recovery (--recover): the pages the destination had before it (its received bitmaps); else 0 */
   pagesReceivedBefore: number
   seconds: number
+  /**
+   * When each step before the VM could run was done, in ms since this process started
+   * (performance.now()): `started` (the load began: process start-up and imports), `imageOpen`,
+   * `connected` (the transport), `advised` (the destination answered ADVISE), `deviceState`
+   * (the device state written). `processStart` is the process's start as epoch ms, to align
+   * them with another process's clock.
+   */
+  phasesMs: Record<string, number>
 }
 
 export class Session {
@@ -151,6 +159,8 @@ export class Session {
   private bytesPushed = 0
   private pages = 0
   private pagesReceivedBefore = 0
+  /** PostcopyStats.phasesMs: the caller's marks, then the session's */
+  readonly phases: Record<string, number> = { processStart: performance.timeOrigin }
   /**
    * every page, O(1): a request is answered without a search. Built once the device state is
    * out (run()): nothing before needs it, and at 4 GiB it is a million entries the VM need not wait for.
@@ -203,6 +213,7 @@ export class Session {
     if (this.opts.recover) await this.resume()
     else await this.setup()
     const deviceStateSeconds = (performance.now() - started) / 1000
+    this.phases.deviceState = performance.now()
     this.locator ??= this.runs.pageLocator()
     this.opts.log?.(this.opts.recover
       ? `postcopy: resumed after ${(deviceStateSeconds * 1000).toFixed(0)} ms (the destination had ${this.pagesReceivedBefore} pages); serving the rest`
@@ -235,7 +246,7 @@ export class Session {
       ...this.locator.totals(), pagesSent: this.pages, pagesServedOnRequest: this.pagesServedOnRequest,
       requestFramesRead: this.fetch.framesRead, requestClustersRead: this.fetch.clustersRead, preempt: this.preempt !== null,
       workingSetPages: this.workingSetPages, prefetchedPages: this.prefetchedPages, precopiedPages: this.precopiedPages, prefetchedTouched: this.prefetchedTouched,
-      lastPageSeconds, pagesReceivedBefore: this.pagesReceivedBefore, seconds: (performance.now() - started) / 1000,
+      lastPageSeconds, pagesReceivedBefore: this.pagesReceivedBefore, seconds: (performance.now() - started) / 1000, phasesMs: this.phases,
     }
   }
 
@@ -252,6 +263,7 @@ export class Session {
     await this.rp.waitPong(PING_ADVISED, this.opts.timeoutMs, (nothingCame) => nothingCame ? noDestination() :
       new SnapError('SNAP_POSTCOPY_SETUP', 'the destination refused POSTCOPY_ADVISE: turn the postcopy-ram capability on at the destination (migrate-set-capabilities) before migrate-incoming, and back its RAM with anonymous memory, tmpfs or hugetlbfs'),
     )
+    this.phases.advised = performance.now()
     // The destination answered on the main connection, so it took that one as main: the
     // preempt channel may connect now, and must before PACKAGED (QEMU waits for it there).
     if (this.opts.openPreempt) this.preempt = await this.opts.openPreempt()

@@ -55,6 +55,9 @@ test('load --postcopy --connect unix:PATH: requests answered on the preempt chan
   assert.ok(s.requests > 0 && s.latencyMs.p50 > 0 && s.preempt === true, JSON.stringify(s))
   assert.ok(s.pagesServedOnRequest > 0 && s.pagesServedOnRequest <= s.requestedPages, JSON.stringify(s))
   assert.ok(s.lastPageSeconds >= s.deviceStateSeconds && s.lastPageSeconds <= s.seconds && s.prefetchedPages === 0, JSON.stringify(s))
+  // The set-up's steps, in the order they happen, in ms since the process started.
+  const p = s.phasesMs
+  assert.ok(p.processStart > 1.6e12 && p.started > 0 && p.started <= p.imageOpen && p.imageOpen <= p.connected && p.connected <= p.advised && p.advised <= p.deviceState, JSON.stringify(p))
   await dst.quit()
 })
 
