@@ -2,6 +2,7 @@
 // and the fast path. Returns the exit status. Everything that can be checked before the work
 // (a terminal where the stream belongs, the --stats path) is checked first. `signal` stops the
 // work (commands/_run-command.ts turns SIGINT and SIGTERM into it).
+import { closeSync, fstatSync, writeSync, type Stats } from 'node:fs'
 import { writeFile } from 'node:fs/promises'
 // isatty(fd), not process.stdin/stdout.isTTY: those getters open Node's own stream on the fd,
 // which then competes with the pipe threads for QEMU's pipe (restores took 2.3x as long).
@@ -86,11 +87,14 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
     const hostPageSizes = parseHostPageSizes(flags['host-page-size'] as string | undefined)
     // Nothing to undo: it writes to QEMU only.
     if (flags.channels !== undefined) throw new SnapError('SNAP_USAGE', '--channels cannot go with --postcopy: QEMU 10.0 does not do postcopy with multifd')
-    stats = await unlessAborted(signal, loadPostcopy(image, { bypassCache: flags['bypass-cache'] === true, log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true,
+    const beforeConnect = flags['ready-fd'] === undefined ? undefined : readyHandshake(String(flags['ready-fd']), connect)
+    stats = await unlessAborted(signal, loadPostcopy(image, { beforeConnect, bypassCache: flags['bypass-cache'] === true, log: flags.progress ? log : undefined, hostPageSizes, connect, channelTimeoutMs: parseTimeout(flags.timeout), record: flags.record === true, recover: flags.recover === true,
       recordWindowMs: flags['record-window'] === undefined ? undefined : parseDuration(String(flags['record-window']), '--record-window'),
       precopyMax: flags['precopy-max'] === undefined ? undefined : parseSize(String(flags['precopy-max']), '--precopy-max'), pushNice: defaultPushNice() }))
   } else if (flags.recover) {
     throw new SnapError('SNAP_USAGE', '--recover goes with --postcopy: it continues a lazy restore')
+  } else if (flags['ready-fd'] !== undefined) {
+    throw new SnapError('SNAP_USAGE', '--ready-fd goes with --postcopy --connect: it holds a lazy restore\'s connection back until the destination listens')
   } else if (connect !== undefined) {
     const { loadOverSocket } = await import('../src/multifd/send.js')
     const progress = flags.progress ? progressReporter('load') : undefined
@@ -124,6 +128,52 @@ export async function runLoad(image: string, flags: ParsedFlags, signal: AbortSi
   }
   if (statsPath !== undefined) await writeStats(statsPath, stats, 'the restore succeeded')
   return 0
+}
+
+/**
+ * load --ready-fd N: a line on fd N once the load is ready, then a line on standard input (the
+ * destination listens now) before it connects. Checked at once: a bad fd fails before the image is read.
+ */
+function readyHandshake(text: string, connect: string | undefined): () => Promise<void> {
+  if (connect === undefined) throw new SnapError('SNAP_USAGE', '--ready-fd goes with --connect: under exec: QEMU starts the load itself, once it listens')
+  const fd = Number(text)
+  if (!/^\d+$/.test(text) || fd < 3 || fd > 1023) throw new SnapError('SNAP_USAGE', `--ready-fd ${text}: a file descriptor number from 3 to 1023 (0 to 2 are the standard ones)`)
+  let st: Stats | undefined
+  try {
+    st = fstatSync(fd)
+  } catch {
+    // not open
+  }
+  if (!st?.isFIFO() && !st?.isSocket()) throw new SnapError('SNAP_USAGE', `--ready-fd ${fd}: file descriptor ${fd} is not an open pipe or socket`)
+  return async () => {
+    try {
+      writeSync(fd, 'ready\n')
+      closeSync(fd)
+    } catch (e) {
+      throw new SnapError('SNAP_ABORTED', `--ready-fd ${fd}: the process that waits for the load is gone (${(e as Error).message})`)
+    }
+    await lineOnStdin()
+  }
+}
+
+/** Resolves on the first line of standard input; SNAP_ABORTED when it closes first. */
+function lineOnStdin(): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let got = ''
+    const stdin = process.stdin
+    const done = (err?: SnapError): void => {
+      stdin.off('data', onData).off('end', onEnd).off('error', onEnd)
+      stdin.destroy()
+      if (err) reject(err)
+      else resolve()
+    }
+    const onData = (d: Buffer): void => {
+      got += d.toString('latin1')
+      if (got.includes('\n')) done()
+    }
+    const onEnd = (): void => done(new SnapError('SNAP_ABORTED', 'standard input closed before the line that says the destination listens (--ready-fd): the restore that started this load stopped'))
+    stdin.on('data', onData).on('end', onEnd).on('error', onEnd)
+  })
 }
 
 /** --timeout MS (a whole number of milliseconds, 0 for none), or undefined for the default. */

@@ -85,6 +85,12 @@ export interface PostcopyOptions {
    * `migrate-recover URI` (restore --lazy --recover does both). Sends only what it lacks.
    */
   recover?: boolean
+  /**
+   * Called once the image is open and everything that does not need the destination is done,
+   * before connecting (or opening the default transport): restore --lazy starts the load before
+   * migrate-incoming and lets it connect once QEMU listens (load --ready-fd).
+   */
+  beforeConnect?: () => Promise<void>
 }
 
 /**
@@ -132,11 +138,19 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     // A small queue on the writer thread: the pipe never runs dry while the main thread builds
     // sections, and an urgent page waits behind at most this much background data.
     const sink: SinkOptions = { queueLimit: 128 << 10 }
+    // A working set that fails its checks is only a lost optimisation: say so, restore without it.
+    const ws = workingSetOf(topOf(reader), (e) => opts.log?.(`the image's working set is not used: ${(e as Error).message}`))
+    // Object storage: its clusters are fetched first, in its order, ahead of the push (s3-source.ts).
+    if (ws && topOf(reader).source.prefetch) topOf(reader).source.prefetch!(workingSetRanges(topOf(reader), ws.pages))
+    const socket = opts.connect !== undefined ? await import('./transport/postcopy-socket.js') : null
+    // Everything above is done before the destination is there (restore --lazy starts us before migrate-incoming).
+    if (opts.beforeConnect) {
+      await opts.beforeConnect()
+      marks.ready = performance.now()
+    }
     let preempt: PostcopyOutgoing | null = null
-    if (opts.connect !== undefined) {
-      const { socketPostcopyOutgoing } = await import('./transport/postcopy-socket.js')
-      out = preempt = await socketPostcopyOutgoing(opts.connect, { timeoutMs: opts.channelTimeoutMs })
-    } else if (opts.open) out = await opts.open(sink)
+    if (socket) out = preempt = await socket.socketPostcopyOutgoing(opts.connect!, { timeoutMs: opts.channelTimeoutMs })
+    else if (opts.open) out = await opts.open(sink)
     else {
       const { fdOutgoing } = await import('./transport/fd.js')
       out = await fdOutgoing({ returnPath: true, sink })
@@ -144,10 +158,6 @@ export async function loadPostcopy(path: string, opts: PostcopyOptions = {}): Pr
     marks.connected = performance.now()
     if (!out.returnPath) throw new SnapError('SNAP_USAGE', `a lazy restore needs a return path from QEMU, and ${out.main.what} has none`)
     rp = new ReturnPathReader(out.returnPath)
-    // A working set that fails its checks is only a lost optimisation: say so, restore without it.
-    const ws = workingSetOf(topOf(reader), (e) => opts.log?.(`the image's working set is not used: ${(e as Error).message}`))
-    // Object storage: its clusters are fetched first, in its order, ahead of the push (s3-source.ts).
-    if (ws && topOf(reader).source.prefetch) topOf(reader).source.prefetch!(workingSetRanges(topOf(reader), ws.pages))
     const session = new Session(reader, reader.locator, out.main, rp, {
       log: opts.log, timeoutMs: opts.timeoutMs ?? defaultTimeout(), hostPages,
       openPreempt: preempt?.openPreempt, endStream: preempt?.endStream,

@@ -207,8 +207,12 @@ class Restore {
     if (this.opts.bypassCache) args.push('--bypass-cache')
     args.push(...this.cacheArgs())
     if (this.preempt) {
-      await this.qmp.execute('migrate-recover', { uri: `unix:${peer.socket}` })
-      peer.start([...args, '--connect', `unix:${peer.socket}`])
+      const load = await this.startLoad(peer, args)
+      await this.qmp.execute('migrate-recover', { uri: `unix:${peer.socket}` }).catch((e) => {
+        load.cancel()
+        throw e
+      })
+      load.go()
     } else await this.qmp.execute('migrate-recover', { uri: peer.uri(args) })
     this.incoming = true
   }
@@ -232,6 +236,49 @@ class Restore {
   private async startRestore(peer: Peer): Promise<void> {
     const n = this.opts.channels
     if (n && this.opts.lazy) throw new SnapError('SNAP_USAGE', '--channels cannot go with --lazy: QEMU 10.0 does not do postcopy with multifd')
+    if (this.opts.record && !this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
+    const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
+    if (this.hostPages) args.push('--host-page-size', this.hostPages)
+    if (this.opts.bypassCache) args.push('--bypass-cache')
+    args.push(...this.cacheArgs())
+    if (this.opts.record) {
+      args.push('--record')
+      if (this.opts.recordWindow !== undefined) args.push('--record-window', this.opts.recordWindow)
+    }
+    if (this.opts.precopyMax !== undefined) args.push('--precopy-max', this.opts.precopyMax)
+    // --lazy: the load starts now, opens the image and gets ready while the settings are made;
+    // it connects once the destination listens, so the VM waits for no process start-up.
+    const load = this.opts.lazy ? this.startLoad(peer, args) : null
+    load?.catch(() => {}) // awaited below; a failure before then must not go unhandled
+    try {
+      await this.prepare(n)
+      if (load) {
+        const { go } = await load
+        await this.migrateIncoming(`unix:${peer.socket}`)
+        this.incoming = true
+        go()
+        return
+      }
+    } catch (e) {
+      void load?.then((l) => l.cancel(), () => {})
+      throw e
+    }
+    if (n) {
+      // The destination listens; its multifd channels check our uuid against its own.
+      const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
+      await this.migrateIncoming(`unix:${peer.socket}`)
+      peer.start([...args, '--connect', `unix:${peer.socket}`, '--channels', String(n), '--uuid', UUID])
+    } else await this.migrateIncoming(peer.uri(args))
+    this.incoming = true
+  }
+
+  /** A load --postcopy --connect started ahead of the destination (load --ready-fd): resolves once it is ready. */
+  private startLoad(peer: Peer, args: string[]): ReturnType<Peer['startReady']> {
+    return peer.startReady([...args, '--connect', `unix:${peer.socket}`, '--ready-fd', '3'])
+  }
+
+  /** The migration settings and autostart, before migrate-incoming. */
+  private async prepare(n: number | undefined): Promise<void> {
     // --lazy: over a unix socket with the preempt channel (requested pages never queue behind the push).
     const changes = await this.settings.apply(this.opts.lazy ? ['postcopy-ram', 'postcopy-preempt'] : n ? ['multifd'] : [], n ? { 'multifd-channels': n } : {})
     if (changes.off.length > 0) this.log(`migration capabilities off for the restore (restored afterwards): ${changes.off.join(', ')}`)
@@ -239,26 +286,6 @@ class Restore {
     // at the end of an eager restore, at POSTCOPY_RUN of a lazy one.
     await this.qmp.execute(this.opts.paused ? 'stop' : 'cont')
     this.checkAbort()
-    const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
-    if (this.hostPages) args.push('--host-page-size', this.hostPages)
-    if (this.opts.bypassCache) args.push('--bypass-cache')
-    args.push(...this.cacheArgs())
-    if (this.opts.record) {
-      if (!this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
-      args.push('--record')
-      if (this.opts.recordWindow !== undefined) args.push('--record-window', this.opts.recordWindow)
-    }
-    if (this.opts.precopyMax !== undefined) args.push('--precopy-max', this.opts.precopyMax)
-    if (n) {
-      // The destination listens; its multifd channels check our uuid against its own.
-      const { UUID } = await this.qmp.execute<{ UUID: string }>('query-uuid')
-      await this.migrateIncoming(`unix:${peer.socket}`)
-      peer.start([...args, '--connect', `unix:${peer.socket}`, '--channels', String(n), '--uuid', UUID])
-    } else if (this.opts.lazy) {
-      await this.migrateIncoming(`unix:${peer.socket}`)
-      peer.start([...args, '--connect', `unix:${peer.socket}`])
-    } else await this.migrateIncoming(peer.uri(args))
-    this.incoming = true
   }
 
   /** Restored: what fails now says so. */

@@ -62,6 +62,43 @@ export class Peer {
     child.unref()
   }
 
+  /**
+   * As start(), with `load --ready-fd 3` in `args`: the load opens the image and gets ready
+   * before the destination listens. Resolves once it says it is ready (a line on its fd 3);
+   * `go()` then lets it connect (a line on its standard input); `cancel()` (or this process
+   * exiting) closes that instead, and the load exits with SNAP_ABORTED. Rejects with the load's
+   * own error if it exits first.
+   */
+  async startReady(args: string[]): Promise<{ go: () => void; cancel: () => void }> {
+    const child = spawn('/bin/sh', ['-c', this.uri(args).slice('exec:'.length)], { stdio: ['pipe', 'ignore', 'ignore', 'pipe'] })
+    child.on('error', () => {})
+    child.unref()
+    const stdin = child.stdin!
+    const ready = child.stdio[3] as NodeJS.ReadableStream & { unref?: () => void; destroy: () => void }
+    stdin.on('error', () => {}) // the load is gone: its exit status says why
+    const release = (): void => {
+      ready.destroy()
+      ;(stdin as unknown as { unref?: () => void }).unref?.()
+    }
+    const said = await new Promise<boolean>((resolve) => {
+      let got = ''
+      ready.on('data', (d: Buffer) => {
+        got += d.toString('latin1')
+        if (got.includes('\n')) resolve(true)
+      })
+      ready.on('end', () => resolve(false))
+      ready.on('error', () => resolve(false))
+    })
+    if (!said) {
+      stdin.destroy()
+      release()
+      const status = await this.waitExit({ timeoutMs: 5000 })
+      throw (await this.error()) ?? new SnapError('SNAP_INTERNAL', `the snapctl load exited (status ${status ?? 'unknown'}) before it was ready${(await this.stderr()) ? `: ${(await this.stderr()).split('\n').pop()}` : ''}`)
+    }
+    release()
+    return { go: () => void stdin.end('go\n'), cancel: () => stdin.destroy() }
+  }
+
   /** Waits for the socket to exist (a listening create); false after `timeoutMs` or once the peer exited. */
   async waitSocket(timeoutMs = 20_000): Promise<boolean> {
     for (const end = Date.now() + timeoutMs; Date.now() < end; await sleep(10)) {

@@ -132,6 +132,53 @@ test('load: --record-window without --record, --precopy-max without --postcopy, 
   assert.not.ok(existsSync(w.path('never.stream')))
 })
 
+test('load --ready-fd: only with --postcopy --connect and an open fd; ready on it, connects only after a line on stdin; stdin closed first is SNAP_ABORTED', async () => {
+  const sock = w.path('ready.sock')
+  for (const args of [
+    ['--postcopy', '--ready-fd', '3'], // no --connect
+    ['--connect', `unix:${sock}`, '--ready-fd', '3'], // no --postcopy
+    ['--postcopy', '--connect', `unix:${sock}`, '--ready-fd', '1'],
+    ['--postcopy', '--connect', `unix:${sock}`, '--ready-fd', '200'], // not open
+  ]) {
+    const r = spawnSync(process.execPath, [SNAPCTL_BIN, 'load', image, ...args], { stdio: ['pipe', 'ignore', 'pipe', 'pipe'], encoding: 'utf8', timeout: 30_000 })
+    assert.is(codeOf(r), 'SNAP_USAGE', `${args.join(' ')}: ${r.stderr}`)
+  }
+  const readyLoad = (): { child: ReturnType<typeof spawn>; ready: Promise<string>; exited: Promise<{ code: number | null; stderr: string }> } => {
+    const child = spawn(process.execPath, [SNAPCTL_BIN, 'load', '--postcopy', '--connect', `unix:${sock}`, '--ready-fd', '3', image], { stdio: ['pipe', 'ignore', 'pipe', 'pipe'] })
+    let stderr = ''
+    child.stderr!.on('data', (d: Buffer) => (stderr += d))
+    let said = ''
+    const ready = new Promise<string>((resolve) => {
+      child.stdio[3]!.on('data', (d: Buffer) => (said += d))
+      child.stdio[3]!.on('end', () => resolve(said))
+    })
+    return { child, ready, exited: new Promise((resolve) => child.on('close', (code) => resolve({ code, stderr }))) }
+  }
+  // Ready with nothing listening; stdin closed: SNAP_ABORTED (9), no connection attempted.
+  const a = readyLoad()
+  assert.is(await a.ready, 'ready\n')
+  a.child.stdin!.end()
+  const ra = await a.exited
+  assert.is(ra.code, 9, ra.stderr)
+  assert.match(ra.stderr, /^snapctl: SNAP_ABORTED: standard input closed/m)
+  // Ready before the socket exists; after the line on stdin it connects to it.
+  const b = readyLoad()
+  assert.is(await b.ready, 'ready\n')
+  const { createServer } = await import('node:net')
+  const connected = new Promise<void>((resolve) => {
+    const server = createServer((s) => {
+      s.destroy()
+      server.close()
+      resolve()
+    })
+    server.listen(sock, () => b.child.stdin!.end('go\n'))
+  })
+  await connected
+  const rb = await b.exited
+  assert.is.not(rb.code, 0, 'the fake destination closed at once')
+  assert.not.match(rb.stderr, /SNAP_ABORTED|SNAP_USAGE/)
+})
+
 test('a directory or an empty string as IMAGE (or --from, --to): SNAP_BAD_PATH at once', async () => {
   const lists = [
     ['create', w.dir], ['create', w.dir, '--force'], ['create', ''], ['create', `${w.path('x.snap')}/`],
