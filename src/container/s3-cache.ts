@@ -9,7 +9,7 @@
 //   taken over), so that an object range is fetched once however many restores want it;
 // - bounded: after every `max/8` bytes it added, and when it closes, a process lists the cache and
 //   deletes the least recently used blocks (hits touch their mtime) until it holds at most `max`.
-import { closeSync, openSync, readFileSync, readdirSync, renameSync, statSync, unlinkSync, utimesSync, writeFileSync, writeSync } from 'node:fs'
+import { close, closeSync, futimes, open as openFd, openSync, read as readFd, readFileSync, readdirSync, renameSync, statSync, unlinkSync, utimesSync, writeFileSync, writeSync } from 'node:fs'
 import { mkdir, open, readFile, readdir, rename, stat, unlink, utimes, writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { setTimeout as sleep } from 'node:timers/promises'
@@ -40,6 +40,37 @@ export class BlockCache {
 
   private name(i: number): string {
     return join(this.dir, `${this.prefix}${i}`)
+  }
+
+  /** The blocks of this object (this ETag) the directory holds now. */
+  async listed(): Promise<Set<number>> {
+    const names = await readdir(this.dir).catch(() => [] as string[])
+    const out = new Set<number>()
+    for (const n of names) if (n.startsWith(this.prefix) && /^\d+$/.test(n.slice(this.prefix.length))) out.add(Number(n.slice(this.prefix.length)))
+    return out
+  }
+
+  /**
+   * Bytes [from, from + into.length) of block i, read from its file straight into `into` (no
+   * buffer of the block's own, no copy); `touch`: the read counts as a use. False when the block
+   * is not there (evicted) or ends first.
+   */
+  readInto(i: number, from: number, into: Buffer, touch: boolean): Promise<boolean> {
+    return new Promise((res) => {
+      openFd(this.name(i), 'r', (err, fd) => {
+        if (err) return res(false)
+        const done = (ok: boolean) => close(fd, () => res(ok))
+        const fill = (got: number): void => {
+          if (got === into.length) {
+            if (!touch) return done(true)
+            const now = new Date()
+            return futimes(fd, now, now, () => done(true))
+          }
+          readFd(fd, into, got, into.length - got, from + got, (e, n) => (e || n === 0 ? done(false) : fill(got + n)))
+        }
+        fill(0)
+      })
+    })
   }
 
   /** Block i if cached with `len` bytes (a hit counts as a use). */

@@ -2,7 +2,8 @@
 // ranged GETs of 1 MiB blocks of the object, fetched in parallel, the first one unconditional and
 // every later one pinned to its ETag with If-Match, so that a replaced object fails with
 // SNAP_OBJECT_CHANGED and never yields bytes from two versions. ImageReader checks everything above
-// this exactly as for a local file. Every GET after the first is done by one fetch thread
+// this exactly as for a local file. Blocks already in the host's cache directory are read from
+// their files straight into the reader's buffer, as a local image is. Every GET after the first is done by one fetch thread
 // (s3-sync-worker.ts), which also keeps the shared block cache: the reading thread never holds a
 // block's claim, and readSync (lazy restore answers page requests on its own thread) waits for
 // the fetch thread while read-ahead goes on there. What a reader waits for starts at once, beside
@@ -96,6 +97,12 @@ export class S3Source implements ByteSource {
   private port: MessagePort | undefined
   private readonly signal = new Int32Array(new SharedArrayBuffer(4))
   private cache: BlockCache | null = null
+  /**
+   * blocks known to be in the cache directory (listed at open, or stored by the fetch thread):
+   * read straight from their files into the reader's buffer; another process may have evicted
+   * one since (then it is fetched again)
+   */
+  private readonly present = new Set<number>()
   /** the last block the last read touched (read-ahead follows readers in file order) */
   private lastBlock = -1
 
@@ -122,6 +129,7 @@ export class S3Source implements ByteSource {
       if (cacheMax > 0) {
         const cache = new BlockCache(cacheDir, objectId(loc), src.etag, cacheMax)
         src.cache = await cache.init().then(() => cache, () => null) // an unwritable cache directory: read without one
+        for (const i of (await src.cache?.listed()) ?? []) src.present.add(i)
       } else if (first.buf!.length > 0) src.remember(0, first.buf!)
       src.worker!.postMessage({ op: 'pin', etag: src.etag, cache: src.cache ? { dir: cacheDir, object: objectId(loc), max: cacheMax } : null } satisfies FetchRequest)
       return src
@@ -199,7 +207,10 @@ export class S3Source implements ByteSource {
       const buf = Buffer.from(m.buf.buffer, m.buf.byteOffset, m.buf.length)
       job.etag = m.etag
       job.total = m.total
-      if (job.block >= 0) this.remember(job.block, buf)
+      if (job.block >= 0) {
+        this.remember(job.block, buf)
+        if (this.cache) this.present.add(job.block)
+      }
       this.finish(job, buf)
     } else {
       this.finish(job, undefined, m.error ? new SnapError(m.error.code, m.error.message, m.error.context) : new SnapError('SNAP_INTERNAL', `${this.path}: a read-ahead was dropped`))
@@ -243,11 +254,15 @@ export class S3Source implements ByteSource {
     const p = this.pending.get(i)?.promise ?? this.looking.get(i)
     if (p) return p
     const fetch = (): Promise<Buffer> => (this.pending.get(i) ?? this.submit(i * BLOCK, i * BLOCK + this.blockLength(i), i, lane)).promise
-    if (!this.cache) return fetch()
+    // Not listed: the fetch thread looks in the cache itself (another process may have stored it since).
+    if (!this.cache || !this.present.has(i)) return fetch()
     // Looked up here first: a host restoring an image again need not start the fetch thread's GETs.
     const look = this.cache.get(i, this.blockLength(i)).then((buf) => {
       this.looking.delete(i)
-      if (!buf) return fetch() // or readSync queued it meanwhile
+      if (!buf) {
+        this.present.delete(i)
+        return fetch() // or readSync queued it meanwhile
+      }
       this.remember(i, buf)
       return buf
     })
@@ -283,10 +298,38 @@ export class S3Source implements ByteSource {
     // A small read (a cluster header for the index or info) by itself: fetching its whole block
     // would fetch the whole image twice when the index is built before a restore.
     if (!this.cache && len <= SMALL && a === b && !this.mem.has(a) && !this.pending.has(a) && !this.looking.has(a)) return this.submit(pos, pos + len, -1, 0).promise
+    if (this.cache && !(a === b && this.mem.has(a))) {
+      const out = into && into.length >= len ? into.subarray(0, len) : Buffer.allocUnsafe(len)
+      if (await this.fromFiles(pos, len, a, b, out)) {
+        this.readAhead(a, b)
+        return out
+      }
+    }
     const parts: Array<Promise<Buffer>> = []
     for (let i = a; i <= b; i++) parts.push(this.block(i, 0))
     this.readAhead(a, b)
     return this.assemble(pos, len, a, await Promise.all(parts), into)
+  }
+
+  /**
+   * [pos, pos+len) into `out` when every block of it is in memory or in the cache directory: the
+   * cached ones read from their files into their place in `out`, as a local image is read (a
+   * restore from a warm cache: no buffer per block, no copy, no garbage). False when a block is
+   * neither (or was evicted meanwhile): the caller goes through block().
+   */
+  private async fromFiles(pos: number, len: number, a: number, b: number, out: Buffer): Promise<boolean> {
+    for (let i = a; i <= b; i++) if (!this.mem.has(i) && !(this.present.has(i) && !this.pending.has(i) && !this.looking.has(i))) return false
+    const reads: Array<Promise<boolean>> = []
+    for (let i = a; i <= b; i++) {
+      const from = Math.max(pos, i * BLOCK)
+      const to = Math.min(pos + len, i * BLOCK + this.blockLength(i))
+      const dst = out.subarray(from - pos, to - pos)
+      const held = this.mem.get(i)
+      if (held) held.copy(dst, 0, from - i * BLOCK, to - i * BLOCK)
+      // A block counts as used once, by the read that starts it (chunks share their edge blocks).
+      else reads.push(this.cache!.readInto(i, from - i * BLOCK, dst, from === i * BLOCK).then((ok) => ok || !this.present.delete(i)))
+    }
+    return (await Promise.all(reads)).every(Boolean)
   }
 
   /**
@@ -304,7 +347,7 @@ export class S3Source implements ByteSource {
   /** Blocks from..to (clipped to the object) not held or under way, queued on `lane`. */
   private ahead(from: number, to: number, lane: Job['lane']): void {
     for (let i = from; i <= Math.min(to, this.lastBlockOfObject); i++) {
-      if (!this.mem.has(i) && !this.pending.has(i) && !this.looking.has(i)) this.block(i, lane).catch(() => {})
+      if (!this.mem.has(i) && !this.present.has(i) && !this.pending.has(i) && !this.looking.has(i)) this.block(i, lane).catch(() => {})
     }
   }
 

@@ -82,6 +82,24 @@ test('the bound: the least recently used blocks go first; a block of the wrong l
   assert.is(short.hit, false)
 })
 
+test('listed() names the blocks of this object only; readInto() reads a slice into place, false for a missing or short block', async () => {
+  const d = dir()
+  const c = await cache(d)
+  for (const i of [0, 3, 7]) await c.obtain(i, 4096, async () => Buffer.alloc(4096, i + 1).fill(0xee, 100, 101))
+  await new BlockCache(d, OBJ, '"etag-2"', 1 << 30).obtain(5, 4096, async () => Buffer.alloc(4096)) // another version of the object
+  await new BlockCache(d, 'f'.repeat(32), '"etag-1"', 1 << 30).obtain(6, 4096, async () => Buffer.alloc(4096)) // another object
+  writeFileSync(join(d, 'blocks', readdirSync(join(d, 'blocks')).find((n) => n.endsWith('.3'))!.replace(/\.3$/, '.9.lock')), '1\n')
+  assert.equal([...(await c.listed())].sort(), [0, 3, 7])
+  const into = Buffer.alloc(300, 0xaa)
+  assert.is(await c.readInto(3, 50, into.subarray(10, 210), true), true)
+  assert.ok(into.subarray(0, 10).equals(Buffer.alloc(10, 0xaa)) && into.subarray(210).equals(Buffer.alloc(90, 0xaa)), 'wrote outside its slice')
+  const want = Buffer.alloc(200, 4)
+  want[50] = 0xee
+  assert.ok(into.subarray(10, 210).equals(want))
+  assert.is(await c.readInto(4, 0, Buffer.alloc(10), false), false, 'a block not cached')
+  assert.is(await c.readInto(7, 4000, Buffer.alloc(200), false), false, 'past the end of the block')
+})
+
 test.after(() => {
   for (const d of dirs) rmSync(d, { recursive: true, force: true })
 })
