@@ -27,6 +27,8 @@ if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v' || argv[0]
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'))
   process.stdout.write(`snapctl/${pkg.version} ${process.platform}-${process.arch} node-${process.version}\n`)
 } else {
+  // load of an s3:// image: the thread that fetches it (and loads the AWS SDK) starts now, beside the rest.
+  if (argv[0] === 'load' && argv.some((a) => a.startsWith('s3://'))) import('../dist/src/container/s3-source.js').then((m) => m.startFetchThread(), () => {})
   const { fastRun } = await import('../dist/commands/_fast.js')
   if (!(await fastRun(argv))) {
     const { flush, run } = await import('@oclif/core')

@@ -33,6 +33,25 @@ const LAZY_AHEAD = 4
 /** reads up to this size that miss memory are fetched exactly, not as their whole block */
 const SMALL = 64 * 1024
 
+const FETCH_THREAD = new URL('./s3-sync-worker.js', import.meta.url)
+let early: Worker | undefined
+
+/**
+ * Start the fetch thread now, for the first S3Source opened later: it loads the AWS SDK (0.1-0.2 s
+ * of CPU before the HEAD can go out) while the command's own modules load (bin/run.js, for `load`
+ * of an s3:// image: a restore from a warm cache waits for nothing else).
+ */
+export function startFetchThread(): void {
+  if (early) return
+  const w = new Worker(FETCH_THREAD)
+  w.unref()
+  w.on('error', () => {}) // one that fails before it is taken is not taken
+  w.once('exit', () => {
+    if (early === w) early = undefined
+  })
+  early = w
+}
+
 export interface S3SourceOptions {
   /** where the page index and fetched blocks live (defaultCacheDir()) */
   cacheDir?: string
@@ -164,13 +183,19 @@ export class S3Source implements ByteSource {
     while (this.mem.size > MEM_BLOCKS) this.mem.delete(this.mem.keys().next().value as number)
   }
 
-  /** The fetch thread (s3-sync-worker.ts), started with the first range it is given. */
+  /** The fetch thread (s3-sync-worker.ts): the one startFetchThread() started, else a new one. */
   private thread(): Worker {
     if (this.worker) return this.worker
     const { port1, port2 } = new MessageChannel()
     const data: FetchWorkerData = { loc: this.loc, port: port2, signal: this.signal.buffer as SharedArrayBuffer, parallel: PARALLEL }
-    this.worker = new Worker(new URL('./s3-sync-worker.js', import.meta.url), { workerData: data, transferList: [port2] })
-    this.worker.unref()
+    if (early) {
+      this.worker = early
+      early = undefined
+      this.worker.postMessage({ op: 'init', data } satisfies FetchRequest, [port2])
+    } else {
+      this.worker = new Worker(FETCH_THREAD, { workerData: data, transferList: [port2] })
+      this.worker.unref()
+    }
     this.worker.on('error', (e) => this.failAll(new SnapError('SNAP_OBJECT_UNAVAILABLE', `${this.path}: the fetch thread failed: ${e.message}`)))
     port1.on('message', (m: FetchReply) => this.settle(m))
     port1.unref()

@@ -2,7 +2,7 @@
 // reads the image never blocks its own HTTP: a lazy restore's page request waits on this thread
 // (Atomics.wait) while it fetches, and read-ahead goes on here meanwhile.
 //
-// In (parentPort): { op: 'head', id } or { op: 'first', id } (the first block, unpinned) find the
+// In (parentPort): { op: 'init', data } first when no workerData was given; { op: 'head', id } or { op: 'first', id } (the first block, unpinned) find the
 // object's ETag and size; { op: 'pin', etag } pins every later GET to it (If-Match) and opens
 // the block cache; { op: 'get', id, start, end, block, lane } queues a range (block >= 0: a whole
 // block, through the shared block cache when there is one); { op: 'urgent', id } moves a queued
@@ -31,7 +31,7 @@ export interface FetchJob {
   lane: 0 | 1 | 2 | 3
 }
 
-export type FetchRequest = FetchJob | { op: 'head' | 'first'; id: number } | { op: 'pin'; etag: string; cache: { dir: string; object: string; max: number } | null } | { op: 'urgent'; id: number } | { op: 'drop' }
+export type FetchRequest = FetchJob | { op: 'init'; data: FetchWorkerData } | { op: 'head' | 'first'; id: number } | { op: 'pin'; etag: string; cache: { dir: string; object: string; max: number } | null } | { op: 'urgent'; id: number } | { op: 'drop' }
 
 export type FetchReply = { id: number; buf: Buffer; etag?: string; total?: number } | { id: number; error: { code: SnapError['code']; message: string; context: Record<string, unknown> } | null }
 
@@ -43,8 +43,9 @@ export interface FetchWorkerData {
 }
 
 
-const { loc, port, signal, parallel } = workerData as FetchWorkerData
-const seq = new Int32Array(signal)
+// Given as workerData, or by the first message (a thread started before the image was named: startFetchThread()).
+let { loc, port, signal, parallel } = (workerData ?? {}) as FetchWorkerData
+let seq = signal ? new Int32Array(signal) : new Int32Array(1)
 let etag: string | undefined
 let cache: BlockCache | null = null
 const lanes: FetchJob[][] = [[], [], []]
@@ -92,7 +93,10 @@ function pump(): void {
 }
 
 parentPort!.on('message', (m: FetchRequest) => {
-  if (m.op === 'head' || m.op === 'first') void run(m)
+  if (m.op === 'init') {
+    ;({ loc, port, signal, parallel } = m.data)
+    seq = new Int32Array(signal)
+  } else if (m.op === 'head' || m.op === 'first') void run(m)
   else if (m.op === 'pin') {
     etag = m.etag
     cache = m.cache ? new BlockCache(m.cache.dir, m.cache.object, m.etag, m.cache.max) : null

@@ -16,18 +16,18 @@
 // Why a spool and not memory: the first part must be held until the end, compaction may rewrite
 // the image, and XBZRLE pages need earlier clusters: the writer already does all of that on a
 // file, and the spool keeps its changes to one seam (ImageSink).
-import {
-  AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, HeadObjectCommand, UploadPartCommand,
-  type CompletedPart,
-} from '@aws-sdk/client-s3'
+import type { CompletedPart } from '@aws-sdk/client-s3'
 import { randomBytes } from 'node:crypto'
 import { mkdir, open, rm, type FileHandle } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { SnapError, fromSystemError } from '../errors.js'
 import { parseS3Url, s3Client, s3Error, withRetry, type S3Location } from '../s3/client.js'
+import { sdk } from '../s3/sdk.js'
 import { s3IndexPath } from './s3-source.js'
 import type { ImageSink } from './writer.js'
+
+const { AbortMultipartUploadCommand, CompleteMultipartUploadCommand, CreateMultipartUploadCommand, HeadObjectCommand, UploadPartCommand } = sdk
 
 export const FIRST_PART = 8 << 20
 const PARALLEL = 4

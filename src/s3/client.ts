@@ -4,10 +4,11 @@
 // addressing where an endpoint is given (S3-compatible stores) or SNAPCTL_S3_PATH_STYLE=1.
 // Credentials never appear in messages: errors are built here from the status and S3's error
 // name, never from the SDK's text.
-import { S3Client, type S3ClientConfig } from '@aws-sdk/client-s3'
+import type { S3Client, S3ClientConfig } from '@aws-sdk/client-s3'
 import { setTimeout as sleep } from 'node:timers/promises'
 import { SnapError, type ErrorCode } from '../errors.js'
 
+import { sdk } from './sdk.js'
 import type { S3Location } from './url.js'
 
 export { isS3Url, parseS3Url, type S3Location } from './url.js'
@@ -32,7 +33,7 @@ export function s3Client(): S3Client {
     requestHandler: { connectionTimeout: 10_000, requestTimeout: idleTimeoutMs() },
   }
   if (!env.AWS_REGION && !env.AWS_DEFAULT_REGION && !env.AWS_PROFILE && endpointGiven) config.region = 'us-east-1'
-  shared = new S3Client(config)
+  shared = new sdk.S3Client(config)
   return shared
 }
 

@@ -1,10 +1,12 @@
 // Reads of an object (issue 16): a ranged GET into one buffer, and a HEAD. Used by the fetch
 // thread of an s3:// image (src/container/s3-sync-worker.ts): the thread that restores never
 // loads the AWS SDK (about 0.3 s of CPU) for reading.
-import { GetObjectCommand, HeadObjectCommand } from '@aws-sdk/client-s3'
 import { appendFileSync } from 'node:fs'
 import { SnapError } from '../errors.js'
 import { s3Client, withRetry, type S3Location } from './client.js'
+import { sdk } from './sdk.js'
+
+const { GetObjectCommand, HeadObjectCommand } = sdk
 
 /** A GET's body as one Buffer, and what the object said about itself. */
 export async function getRange(loc: S3Location, start: number, end: number, etag: string | undefined): Promise<{ buf: Buffer; etag?: string; total?: number }> {
