@@ -21,7 +21,15 @@ if (!ownBuffers) {
 }
 // Two pool threads: each keeps its own mimalloc heap, and on a 2-core machine more threads
 // only add memory (1 GiB save: 4 threads 295 MiB peak, 2 threads 250 MiB, no slower).
-process.env.UV_THREADPOOL_SIZE ??= '2'
+// create --threads N (default src/threads.ts) compresses on N - 1 of them and writes on
+// another: N, at least 2.
+let poolThreads = 2
+if (argv[0] === 'create') {
+  const at = argv.findIndex((a) => a === '--threads' || a.startsWith('--threads='))
+  const n = at < 0 ? (await import('../dist/src/threads.js')).defaultThreads() : Number(argv[at].startsWith('--threads=') ? argv[at].slice(10) : argv[at + 1])
+  if (Number.isInteger(n) && n > 2 && n <= 256) poolThreads = n
+}
+process.env.UV_THREADPOOL_SIZE ??= String(poolThreads)
 
 if (argv.length === 1 && (argv[0] === '--version' || argv[0] === '-v' || argv[0] === 'version')) {
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'))

@@ -10,6 +10,7 @@ import { isatty } from 'node:tty'
 import { unlessAborted } from '../src/abort.js'
 import { SnapError } from '../src/errors.js'
 import { checkWritableFile } from '../src/paths.js'
+import { defaultThreads } from '../src/threads.js'
 import { streamReport } from '../src/report.js'
 import { formatBytes } from './_format.js'
 import { progressReporter } from './_progress.js'
@@ -28,10 +29,12 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
   const clusterSize = parseSize((flags['cluster-size'] as string | undefined) ?? '1M', '--cluster-size')
   const progress = flags.progress ? progressReporter('create') : undefined
   const { createImage } = await import('../src/create.js')
+  const threads = parseThreads(flags.threads) ?? defaultThreads()
   const r = await createImage(image, {
     from,
     compress: (flags.compress ?? 'lz4') as 'lz4' | 'none',
     clusterSize,
+    threads,
     dedupe: flags.dedupe === true,
     force: flags.force === true,
     sync: flags.sync === true,
@@ -48,7 +51,7 @@ export async function runCreate(image: string, flags: ParsedFlags, signal: Abort
   const s = r.image
   const stats = {
     pages: s.pages, storedPages: s.storedPages, zeroPages: s.zeroPages, basePages: s.basePages, sharedPages: s.sharedPages, ramPages: s.ramPages,
-    bytesIn: r.bytesIn, bytesOut: s.fileBytes, seconds: r.seconds, source: r.source, stream: streamReport(r.counters),
+    bytesIn: r.bytesIn, bytesOut: s.fileBytes, seconds: r.seconds, source: r.source, stream: streamReport(r.counters), threads,
     ...(listen !== undefined ? { channels: r.channels, epochs: r.epochs } : {}),
   }
   if (statsPath !== undefined) await writeStats(statsPath, stats, 'the image was saved')
@@ -174,6 +177,14 @@ function lineOnStdin(): Promise<void> {
     const onEnd = (): void => done(new SnapError('SNAP_ABORTED', 'standard input closed before the line that says the destination listens (--ready-fd): the restore that started this load stopped'))
     stdin.on('data', onData).on('end', onEnd).on('error', onEnd)
   })
+}
+
+/** create --threads N (1 to 256), or undefined for the default (src/threads.ts). */
+export function parseThreads(v: unknown): number | undefined {
+  if (v === undefined) return undefined
+  const n = Number(v)
+  if (typeof v !== 'string' || !/^\d+$/.test(v) || n < 1 || n > 256) throw new SnapError('SNAP_USAGE', `--threads ${String(v)}: a whole number from 1 to 256`)
+  return n
 }
 
 /** --timeout MS (a whole number of milliseconds, 0 for none), or undefined for the default. */

@@ -17,6 +17,7 @@ import { isS3Url } from './s3/url.js'
 import { libvirtHeaderLength, parseLibvirtHeader } from './stream/libvirt.js'
 import { importMappedRam } from './mapped-ram-import.js'
 import { StreamParser } from './stream/parser.js'
+import { defaultThreads } from './threads.js'
 import { writerSink } from './ram-sink.js'
 import type { StreamCounters } from './types.js'
 
@@ -27,6 +28,8 @@ export interface CreateOptions {
   input?: IncomingMigration
   clusterSize?: number
   compress?: 'lz4' | 'none'
+  /** threads creating the image (WriterOptions.threads); default defaultThreads() */
+  threads?: number
   /** store a page whose bytes the image holds already once (container.md "Shared slots"); default off */
   dedupe?: boolean
   force?: boolean
@@ -87,6 +90,7 @@ export async function createImage(path: string, opts: CreateOptions = {}): Promi
   const opening = ImageWriter.create(path, {
     clusterSize: opts.clusterSize,
     compress: opts.compress,
+    threads: opts.threads ?? defaultThreads(),
     dedupe: opts.dedupe,
     force: opts.force,
     sync: opts.sync,

@@ -9,7 +9,7 @@ import { roundUp } from '../bytes.js'
 import { SnapError, fromSystemError } from '../errors.js'
 import { renameIntoPlace } from '../paths.js'
 import { PAGE_BASE, PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type PageState, type RamBlock, type RamBlockDecl, type StreamCounters } from '../types.js'
-import { CODEC_LZ4, CODEC_NONE, DEFAULT_FRAME_PAGES, encodeFrames } from './cluster.js'
+import { CODEC_LZ4, CODEC_NONE, DEFAULT_FRAME_PAGES, encodeFrames, encodeFramesAsync } from './cluster.js'
 import { ClusterFile, fsyncDir, type ClusterFileOptions, type Stored } from './cluster-file.js'
 import { copyLive, copyZeros } from './compaction.js'
 import { SlotFinder, type DedupeStats } from './dedupe.js'
@@ -61,6 +61,12 @@ export interface WriterOptions {
    * bench's mix and the Linux guest it cost 1.2x to 1.3x create's CPU for 0.1% to 1% of the image
    */
   dedupe?: boolean
+  /**
+   * threads creating the image: 1 (default) compresses each sealed cluster on the calling
+   * thread; N > 1 compresses up to N - 1 clusters at once on libuv pool threads (native/lz4
+   * encodeFramesAsync) while the calling thread goes on parsing. The image's bytes are the same.
+   */
+  threads?: number
   /** s3:// images: where the spool file is written (default $TMPDIR) and the index built (the read cache) */
   spoolDir?: string
   cacheDir?: string
@@ -172,6 +178,9 @@ export class ImageWriter {
   private readonly sharedSlot: Uint8Array
   /** pages the open cluster names that no longer live there (they left a slot still shared) */
   private staleNames = 0
+  /** with threads > 1: clusters compressing on the pool, and those waiting for a thread */
+  private compressing = 0
+  private readonly waitingToCompress: Array<() => void> = []
 
   private constructor(
     readonly path: string,
@@ -185,6 +194,7 @@ export class ImageWriter {
     private readonly base: WriterBase | null,
     private readonly sink: ImageSink | null = null,
     private readonly dedupe = false,
+    private readonly threads = 1,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
     this.sharedSlot = new Uint8Array(this.ppc)
@@ -222,7 +232,7 @@ export class ImageWriter {
       await unlink(partial).catch(() => {})
       throw lockedError(path, running)
     }
-    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false, fileOpts, opts.base ?? null, null, opts.dedupe ?? false)
+    return new ImageWriter(path, partial, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, opts.sync ?? false, fileOpts, opts.base ?? null, null, opts.dedupe ?? false, threadCount(opts.threads))
   }
 
   /** What deduplication did so far (null: off). */
@@ -243,7 +253,7 @@ export class ImageWriter {
       // Through the page cache whatever --bypass-cache says: the upload reads the spool right back.
       const fileOpts: ClusterFileOptions = {}
       const file = await ClusterFile.create(sink.spool, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, { lruBytes: opts.cacheBytes })
-      return new ImageWriter(url, sink.spool, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, false, fileOpts, null, sink, opts.dedupe ?? false)
+      return new ImageWriter(url, sink.spool, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, false, fileOpts, null, sink, opts.dedupe ?? false, threadCount(opts.threads))
     } catch (e) {
       await sink.abort()
       throw e
@@ -431,7 +441,8 @@ export class ImageWriter {
     // In frames of 128 KiB, each decodable alone: a page request reads and decodes one frame, not
     // the megabyte around it (format-spec/container.md, "Frames").
     let stored: Promise<Stored> = Promise.resolve({ codec: CODEC_NONE, stored: raw })
-    if (this.lz4) {
+    if (this.lz4 && this.threads > 1) stored = this.compressOnPool(raw)
+    else if (this.lz4) {
       const framePages = Math.min(DEFAULT_FRAME_PAGES, this.ppc) // a frame is at most a cluster
       const out = this.spareStored.pop() ?? this.newStoredBuffer()
       const f = encodeFrames(raw, PAGE_SIZE, framePages, out)
@@ -443,6 +454,27 @@ export class ImageWriter {
     this.count = 0
     this.sharedSlot.fill(0)
     this.staleNames = 0
+  }
+
+  /**
+   * --threads N > 1: the sealed cluster's frames compressed (and their CRCs taken) on a pool
+   * thread, at most N - 1 at once, while this thread parses on. ClusterFile writes clusters in
+   * sequence order whenever each finishes, so the image is the same as with one thread.
+   */
+  private async compressOnPool(raw: Buffer): Promise<Stored> {
+    if (this.compressing >= this.threads - 1) await new Promise<void>((r) => this.waitingToCompress.push(r))
+    this.compressing++
+    const out = this.spareStored.pop() ?? this.newStoredBuffer()
+    const framePages = Math.min(DEFAULT_FRAME_PAGES, this.ppc)
+    try {
+      const f = await encodeFramesAsync(raw, PAGE_SIZE, framePages, out)
+      if (f) return { codec: CODEC_LZ4, stored: f.stored, framePages, frames: f.frames }
+      this.spareStored.push(out)
+      return { codec: CODEC_NONE, stored: raw }
+    } finally {
+      this.compressing--
+      this.waitingToCompress.shift()?.()
+    }
   }
 
   private newStoredBuffer(): Buffer {
@@ -624,6 +656,13 @@ export class ImageWriter {
     this.partialPath = ''
     await this.sink?.abort()
   }
+}
+
+/** WriterOptions.threads: a whole number from 1 (default 1). */
+function threadCount(n: number | undefined): number {
+  if (n === undefined) return 1
+  if (!Number.isInteger(n) || n < 1) throw new SnapError('SNAP_USAGE', `threads ${n}: a whole number from 1`)
+  return n
 }
 
 function describeBlocks(blocks: RamBlockDecl[]): string {

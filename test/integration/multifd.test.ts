@@ -85,6 +85,21 @@ for (const n of [1, 2, 8]) {
   })
 }
 
+test('create --listen --threads 2 (clusters compressed on a pool thread) from 4 channels: verify passes, restored byte-identical', async () => {
+  const src = await w.vm({ name: 'src-threads', memMiB: 256, memPath: sourceRam })
+  const image = w.path('threads.snap')
+  const r = parseJson(await listenCreate(src, image, 4, { extra: ['--threads', '2'] }))
+  await src.quit()
+  assert.is(r.stats.channels, 4)
+  assert.is(r.stats.threads, 2)
+  assert.is((await snapctl(['verify', image])).code, 0)
+  const { dst, r: l, status } = await connectLoad('dst-threads', image, 2)
+  assert.is(l.code, 0, l.stderr)
+  assert.is(status, 'completed')
+  assert.equal(await filesEqual(sourceRam, dst.memPath), { equal: true })
+  await dst.quit()
+})
+
 test('snapctl save --channels 4 and restore --channels 2 over QMP: byte-identical', async () => {
   const qmp = (name: string): string[] => ['-qmp', `unix:${w.path(`${name}-snapctl.qmp`)},server=on,wait=off`] // a second QMP socket for snapctl
   const src = await w.vm({ name: 'qmp-src', memMiB: 256, memPath: sourceRam, extraArgs: qmp('qmp-src') })

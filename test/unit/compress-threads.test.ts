@@ -1,10 +1,18 @@
 // create --threads (issue 13: compression on more than one thread): native/lz4's
-// encodeFramesAsync stores exactly what encodeFrames stores, on a libuv pool thread.
+// encodeFramesAsync stores exactly what encodeFrames stores, on a libuv pool thread, and an
+// image written with threads > 1 is the image written with one, byte for byte but for its uuid
+// and creation time.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { randomBytes } from 'node:crypto'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import { encodeFrames, encodeFramesAsync } from '../../src/container/cluster.js'
 import { nativeLz4 } from '../../src/container/lz4-block.js'
+import { openImage } from '../../src/container/chain.js'
+import { HEADER_SIZE } from '../../src/container/header.js'
+import { FOOTER_SIZE } from '../../src/container/footer.js'
+import { checkPages, makeImage, tempDir } from './container-helpers.js'
 
 const PS = 4096
 
@@ -67,6 +75,41 @@ test('native encodeFramesAsync refuses bad arguments at once: wrong types, a sho
   throwsRange(() => lib.encodeFramesAsync(src, ok(), 4 * PS, new Uint32Array(3)), 'frame table too short')
   throwsRange(() => lib.encodeFramesAsync(src, ok(), 0, new Uint32Array(4)), 'frameBytes 0')
   throwsRange(() => lib.encodeFramesAsync(src, ok(), -5, new Uint32Array(4)), 'frameBytes < 0')
+})
+
+test('an image written with threads 3 is the one written with 1 but for its uuid and time, and reads back its pages', async () => {
+  const t = tempDir('threads')
+  try {
+    const opts = { ops: 3000, seed: 7, resend: 0.3 }
+    const one = await makeImage(join(t.dir, 'one.snap'), { ...opts, threads: 1 })
+    const three = await makeImage(join(t.dir, 'three.snap'), { ...opts, threads: 3 })
+    assert.ok(one.summary.clusters > 8, `${one.summary.clusters} clusters`)
+    const a = readFileSync(one.path)
+    const b = readFileSync(three.path)
+    assert.is(a.length, b.length)
+    assert.ok(a.subarray(HEADER_SIZE, a.length - FOOTER_SIZE).equals(b.subarray(HEADER_SIZE, b.length - FOOTER_SIZE)), 'clusters and trailer byte for byte')
+    const img = await openImage(three.path)
+    try {
+      checkPages(img, three.model, 'threads 3')
+    } finally {
+      await img.close()
+    }
+  } finally {
+    t.cleanup()
+  }
+})
+
+test('threads must be a whole number from 1', async () => {
+  const t = tempDir('threads-bad')
+  try {
+    for (const n of [0, 1.5, -1]) {
+      let code = 'none'
+      await makeImage(join(t.dir, `bad-${n}.snap`), { threads: n }).catch((e) => (code = e.code))
+      assert.is(code, 'SNAP_USAGE', `threads ${n}`)
+    }
+  } finally {
+    t.cleanup()
+  }
 })
 
 test.run()
