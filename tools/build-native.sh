@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds native/lz4 (LZ4 block codec into caller-owned buffers, CRC-32), the addon on snapctl's hot
+# Builds native/lz4 (LZ4 block codec into caller-owned buffers, CRC-32, writev of segments), the addon on snapctl's hot
 # paths, when its build is missing or older than its sources. Run by `npm run build`.
 # Why not npm's install script: npm 11 skips dependencies' install scripts unless package.json
 # approves them, and it does not run them for a `file:` link at all (checked with npm 11.19), so
@@ -7,7 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../native/lz4"
 out=build/Release/snapctl_lz4.node
-if [ -e "$out" ] && [ "$out" -nt snapctl_lz4.c ] && [ "$out" -nt binding.gyp ]; then exit 0; fi
+fresh=1
+for f in *.c *.h binding.gyp; do [ -e "$out" ] && [ "$out" -nt "$f" ] || fresh=0; done
+if [ $fresh = 1 ]; then exit 0; fi
 # node-gyp fetches Node's headers from nodejs.org unless told where they are: use the ones
 # installed with Node (nodesource packages, official tarballs) when there are any.
 node_prefix=$(dirname "$(dirname "$(readlink -f "$(command -v node)")")")

@@ -6,10 +6,13 @@
 //
 // Chunks the caller says it owns whole (`transferable`) are transferred, not copied, and handed
 // back after they are written (for reuse); any other chunk is copied into the message.
+// writeVector: segments of buffers in shared memory, written in place with writev (the pages of
+// a decoded cluster between their record headers), so load never copies a page (write-segments.ts).
 
 import { Worker } from 'node:worker_threads'
 import { SnapError, fromSystemError } from '../errors.js'
 import type { StreamSink } from './types.js'
+import { nativeWriteSegments } from './write-segments.js'
 
 /** Queued bytes beyond which write() waits: two 4 MiB chunks in the pipe's queue are plenty. */
 const QUEUE_LIMIT = 12 << 20
@@ -80,6 +83,25 @@ export class ThreadedOutput implements StreamSink {
     } else {
       this.worker.postMessage({ buffer: chunk.buffer.slice(chunk.byteOffset, chunk.byteOffset + chunk.length), length: chunk.length, copy: true })
     }
+    while (this.queued > this.queueLimit && !this.failure) await new Promise<void>((r) => this.waiters.push(r))
+    if (this.failure) throw this.failure
+  }
+
+  /** Whether writeVector can take `buf`: memory the writer thread shares, and the addon built. */
+  canWriteVector(buf: Uint8Array): boolean {
+    return buf.buffer instanceof SharedArrayBuffer && nativeWriteSegments() !== null
+  }
+
+  /**
+   * Queues the segments (index into bufs, offset, length triples) of `bufs` (each passing
+   * canWriteVector), `length` bytes in all, to be written in order without a copy: leave the
+   * bytes alone until `onWritten`. Waits as write() does.
+   */
+  async writeVector(bufs: Uint8Array[], segs: Int32Array, length: number, onWritten?: () => void): Promise<void> {
+    if (this.failure) throw this.failure
+    this.queued += length
+    this.onWritten.push(onWritten)
+    this.worker.postMessage({ bufs, segs, length }, [segs.buffer as ArrayBuffer])
     while (this.queued > this.queueLimit && !this.failure) await new Promise<void>((r) => this.waiters.push(r))
     if (this.failure) throw this.failure
   }

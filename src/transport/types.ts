@@ -14,6 +14,13 @@ export interface StreamSink {
   readonly bytes: number
   /** Queue `chunk` (it may be handed over: do not touch it after); `onWritten` once it is out. */
   write(chunk: Buffer, onWritten?: () => void): Promise<void>
+  /** Whether writeVector takes `buf` (left out: the sink has no writeVector). */
+  canWriteVector?(buf: Uint8Array): boolean
+  /**
+   * Queue segments of `bufs` ((index, offset, length) triples, `length` bytes in all) to go out in
+   * order without being copied; the bytes must stay as they are until `onWritten`.
+   */
+  writeVector?(bufs: Uint8Array[], segs: Int32Array, length: number, onWritten?: () => void): Promise<void>
   /** Wait until everything queued is out; throws the sink's error if it had one. */
   flush(): Promise<void>
   /** flush(), then release the sink. */
