@@ -25,10 +25,10 @@ export interface ByteSource {
   /** the same on the calling thread (lazy restore); sources that cannot leave it out */
   readSync?(pos: number, len: number): Buffer
   /**
-   * a buffer of `len` bytes that read() fills without a copy (an aligned one for O_DIRECT);
-   * sources without the hook are given Buffer.allocUnsafeSlow(len)
+   * a buffer of `len` bytes that read() fills without a copy (an aligned one for O_DIRECT), or
+   * `fresh(len)` where any buffer does; sources without the hook are given fresh(len)
    */
-  buffer?(len: number): Buffer
+  buffer?(len: number, fresh?: (len: number) => Buffer): Buffer
   /**
    * ranges (offset, length) a reader will want soon, most wanted first, for a source where
    * fetching ahead pays (object storage); a hint only: reads stay exact whatever it does
@@ -82,8 +82,8 @@ export class LocalFile implements ByteSource {
     this.direct = { fh: dfh, pool: new AlignedPool(BOUNCE_BYTES, Infinity, probeRead(dfh.fd)) }
   }
 
-  buffer(len: number): Buffer {
-    return this.direct ? this.direct.pool.takeSync(roundUp(len, DIRECT_ALIGN)) : Buffer.allocUnsafeSlow(len)
+  buffer(len: number, fresh: (len: number) => Buffer = Buffer.allocUnsafeSlow): Buffer {
+    return this.direct ? this.direct.pool.takeSync(roundUp(len, DIRECT_ALIGN)) : fresh(len)
   }
 
   /**

@@ -221,12 +221,14 @@ export async function decodePayload(h: ClusterHeader, stored: Buffer, where: Clu
 /**
  * The same on the calling thread. With `into` (at least raw_length bytes, reused by the caller)
  * an LZ4 payload decodes into it (lz4-block.ts) and a subarray of it comes back: no fresh
- * memory per cluster. Without, lz4-napi allocates the result.
+ * memory per cluster. Without, lz4-napi allocates the result. With `left` (one entry per frame),
+ * a frame stored raw is not copied into the result: left[i] is where its pages are in `stored`
+ * (-1 for a frame decoded into the result), for a caller that sends pages from where they lie.
  */
-export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into?: Buffer): Buffer {
+export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into?: Buffer, left?: Int32Array): Buffer {
   checkStored(h, stored, where)
   if (h.codec === CODEC_NONE) return stored
-  if (h.frames.length) return decodeFrames(h, stored, where, into && into.length >= h.rawLength ? into : Buffer.allocUnsafe(h.rawLength))
+  if (h.frames.length) return decodeFrames(h, stored, where, into && into.length >= h.rawLength ? into : Buffer.allocUnsafe(h.rawLength), left)
   if (into && into.length >= h.rawLength) {
     try {
       decodeLz4Block(stored, 4, stored.length, into, h.rawLength)
@@ -246,10 +248,12 @@ export function decodePayloadSync(h: ClusterHeader, stored: Buffer, where: Clust
 }
 
 /** Every frame of a checked payload into `into` (raw_length bytes or more). */
-function decodeFrames(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into: Buffer): Buffer {
+function decodeFrames(h: ClusterHeader, stored: Buffer, where: ClusterWhere, into: Buffer, left?: Int32Array): Buffer {
   let out = 0
   frameLayout(h, h.rawLength / h.pageCount).forEach(({ start, end, rawLength }, i) => {
-    decodeFrameInto(stored.subarray(start, end), rawLength, into.subarray(out), where, i)
+    const inPlace = left !== undefined && end - start === rawLength
+    if (left) left[i] = inPlace ? start : -1
+    if (!inPlace) decodeFrameInto(stored.subarray(start, end), rawLength, into.subarray(out), where, i)
     out += rawLength
   })
   return into.subarray(0, h.rawLength)

@@ -35,6 +35,26 @@ export interface DecodedCluster {
   raw: Buffer
   /** with clusters({ reuse: 'manual' }): gives `raw` (and the chunk it may lie in) back to the reader; once */
   release?: () => void
+  /**
+   * with clusters({ leaveRawFrames: true }), for a framed cluster: per frame, where its pages lie
+   * in `stored` (a frame stored raw, not copied into `raw`: those bytes of `raw` are not its
+   * pages), or -1 (decoded into `raw`); see pageAt()
+   */
+  storedFrames?: Int32Array
+  /** the checked payload as read (with storedFrames) */
+  stored?: Buffer
+  /** pages per frame (with storedFrames) */
+  framePages?: number
+}
+
+/** Where the page in `slot` lies: in `raw` (false) or in `stored` (true), and at which offset. */
+export function pageAt(c: DecodedCluster, slot: number, pageSize: number): [inStored: boolean, offset: number] {
+  const f = c.storedFrames
+  if (f !== undefined) {
+    const i = Math.floor(slot / c.framePages!)
+    if (f[i] >= 0) return [true, f[i] + (slot - i * c.framePages!) * pageSize]
+  }
+  return [false, slot * pageSize]
 }
 
 export interface ClusterInfo {
@@ -45,6 +65,18 @@ export interface ClusterInfo {
   pageCount: number
   /** frames of a framed cluster, else 0 */
   frames: number
+}
+
+/** How clusterResults() and clusters() scan (see clusterResults). */
+export interface ClusterScanOptions {
+  readAhead?: number
+  asyncDecode?: boolean
+  onRead?: (bytes: number) => void
+  reuse?: boolean | 'manual'
+  /** makes the read and decode buffers that `reuse` keeps (default Buffer.allocUnsafeSlow) */
+  alloc?: (len: number) => Buffer
+  /** (sync decode) frames stored raw are left where they were read, not copied: see DecodedCluster.storedFrames */
+  leaveRawFrames?: boolean
 }
 
 /** One cluster of a sequential scan: decoded, or the error that stopped it. */
@@ -174,11 +206,14 @@ export class ImageReader {
     return [this.clusterOffsets[seq], next]
   }
 
-  private async decode(buf: Buffer, seq: number, offset: number, sync: boolean, into?: Buffer): Promise<DecodedCluster> {
+  private async decode(buf: Buffer, seq: number, offset: number, sync: boolean, into?: Buffer, leaveRawFrames = false): Promise<DecodedCluster> {
     const where = { cluster: seq, offset }
     const { header, stored } = splitCluster(buf, where, this.lim)
-    const raw = sync ? decodePayloadSync(header, stored, where, into) : await decodePayload(header, stored, where)
-    return { seq, offset, codec: header.codec, storedLength: header.storedLength, pages: header.pages, raw }
+    const left = sync && leaveRawFrames && header.frames.length ? new Int32Array(header.frames.length / 2) : undefined
+    const raw = sync ? decodePayloadSync(header, stored, where, into, left) : await decodePayload(header, stored, where)
+    const c: DecodedCluster = { seq, offset, codec: header.codec, storedLength: header.storedLength, pages: header.pages, raw }
+    if (left) Object.assign(c, { storedFrames: left, stored, framePages: header.framePages })
+    return c
   }
 
   async readCluster(seq: number): Promise<DecodedCluster> {
@@ -246,9 +281,10 @@ export class ImageReader {
    * used over and over, so a scan touches no fresh memory; a cluster's `raw` is then valid only
    * until the caller asks for the next one. `reuse: 'manual'`: valid until the caller calls the
    * cluster's release() (a socket writer that queues `raw` without copying it); buffers not yet
-   * released are not reused, so the caller bounds how many it holds.
+   * released are not reused, so the caller bounds how many it holds. `alloc` makes those buffers
+   * (load: in shared memory, for its writer thread to write pages from in place).
    */
-  async *clusterResults(opts: { readAhead?: number; asyncDecode?: boolean; onRead?: (bytes: number) => void; reuse?: boolean | 'manual' } = {}): AsyncGenerator<ClusterResult> {
+  async *clusterResults(opts: ClusterScanOptions = {}): AsyncGenerator<ClusterResult> {
     const readAhead = Math.max(1, opts.readAhead ?? 4)
     const reuse = (opts.reuse === true || opts.reuse === 'manual') && !opts.asyncDecode
     const manual = reuse && opts.reuse === 'manual'
@@ -265,12 +301,13 @@ export class ImageReader {
     const freeChunks: Buffer[] = []
     const freeRaws: Buffer[] = []
     const clusterBytes = this.lim.maxPages * this.lim.pageSize
+    const fresh = opts.alloc ?? Buffer.allocUnsafeSlow
     const reads: Array<Promise<Buffer>> = []
     let next = 0
     const issue = () => {
       while (reads.length < 2 && next < chunks.length) {
         const c = chunks[next++]
-        if (reuse && c.end - c.start <= CHUNK_BYTES) c.into = freeChunks.pop() ?? this.source.buffer?.(CHUNK_BYTES) ?? Buffer.allocUnsafeSlow(CHUNK_BYTES)
+        if (reuse && c.end - c.start <= CHUNK_BYTES) c.into = freeChunks.pop() ?? this.source.buffer?.(CHUNK_BYTES, fresh) ?? fresh(CHUNK_BYTES)
         const p = this.source.read(c.start, c.end - c.start, c.into)
         p.catch(() => {})
         reads.push(p)
@@ -307,9 +344,9 @@ export class ImageReader {
       issue()
       for (let s = c.first; s <= c.last; s++) {
         const [a, b] = this.extent(s)
-        const into = reuse && buf ? (freeRaws.pop() ?? Buffer.allocUnsafeSlow(clusterBytes)) : undefined
+        const into = reuse && buf ? (freeRaws.pop() ?? fresh(clusterBytes)) : undefined
         const p: Promise<ClusterResult> = buf
-          ? this.decode(buf.subarray(a - c.start, b - c.start), s, a, !opts.asyncDecode, into).then(
+          ? this.decode(buf.subarray(a - c.start, b - c.start), s, a, !opts.asyncDecode, into, opts.leaveRawFrames).then(
               (cluster) => ({ seq: s, offset: a, cluster }),
               (e) => ({ seq: s, offset: a, error: fromSystemError(e, `cluster ${s}`) }),
             )
@@ -332,7 +369,7 @@ export class ImageReader {
   }
 
   /** Every cluster in file order; throws the first cluster's error. */
-  async *clusters(opts: { readAhead?: number; asyncDecode?: boolean; reuse?: boolean | 'manual' } = {}): AsyncGenerator<DecodedCluster> {
+  async *clusters(opts: ClusterScanOptions = {}): AsyncGenerator<DecodedCluster> {
     for await (const r of this.clusterResults(opts)) {
       if (r.error) throw r.error
       yield r.cluster!

@@ -9,7 +9,7 @@ import { eosFooter, sectionEndHeader } from './section.js'
 
 export { fileHeader } from './file-header.js'
 export { eosFooter, ramStartSection, sectionEndHeader, sectionPartHeader, type SectionIds } from './section.js'
-export { DEFAULT_CHUNK_SIZE, PageRecordWriter } from './page-record.js'
+export { DEFAULT_CHUNK_SIZE, PAGE_HEADER_MAX, PageRecordWriter } from './page-record.js'
 export {
   openReturnPath,
   packaged,

@@ -29,6 +29,8 @@ export function decodeXbzrleHeader(r: ChunkReader): number {
 }
 
 export const DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+/** The most bytes a PAGE record's header takes: record word, name length, a name of 255 bytes. */
+export const PAGE_HEADER_MAX = 8 + 1 + 255
 
 /**
  * Appends ram page records and raw bytes into large output chunks, so the stream goes out in
@@ -114,19 +116,34 @@ export class PageRecordWriter {
     return this.take()
   }
 
+  /**
+   * The header of a PAGE record (record word, block name unless CONTINUE) written into `dst` at
+   * `at`, in this writer's order (the CONTINUE state is shared): the page itself goes out on its
+   * own, after it, where it lies (load's vectored writes). Returns where the header ends; `dst`
+   * needs PAGE_HEADER_MAX bytes from `at`.
+   */
+  pageHeader(block: number, page: number, dst: Buffer, at: number): number {
+    return this.headerAt(dst, at, block, page, RAM_SAVE_FLAG_PAGE)
+  }
+
   /** Writes the record word (and block name) and returns where the payload goes. */
   private header(block: number, page: number, flag: number, payload: number): number {
     const name = this.names[block]
     if (name === undefined) throw new SnapError('SNAP_INTERNAL', `no block ${block}`)
-    const cont = block === this.lastBlock
-    const need = 8 + (cont ? 0 : 1 + name.length) + payload
+    const need = 8 + (block === this.lastBlock ? 0 : 1 + name.length) + payload
     if (need > this.chunkSize - this.used) this.finishChunk()
-    let at = this.used
-    writeU64(this.chunk, at, page * TARGET_PAGE_SIZE + flag + (cont ? RAM_SAVE_FLAG_CONTINUE : 0))
+    return this.headerAt(this.chunk, this.used, block, page, flag)
+  }
+
+  private headerAt(dst: Buffer, at: number, block: number, page: number, flag: number): number {
+    const name = this.names[block]
+    if (name === undefined) throw new SnapError('SNAP_INTERNAL', `no block ${block}`)
+    const cont = block === this.lastBlock
+    writeU64(dst, at, page * TARGET_PAGE_SIZE + flag + (cont ? RAM_SAVE_FLAG_CONTINUE : 0))
     at += 8
     if (!cont) {
-      this.chunk[at++] = name.length
-      name.copy(this.chunk, at)
+      dst[at++] = name.length
+      name.copy(dst, at)
       at += name.length
       this.lastBlock = block
     }

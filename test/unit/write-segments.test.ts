@@ -1,13 +1,19 @@
 // load's pages written where they lie (native/lz4/writev.c, src/transport/write-segments.ts):
-// writeSegments' exact bytes, through a full non-blocking pipe (short writes, EAGAIN), and its
-// refusals (a segment outside its buffer: nothing written; a closed pipe: EPIPE).
+// writeSegments' exact bytes, through a full non-blocking pipe (short writes, EAGAIN), its
+// refusals (a segment outside its buffer: nothing written; a closed pipe: EPIPE); and a load
+// through the writer thread's vectored path (pages of LZ4 frames, of frames stored raw, of
+// clusters stored raw, shared slots) byte for byte against the path that copies every page.
 import { test } from 'uvu'
 import * as assert from 'uvu/assert'
 import { spawn, execFileSync } from 'node:child_process'
 import { closeSync, constants, openSync, readFileSync, statSync } from 'node:fs'
 import { join } from 'node:path'
+import { ImageWriter } from '../../src/container/writer.js'
+import { loadImage } from '../../src/load.js'
+import { fdOutgoing } from '../../src/transport/fd.js'
 import { nativeWriteSegments } from '../../src/transport/write-segments.js'
-import { rng, tempDir } from './container-helpers.js'
+import type { OutgoingMigration, StreamSink } from '../../src/transport/types.js'
+import { counters, device, pageContent, rng, tempDir } from './container-helpers.js'
 
 const PS = 4096
 const t = tempDir('write-segments')
@@ -117,6 +123,80 @@ test('writeSegments into a pipe whose reader has gone: EPIPE', () => {
   } finally {
     closeSync(w)
   }
+})
+
+/**
+ * An image whose clusters hold every kind of page a load sends: LZ4 frames, frames stored raw
+ * (random pages), a cluster stored raw, pages stored once for several places, zero pages and
+ * pages sent twice.
+ */
+async function mixedImage(path: string): Promise<void> {
+  const rand = rng(7)
+  const w = await ImageWriter.create(path, { clusterSize: 256 << 10, dedupe: true })
+  w.setBlocks([
+    { name: 'pc.ram', size: 1 << 20 },
+    { name: 'pc.bios', size: 128 << 10 },
+  ])
+  const text = (i: number) => Buffer.alloc(PS, `page ${i} of text `)
+  for (let p = 0; p < 32; p++) w.putPage(0, p, randomBytes(PS, 100 + p)) // a raw frame
+  for (let p = 32; p < 64; p++) w.putPage(0, p, text(p)) // an LZ4 frame
+  for (let p = 64; p < 128; p++) w.putPage(0, p, randomBytes(PS, 200 + p)) // a cluster stored raw
+  for (let p = 128; p < 160; p++) w.putPage(0, p, text(p - 96)) // the same as 32..63: shared
+  for (let p = 160; p < 200; p++) w.putPage(0, p, pageContent(rand))
+  for (let p = 200; p < 210; p++) w.putZero(0, p)
+  for (let p = 0; p < 32; p++) w.putPage(1, p, p % 2 ? randomBytes(PS, 300 + p) : text(p))
+  w.putPage(0, 5, text(5)) // sent again: its first slot is dead
+  await w.finish(device(), { source: 'qemu', counters: counters() })
+}
+
+/** A sink that copies what it is given: load falls back to copying every page into chunks. */
+function copyingSink(): { sink: StreamSink; all: () => Buffer } {
+  const chunks: Buffer[] = []
+  let bytes = 0
+  const sink: StreamSink = {
+    what: 'a copying sink',
+    get bytes() {
+      return bytes
+    },
+    write: async (chunk, onWritten) => {
+      chunks.push(Buffer.from(chunk))
+      bytes += chunk.length
+      onWritten?.()
+    },
+    flush: async () => {},
+    close: async () => {},
+    abort: () => {},
+  }
+  return { sink, all: () => Buffer.concat(chunks) }
+}
+
+test('load writes pages in place (writev) exactly the stream it writes by copying them', async () => {
+  const image = join(t.dir, 'mixed.snap')
+  await mixedImage(image)
+  const copied = copyingSink()
+  const migration = (main: StreamSink): OutgoingMigration => ({ main, channels: [], returnPath: null, finish: async () => {}, discard: async () => {} })
+  await loadImage(image, { open: async () => migration(copied.sink), index: false })
+
+  const to = join(t.dir, 'mixed.stream')
+  let vectors = 0
+  const fromBuffer = [0, 0, 0]
+  await loadImage(image, {
+    index: false,
+    open: async (s) => {
+      const m = await fdOutgoing({ to, sink: s })
+      const write = m.main.writeVector!.bind(m.main)
+      m.main.writeVector = (bufs, segs, length, onWritten) => {
+        vectors++
+        for (let i = 0; i < segs.length; i += 3) fromBuffer[segs[i]]++
+        return write(bufs, segs, length, onWritten)
+      }
+      return m
+    },
+  })
+  assert.ok(vectors >= 3, `clusters went out as vectors (${vectors})`)
+  assert.ok(fromBuffer[1] > 0 && fromBuffer[2] > 0, `pages sent from decoded frames (${fromBuffer[1]}) and from where they were stored (${fromBuffer[2]})`)
+  const got = readFileSync(to)
+  assert.ok(got.equals(copied.all()), `the streams differ (${got.length} and ${copied.all().length} bytes)`)
 })
 
 test.run()
