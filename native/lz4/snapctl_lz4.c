@@ -20,7 +20,6 @@
 //     thread goes on while it runs. src, dst and frames are held (not copied) until the promise
 //     settles, and must not be changed meanwhile. dst must hold src.length bytes.
 //   writeSegments(fd, bufs, segs) -> byte ranges of buffers written by writev(2): see writev.c
-//   adviseHugePages(buf) -> madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of buf: see writev.c
 //
 // src and dst are any typed arrays (a Buffer, a subarray of one); a dst is written, never kept
 // (encodeFramesAsync: until its promise settles).
@@ -316,7 +315,7 @@ static napi_value encode_frames_async(napi_env env, napi_callback_info info) {
 static napi_value init(napi_env env, napi_value exports) {
   __builtin_cpu_init();
   have_pclmul = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
-  napi_property_descriptor props[8] = {
+  napi_property_descriptor props[7] = {
       {"decodeBlock", NULL, decode_block, NULL, NULL, NULL, napi_enumerable, NULL},
       {"compressBlock", NULL, compress_block, NULL, NULL, NULL, napi_enumerable, NULL},
       {"compressBound", NULL, compress_bound, NULL, NULL, NULL, napi_enumerable, NULL},
@@ -324,10 +323,9 @@ static napi_value init(napi_env env, napi_value exports) {
       {"version", NULL, NULL, NULL, NULL, NULL, napi_enumerable, NULL},
       {"encodeFramesAsync", NULL, encode_frames_async, NULL, NULL, NULL, napi_enumerable, NULL},
       {"writeSegments", NULL, snapctl_write_segments, NULL, NULL, NULL, napi_enumerable, NULL},
-      {"adviseHugePages", NULL, snapctl_advise_huge_pages, NULL, NULL, NULL, napi_enumerable, NULL},
   };
   CHECK(napi_create_string_utf8(env, LZ4_versionString(), NAPI_AUTO_LENGTH, &props[4].value));
-  CHECK(napi_define_properties(env, exports, 8, props));
+  CHECK(napi_define_properties(env, exports, 7, props));
   return exports;
 }
 

@@ -17,7 +17,6 @@
 #include <poll.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/uio.h>
 #include <uv.h>
 
@@ -132,27 +131,3 @@ napi_value snapctl_write_segments(napi_env env, napi_callback_info info) {
   return out;
 }
 
-// adviseHugePages(buf): asks the kernel to back the 2 MiB-aligned part of buf with huge pages
-// (madvise MADV_HUGEPAGE; transparent huge pages are often "madvise" only): a large buffer then
-// faults in 2 MiB at a time, not 4 KiB. Returns whether the kernel took the advice.
-napi_value snapctl_advise_huge_pages(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  bool is;
-  napi_typedarray_type type;
-  size_t len;
-  void *p;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 || napi_is_typedarray(env, argv[0], &is) != napi_ok || !is ||
-      napi_get_typedarray_info(env, argv[0], &type, &len, &p, NULL, NULL) != napi_ok || type != napi_uint8_array) {
-    return fail(env, NULL, "expected (buf: Uint8Array)", 0);
-  }
-  const uintptr_t huge = 2u << 20;
-  uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), b = ((uintptr_t)p + len) & ~(huge - 1);
-  int ok = 0;
-#ifdef MADV_HUGEPAGE
-  if (b > a) ok = madvise((void *)a, b - a, MADV_HUGEPAGE) == 0;
-#endif
-  napi_value out;
-  if (napi_get_boolean(env, ok, &out) != napi_ok) return NULL;
-  return out;
-}
