@@ -21,9 +21,11 @@ export class SectionBuilder {
     capacity: number,
     /** only the page records (the postcopy-preempt channel carries no sections) */
     private readonly bare = false,
+    /** a writer with nothing pending to build this section in (its chunks recycled by the caller); else a new one */
+    writer?: enc.PageRecordWriter,
   ) {
     // One allocation of about the section's size (an urgent section is often a single page).
-    this.rec = new enc.PageRecordWriter(blocks, { chunkSize: capacity })
+    this.rec = writer ?? new enc.PageRecordWriter(blocks, { chunkSize: capacity })
     if (!bare) this.rec.raw(enc.sectionPartHeader(ramId))
   }
 

@@ -21,6 +21,8 @@ const PING_ADVISED = 2
 const PING_PACKAGE = 3
 /** bytes of background pages per section: small keeps request latency low */
 const CHUNK_BYTES = 256 << 10
+/** a background section's buffer: CHUNK_BYTES and the records' overhead (recycled, bgWriter) */
+const BG_CAPACITY = CHUNK_BYTES + (32 << 10)
 
 export interface SessionOptions {
   log?: (msg: string) => void
@@ -138,6 +140,8 @@ export class Session {
   /** clusters the push has gone through */
   private readonly pushed: Uint8Array
   private bg: SectionBuilder | null = null
+  /** the background sections' records: its chunks are given back once written, not left to the GC */
+  private readonly bgWriter: enc.PageRecordWriter
   /** per block, for --record and prefetchedTouched: 1 = asked for, 2 = in the working set, 3 = both */
   private readonly marks: Uint8Array[] | null
   private readonly asked: number[] = []
@@ -179,6 +183,7 @@ export class Session {
     this.ramId = reader.device.ramSectionId
     this.hostPages = opts.hostPages
     this.fetch = new PageFetcher(reader)
+    this.bgWriter = new enc.PageRecordWriter(reader.blocks, { chunkSize: BG_CAPACITY })
     this.sent = reader.blocks.map((b) => new Uint8Array(b.size / b.pageSize))
     this.byName = new Map(reader.blocks.map((b) => [b.name, b.id]))
     this.pushed = new Uint8Array(reader.clusterOffsets.length)
@@ -336,12 +341,13 @@ export class Session {
    */
   private async pushEverything(): Promise<void> {
     await this.pushWorkingSet()
-    for await (const cluster of this.reader.clusters()) {
+    // Decoded into the reader's reused buffers, given back once pushed: a fresh megabyte per
+    // cluster kept the garbage collector busy on the thread that answers requests (README, "Lazy restore").
+    for await (const cluster of this.reader.clusters({ reuse: 'manual' })) {
       this.check()
       await this.pushFollowed()
-      if (this.pushed[cluster.seq]) continue
-      this.fetch.remember(cluster)
-      await this.pushCluster(cluster)
+      if (!this.pushed[cluster.seq]) await this.pushCluster(cluster)
+      cluster.release?.()
     }
     await this.pushZeroPages()
     await this.flushBackground()
@@ -357,7 +363,7 @@ export class Session {
         if (sent[p] !== 0) continue
         sent[p] = 1
         this.pages++
-        this.bg ??= this.newSection(CHUNK_BYTES + (32 << 10))
+        this.bg ??= this.newSection(BG_CAPACITY)
         this.bg.zero(block.id, p)
         if (this.bg.size() >= CHUNK_BYTES) await this.flushBackground()
       }
@@ -401,12 +407,17 @@ export class Session {
     await this.flushBackground()
   }
 
-  /** The clusters requests asked for, and the one after each, if not pushed yet (read on this thread: usually cached). */
+  /**
+   * The clusters requests asked for, and the one after each, if not pushed yet: read and decoded
+   * off this thread (the pool), so that the requests that come meanwhile are answered at once.
+   */
   private async pushFollowed(): Promise<void> {
     while (this.follow.length > 0) {
       const seq = this.follow.shift()!
       for (const s of [seq, seq + 1]) {
-        if (s < this.pushed.length && !this.pushed[s]) await this.pushCluster(this.fetch.cluster(s))
+        if (s >= this.pushed.length || this.pushed[s]) continue
+        const cluster = await this.reader.readCluster(s)
+        if (!this.pushed[s]) await this.pushCluster(cluster)
       }
       this.check()
     }
@@ -430,7 +441,7 @@ export class Session {
   private pushSlot(raw: Buffer, slot: number, b: number, p: number): boolean {
     if (this.hostPages[b] > 1 || this.sent[b][p] !== 0) return false // hugepages: whole host pages, pushHostPages()
     this.sent[b][p] = 1
-    this.bg ??= this.newSection(CHUNK_BYTES + (32 << 10))
+    this.bg ??= this.newSection(BG_CAPACITY)
     this.bg.page(b, p, raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
     this.pages++
     this.bytesPushed += this.pageSize
@@ -441,6 +452,11 @@ export class Session {
     const section = this.bg
     this.bg = null
     if (section && section.count > 0) await this.enqueue(section.finish())
+  }
+
+  /** A written background buffer: back to bgWriter if it is one of its chunks. */
+  private recycle(buf: Buffer): void {
+    if (this.bgWriter.owns(buf)) this.bgWriter.recycle(buf)
   }
 
   /**
@@ -474,7 +490,7 @@ export class Session {
   }
 
   private newSection(capacity: number): SectionBuilder {
-    return new SectionBuilder(this.ramId, this.reader.blocks, capacity)
+    return new SectionBuilder(this.ramId, this.reader.blocks, capacity, false, capacity === BG_CAPACITY ? this.bgWriter : undefined)
   }
 
   private onMessage(m: RpMessage): void {
@@ -568,7 +584,7 @@ export class Session {
           const bg = this.background.shift()
           if (!bg) break
           this.wakeProducer?.()
-          await this.out.write(bg)
+          await this.out.write(bg, () => this.recycle(bg))
         }
       } catch (err) {
         this.fail(err)
