@@ -118,7 +118,8 @@ export class BlockCache {
     return false
   }
 
-  private claimSync(i: number): boolean {
+  /** claim() on the calling thread: true when this process may fetch block i (then putSync() or release()). */
+  claimSync(i: number): boolean {
     const lock = `${this.name(i)}.lock`
     for (let attempt = 0; attempt < 2; attempt++) {
       try {
@@ -260,7 +261,7 @@ export class BlockCache {
   }
 
   /** Store block i (atomically) and let go of its claim, if `claimed`. */
-  private async put(i: number, buf: Buffer, claimed: boolean): Promise<void> {
+  async put(i: number, buf: Buffer, claimed: boolean): Promise<void> {
     const f = this.name(i)
     const tmp = `${f}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`
     try {
@@ -274,7 +275,8 @@ export class BlockCache {
     await this.added_(buf.length)
   }
 
-  private putSync(i: number, buf: Buffer, claimed: boolean): void {
+  /** Store block i on the calling thread (atomically) and let go of its claim, if `claimed`. */
+  putSync(i: number, buf: Buffer, claimed: boolean): void {
     const f = this.name(i)
     const tmp = `${f}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`
     try {
@@ -297,7 +299,7 @@ export class BlockCache {
   }
 
   /** Let go of a claim without storing. */
-  private release(i: number): void {
+  release(i: number): void {
     try {
       unlinkSync(`${this.name(i)}.lock`)
     } catch {

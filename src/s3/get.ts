@@ -18,6 +18,34 @@ export async function getRange(loc: S3Location, start: number, end: number, etag
   return { buf, etag: r.ETag, total: m ? Number(m[1]) : r.ContentLength }
 }
 
+/**
+ * One GET of consecutive pieces of the object (`lens` bytes each, from `start`), each into a
+ * buffer of its own (the fetch thread hands each block over, and caches it, by itself).
+ */
+export async function getPieces(loc: S3Location, start: number, lens: readonly number[], etag: string): Promise<{ bufs: Buffer[]; etag?: string }> {
+  const end = start + lens.reduce((a, n) => a + n, 0)
+  if (process.env.SNAPCTL_S3_GET_LOG) appendFileSync(process.env.SNAPCTL_S3_GET_LOG, `${start}-${end}\n`)
+  const r = await s3Client().send(new GetObjectCommand({ Bucket: loc.bucket, Key: loc.key, Range: `bytes=${start}-${end - 1}`, IfMatch: etag }))
+  const bufs = lens.map((n) => Buffer.allocUnsafeSlow(n))
+  let k = 0
+  let at = 0
+  for await (const chunk of r.Body as unknown as AsyncIterable<Uint8Array>) {
+    for (let c = 0; c < chunk.length; ) {
+      if (k === bufs.length) throw new SnapError('SNAP_OBJECT_CHANGED', `${loc.url}: a ranged GET at ${start} returned more than ${end - start} bytes`, { offset: start })
+      const n = Math.min(chunk.length - c, bufs[k].length - at)
+      bufs[k].set(chunk.subarray(c, c + n), at)
+      c += n
+      at += n
+      if (at === bufs[k].length) {
+        k++
+        at = 0
+      }
+    }
+  }
+  if (k !== bufs.length) throw new SnapError('SNAP_OBJECT_CHANGED', `${loc.url}: a ranged GET at ${start} returned fewer than ${end - start} bytes`, { offset: start })
+  return { bufs, etag: r.ETag }
+}
+
 /** The object's ETag and size, from a HEAD (a 404 is told apart by a GET: a missing bucket or object). */
 export async function headObject(loc: S3Location): Promise<{ etag: string; total: number }> {
   const head = await withRetry(loc, `reading ${loc.url}`, () => s3Client().send(new HeadObjectCommand({ Bucket: loc.bucket, Key: loc.key }))).catch(async (e: unknown) => {
