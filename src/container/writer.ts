@@ -252,7 +252,7 @@ export class ImageWriter {
     try {
       // Through the page cache whatever --bypass-cache says: the upload reads the spool right back.
       const fileOpts: ClusterFileOptions = {}
-      const file = await ClusterFile.create(sink.spool, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE }, { lruBytes: opts.cacheBytes })
+      const file = await ClusterFile.create(sink.spool, { pageSize: PAGE_SIZE, maxPages: clusterSize / PAGE_SIZE, framed: true }, { lruBytes: opts.cacheBytes })
       return new ImageWriter(url, sink.spool, file, clusterSize, (opts.compress ?? 'lz4') === 'lz4', opts.force ?? false, false, fileOpts, null, sink, opts.dedupe ?? false, threadCount(opts.threads))
     } catch (e) {
       await sink.abort()

@@ -181,6 +181,10 @@ test('create s3://... --from a stream: verify passes and load gives back the sam
   assert.ok(readFileSync(back).equals(readFileSync(stream)), 'load of the uploaded image gives another stream')
   const v = await snapctl(['verify', `s3://${BUCKET}/${key}`, '--json'])
   assert.is(v.code, 0, v.stderr)
+  // framed like a local image's clusters (a lazy restore's page request decodes one frame, not the cluster)
+  const i = await snapctl(['info', `s3://${BUCKET}/${key}`, '--json'])
+  assert.is(i.code, 0, i.stderr)
+  assert.ok(parseJson(i).framedClusters > 0, `no framed clusters: ${i.stdout}`)
   rmSync(back)
 })
 
