@@ -10,7 +10,7 @@
 // Lanes: 0 = a reader waits for it (started at once, beside whatever runs, never behind it);
 // 1 = the blocks after a page request's; 2 = the working set's, in its order; 3 = ahead of a
 // reader in file order. Lanes 1 to 3 run `parallel` at a time, a lower lane first, each in the
-// order given; consecutive blocks of lane 3 go up to GROUP at a time in one GET (runGroup).
+// order given; consecutive blocks of lanes 2 and 3 go up to GROUP at a time in one GET (runGroup).
 // Out (the port given in workerData): { id, buf (transferred), etag?, total? } or { id, error }, then
 // Atomics.add + notify on `signal[0]`, so a waiting thread wakes and takes it with
 // receiveMessageOnPort.
@@ -82,7 +82,7 @@ async function run(j: FetchJob | { op: 'head' | 'first'; id: number }): Promise<
 }
 
 /**
- * Consecutive whole blocks ahead of a reader in file order, in one GET: per request, the SDK
+ * Consecutive whole blocks of a working set or ahead of a reader in file order, in one GET: per request, the SDK
  * (signing, URL encoding, parsing) and the store spend as much CPU as on a 1 MiB body. Each
  * block is still claimed, cached and answered on its own: those cached or claimed by another
  * process meanwhile go the single-block way (obtain() waits for the other's file), and the rest
@@ -136,9 +136,10 @@ function pump(): void {
     if (!j) return
     running++
     let work: Promise<void>
-    if (j.lane === 3 && j.block >= 0 && etag !== undefined) {
+    if (j.lane >= 2 && j.block >= 0 && etag !== undefined) {
+      const lane = lanes[j.lane - 1]
       const group = [j]
-      while (group.length < GROUP && lanes[2][0]?.block === group[group.length - 1].block + 1) group.push(lanes[2].shift()!)
+      while (group.length < GROUP && lane[0]?.block === group[group.length - 1].block + 1) group.push(lane.shift()!)
       work = runGroup(group)
     } else work = run(j)
     void work.finally(() => {
@@ -161,7 +162,7 @@ parentPort!.on('message', (m: FetchRequest) => {
   } else if (m.op === 'get') {
     if (m.lane === 0) void run(m) // a reader waits: beside the read-ahead, never behind it
     else lanes[m.lane - 1].push(m)
-    if (m.lane !== 3) pump()
+    if (m.lane === 1) pump()
     else if (!pumpSoon) {
       // once the reader's whole batch of read-ahead is in (messages come in batches), so that it goes in groups
       pumpSoon = true
