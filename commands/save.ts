@@ -36,7 +36,7 @@ QEMU runs the create as its own child, as QEMU's user: that user must be able to
     base: Flags.string({ description: 'save an incremental image over BASE (an earlier save of this VM, or the top of a chain): only pages that differ from what BASE restores are stored; BASE is only read' }),
     json: Flags.boolean({ description: 'print the result as JSON on stdout: image, fileBytes, seconds, downtimeMs, pages, ... (README, "Output keys")' }),
     quiet: Flags.boolean({ char: 'q', description: 'no progress on stderr' }),
-    channels: Flags.integer({ min: 1, max: 255, description: 'migrate with multifd over N channels into "snapctl create --listen unix:SOCKET"; without it one exec: pipe, the default because on a 2-core machine channels were not faster (256 MiB paused VM, 3 runs: exec: 1.19-1.42 s, --channels 4 1.37-1.66 s; README, "Parallel channels")' }),
+    channels: Flags.integer({ min: 0, max: 255, description: 'migrate with multifd over N channels into "snapctl create --listen unix:SOCKET"; without it (or 0) one exec: pipe, the default because on a 2-core machine channels cost 1.02x to 1.11x the CPU (snapctl and QEMU together) for a wall time not clearly shorter (1 GiB paused VM, 9 alternations: 2 channels 0.78x [0.61-2.58] of exec:, 4 channels 0.97x [0.66-1.62]; README, "Parallel channels")' }),
   }
 
   async run(): Promise<void> {

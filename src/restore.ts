@@ -4,7 +4,9 @@
 //   the image's blocks -> the destination waits for a migration, its RAM blocks match the image
 //   (and, --lazy, its memory can take pages on demand) -> settings (postcopy-ram for --lazy,
 //   capabilities snapctl cannot feed off) -> autostart on (cont) or off (stop, --paused) ->
-//   migrate-incoming "exec:snapctl load IMAGE" (--lazy: unix:SOCKET, postcopy-preempt on, and
+//   migrate-incoming unix:SOCKET with multifd on and `snapctl load --connect unix:SOCKET
+//   --channels N IMAGE` (N: --channels, default DEFAULT_RESTORE_CHANNELS; --channels 0:
+//   migrate-incoming "exec:snapctl load IMAGE"; --lazy: unix:SOCKET, postcopy-preempt on, and
 //   `snapctl load --postcopy --connect unix:SOCKET IMAGE`) -> follow query-migrate
 //   (postcopy-active: the VM can run) -> completed and the load exited 0 -> settings back
 //
@@ -57,8 +59,8 @@ export interface RestoreOptions {
   timeoutMs?: number
   /**
    * multifd with this many channels: migrate-incoming unix:SOCKET and `snapctl load --connect
-   * --channels N` (issue 13); absent: one `exec:` pipe. Not with `lazy` (QEMU 10.0 refuses
-   * postcopy with multifd).
+   * --channels N` (issue 13); 0: one `exec:` pipe; absent: DEFAULT_RESTORE_CHANNELS, or with
+   * `lazy` the postcopy socket (QEMU 10.0 refuses postcopy with multifd).
    */
   channels?: number
 }
@@ -102,7 +104,22 @@ export interface RestoreResult {
   /** --recover: the pages the destination already had (its received bitmaps) */
   pagesReceivedBefore: number | null
   vm: 'running' | 'paused'
+  /** the multifd channels the pages went over; 0: one stream (exec:, or --lazy's socket) */
+  channels: number
 }
+
+/**
+ * An eager restore without --channels uses multifd over this many channels (issue 13: "what is
+ * fastest on this machine"). Measured on the 2-core machine (shared with three other sessions,
+ * load average 5 to 13): `node dist/tools/bench-transport.js restore 1024 9 exec,2,4`, whole
+ * restore commands, 1 GiB paused VM, per round against exec: (median [min-max]): 2 channels wall
+ * 0.75x [0.51-0.96], CPU of snapctl and QEMU together 0.84x; 4 channels 0.71x [0.46-1.33], 0.86x;
+ * 5 more rounds gave 0.91x / 0.84x (2) and 1.12x / 0.94x (4), and at 256 MiB 0.93x / 0.93x (2),
+ * 0.87x / 0.94x (4). QEMU's own load threads read each channel's pages straight into guest RAM
+ * (2.7 CPU-s of QEMU through exec: against 1.0 with channels); 2 channels never lost and spread
+ * least, where 4 only add threads to a 2-core machine.
+ */
+export const DEFAULT_RESTORE_CHANNELS = 2
 
 /** How long QEMU may take to answer while it waits for its exec: child to exit. */
 const QEMU_BLOCKED_MS = 3600_000
@@ -139,6 +156,8 @@ class Restore {
   private runnableAt: number | null = null
   /** when query-migrate first said completed: the last page is in */
   private completedAt: number | null = null
+  /** multifd channels (0: one stream): --channels, else the default for an eager restore */
+  private readonly channels: number
 
   constructor(
     private readonly path: string,
@@ -148,6 +167,7 @@ class Restore {
   ) {
     this.settings = new MigrationSettings(qmp)
     this.log = opts.log ?? (() => {})
+    this.channels = opts.channels ?? (opts.lazy ? 0 : DEFAULT_RESTORE_CHANNELS)
   }
 
   /** Everything that can refuse the restore while the destination is still untouched. */
@@ -234,7 +254,7 @@ class Restore {
 
   /** Settings, autostart, migrate-incoming and the load. */
   private async startRestore(peer: Peer): Promise<void> {
-    const n = this.opts.channels
+    const n = this.channels
     if (n && this.opts.lazy) throw new SnapError('SNAP_USAGE', '--channels cannot go with --lazy: QEMU 10.0 does not do postcopy with multifd')
     if (this.opts.record && !this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
     const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
@@ -307,7 +327,7 @@ class Restore {
       runnableSeconds: this.runnableAt === null ? null : (this.runnableAt - this.started) / 1000,
       requests: this.opts.lazy ? (stats.requests ?? null) : null, vm: now.running ? 'running' : 'paused',
       ...lazyFigures(this.opts.lazy === true, stats), recovered: this.opts.recover === true,
-      pagesReceivedBefore: this.opts.recover ? (stats.pagesReceivedBefore ?? null) : null,
+      pagesReceivedBefore: this.opts.recover ? (stats.pagesReceivedBefore ?? null) : null, channels: this.channels,
     }
   }
 

@@ -47,7 +47,7 @@ export interface SaveOptions {
   timeoutMs?: number
   /**
    * multifd with this many channels, over a unix socket to `snapctl create --listen` (issue 13);
-   * absent: one `exec:` pipe
+   * absent or 0: one `exec:` pipe, the default (commands/save.ts --channels says why)
    */
   channels?: number
 }

@@ -68,7 +68,7 @@ function timed(args: string[]): { wall: number; cpu: number; rssMiB: number } {
 
 const vmWithQmp = (name: string, extra: Partial<Parameters<typeof Vm.start>[0]> = {}): Promise<Vm> =>
   Vm.start({ name, memMiB: MiB, dir: work, extraArgs: ['-qmp', `unix:${join(work, `${name}-snapctl.qmp`)},server=on,wait=off`], ...extra })
-const channelArgs = (v: string): string[] => (v === 'default' || v === 'exec' ? [] : ['--channels', v])
+const channelArgs = (v: string): string[] => (v === 'default' ? [] : ['--channels', v === 'exec' ? '0' : v])
 
 async function saveSample(v: string, image: string): Promise<Sample> {
   const vm = await vmWithQmp('src', { memPath: srcRam, keepMem: true })
@@ -139,7 +139,7 @@ try {
   const image = join(work, 'vm.snap')
   if (mode === 'restore') {
     const vm = await vmWithQmp('src', { memPath: srcRam, keepMem: true })
-    timed(['save', image, '--qmp', join(work, 'src-snapctl.qmp')])
+    timed(['save', image, '--qmp', join(work, 'src-snapctl.qmp'), '--channels', '0'])
     await vm.quit()
   }
   const samples: Sample[] = []

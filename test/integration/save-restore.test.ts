@@ -92,8 +92,18 @@ test('a paused VM saved, restored eagerly and lazily: RAM byte-identical, settin
   const e = await snapctl(['restore', image, '--qmp', eager.sock, '--paused', '--json'])
   assert.is(e.code, 0, e.stderr)
   assert.is(parseJson(e).vm, 'paused')
+  assert.is(parseJson(e).channels, 2, 'an eager restore goes over 2 multifd channels by default')
   assert.equal(await filesEqual(ram, eager.vm.memPath), { equal: true })
   assert.is((await eager.vm.waitMigration()).status, 'completed')
+  assert.equal(await capabilitiesOn(eager.vm), [], 'multifd is off again')
+
+  // --channels 0: the single exec: pipe.
+  const pipe = await vm({ name: 'rt-exec', memMiB: 64, incoming: 'defer', vga: true, keepMem: true })
+  const p = await snapctl(['restore', image, '--qmp', pipe.sock, '--paused', '--channels', '0', '--json'])
+  assert.is(p.code, 0, p.stderr)
+  assert.is(parseJson(p).channels, 0)
+  assert.equal(await filesEqual(ram, pipe.vm.memPath), { equal: true })
+  await pipe.vm.quit()
 
   const lazy = await vm({ name: 'rt-lazy', memMiB: 64, incoming: 'defer', vga: true, keepMem: true })
   const l = await snapctl(['restore', image, '--qmp', lazy.sock, '--lazy', '--paused', '--json'])
