@@ -9,6 +9,7 @@
 // match length). Either way every read and write is bounds-checked: a payload that lies throws,
 // it never reads or writes outside its buffers.
 import { createRequire } from 'node:module'
+import { nativeAddon } from '../native.js'
 
 interface NativeLz4 {
   decodeBlock(src: Uint8Array, dst: Uint8Array): number
@@ -20,17 +21,9 @@ interface NativeLz4 {
   version: string
 }
 
-let native: NativeLz4 | null | undefined
 /** The addon, loaded on first use; null when it is not built. */
 export function nativeLz4(): NativeLz4 | null {
-  if (native === undefined) {
-    try {
-      native = createRequire(import.meta.url)('snapctl-lz4') as NativeLz4
-    } catch {
-      native = null
-    }
-  }
-  return native
+  return nativeAddon<NativeLz4>()
 }
 
 // lz4-napi for a checkout without the addon: loaded only then.

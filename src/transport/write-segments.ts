@@ -1,28 +1,12 @@
 // Byte ranges of several buffers written to an fd in order with writev(2), by snapctl's addon
 // (native/lz4/writev.c): load's page records go out as [header, page view] pairs, the pages never
 // copied into a stream buffer. null where the addon is not built: callers then copy as before.
-import { createRequire } from 'node:module'
+import { nativeAddon } from '../native.js'
 
 export type WriteSegments = (fd: number, bufs: Uint8Array[], segs: Int32Array) => number
 
-interface Addon {
-  writeSegments?: WriteSegments
-}
-
-let addon: Addon | null | undefined
-function load(): Addon | null {
-  if (addon === undefined) {
-    try {
-      addon = createRequire(import.meta.url)('snapctl-lz4') as Addon
-    } catch {
-      addon = null
-    }
-  }
-  return addon
-}
-
 export function nativeWriteSegments(): WriteSegments | null {
-  return load()?.writeSegments ?? null
+  return nativeAddon<{ writeSegments?: WriteSegments }>()?.writeSegments ?? null
 }
 
 /**

@@ -1,10 +1,13 @@
-// Shared by the container, index and verify suites: temp dirs, page content, and an image
-// written from a random page sequence with a model of what each page should read back as.
+// Shared by the container, index, verify and restore suites: temp dirs, page content, an image
+// written from a random page sequence with a model of what each page should read back as, and
+// a sink that keeps what a load writes (capture, migration).
 import { mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import * as assert from 'uvu/assert'
+import type { PassThrough } from 'node:stream'
 import type { RestoreImage } from '../../src/container/chain.js'
+import type { OutgoingMigration, StreamSink } from '../../src/transport/types.js'
 import { ImageWriter, type ImageSummary, type WriterOptions } from '../../src/container/writer.js'
 import { PAGE_DATA, PAGE_NEVER_SENT, PAGE_ZERO, type DeviceState, type RamBlockDecl, type StreamCounters } from '../../src/types.js'
 
@@ -130,3 +133,30 @@ export function checkPages(image: RestoreImage, model: Model, what: string, neve
   })
   assert.ok(data > 0)
 }
+
+/** A sink that keeps a copy of everything written, and calls `onWrite` after each write. */
+export function capture(onWrite: (all: () => Buffer) => void = () => {}): { sink: StreamSink; all: () => Buffer } {
+  const chunks: Buffer[] = []
+  let bytes = 0
+  const all = () => Buffer.concat(chunks)
+  const sink: StreamSink = {
+    what: 'a test sink',
+    get bytes() {
+      return bytes
+    },
+    write: async (chunk, onWritten) => {
+      chunks.push(Buffer.from(chunk))
+      bytes += chunk.length
+      onWritten?.()
+      onWrite(all)
+    },
+    flush: async () => {},
+    close: async () => {},
+    abort: () => {},
+  }
+  return { sink, all }
+}
+
+export const migration = (main: StreamSink, returnPath: PassThrough | null = null): OutgoingMigration => ({
+  main, channels: [], returnPath, finish: async () => {}, discard: async () => {},
+})

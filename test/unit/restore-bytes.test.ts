@@ -14,9 +14,8 @@ import { loadPostcopy } from '../../src/postcopy.js'
 import { storeWorkingSet } from '../../src/container/working-set.js'
 import * as enc from '../../src/stream/encoder.js'
 import { encodeRpMessage } from '../../src/stream/return-path.js'
-import type { OutgoingMigration, StreamSink } from '../../src/transport/types.js'
 import type { RamBlockDecl } from '../../src/types.js'
-import { counters, device, tempDir } from './container-helpers.js'
+import { capture, counters, device, migration, tempDir } from './container-helpers.js'
 
 const PS = 4096
 const t = tempDir('restore-bytes')
@@ -50,33 +49,6 @@ async function writeTiny(path: string, compress: 'lz4' | 'none'): Promise<void> 
   // 0:3, 0:4, 0:6, 0:7 never sent
   await w.finish(d, { source: 'qemu', counters: counters() })
 }
-
-/** A sink that keeps a copy of everything written, and calls `onWrite` after each write. */
-function capture(onWrite: (all: () => Buffer) => void = () => {}): { sink: StreamSink; all: () => Buffer } {
-  const chunks: Buffer[] = []
-  let bytes = 0
-  const all = () => Buffer.concat(chunks)
-  const sink: StreamSink = {
-    what: 'a test sink',
-    get bytes() {
-      return bytes
-    },
-    write: async (chunk, onWritten) => {
-      chunks.push(Buffer.from(chunk))
-      bytes += chunk.length
-      onWritten?.()
-      onWrite(all)
-    },
-    flush: async () => {},
-    close: async () => {},
-    abort: () => {},
-  }
-  return { sink, all }
-}
-
-const migration = (main: StreamSink, returnPath: PassThrough | null): OutgoingMigration => ({
-  main, channels: [], returnPath, finish: async () => {}, discard: async () => {},
-})
 
 test('load writes exactly the stream the encoder builds', async () => {
   const out = capture()

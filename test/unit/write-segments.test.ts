@@ -12,8 +12,7 @@ import { ImageWriter } from '../../src/container/writer.js'
 import { loadImage } from '../../src/load.js'
 import { fdOutgoing } from '../../src/transport/fd.js'
 import { nativeWriteSegments } from '../../src/transport/write-segments.js'
-import type { OutgoingMigration, StreamSink } from '../../src/transport/types.js'
-import { counters, device, pageContent, rng, tempDir } from './container-helpers.js'
+import { capture, counters, device, migration, pageContent, rng, tempDir } from './container-helpers.js'
 
 const PS = 4096
 const t = tempDir('write-segments')
@@ -149,32 +148,10 @@ async function mixedImage(path: string): Promise<void> {
   await w.finish(device(), { source: 'qemu', counters: counters() })
 }
 
-/** A sink that copies what it is given: load falls back to copying every page into chunks. */
-function copyingSink(): { sink: StreamSink; all: () => Buffer } {
-  const chunks: Buffer[] = []
-  let bytes = 0
-  const sink: StreamSink = {
-    what: 'a copying sink',
-    get bytes() {
-      return bytes
-    },
-    write: async (chunk, onWritten) => {
-      chunks.push(Buffer.from(chunk))
-      bytes += chunk.length
-      onWritten?.()
-    },
-    flush: async () => {},
-    close: async () => {},
-    abort: () => {},
-  }
-  return { sink, all: () => Buffer.concat(chunks) }
-}
-
 test('load writes pages in place (writev) exactly the stream it writes by copying them', async () => {
   const image = join(t.dir, 'mixed.snap')
   await mixedImage(image)
-  const copied = copyingSink()
-  const migration = (main: StreamSink): OutgoingMigration => ({ main, channels: [], returnPath: null, finish: async () => {}, discard: async () => {} })
+  const copied = capture() // a sink without writeVector: load copies every page into its chunks
   await loadImage(image, { open: async () => migration(copied.sink), index: false })
 
   const to = join(t.dir, 'mixed.stream')
