@@ -178,9 +178,13 @@ export class ImageChain {
     return [this.layers[i], seq - this.firsts[i]]
   }
 
-  async readCluster(seq: number): Promise<DecodedCluster> {
+  async readCluster(seq: number, into?: { stored: Buffer; raw: Buffer }): Promise<DecodedCluster> {
     const [layer, local] = this.layerOf(seq)
-    return { ...(await layer.readCluster(local)), seq }
+    return { ...(await layer.readCluster(local, into)), seq }
+  }
+
+  clusterScratch(): { stored: Buffer; raw: Buffer } {
+    return this.layers.map((l) => l.clusterScratch()).reduce((a, b) => (b.raw.length > a.raw.length ? b : a))
   }
 
   readClusterSync(seq: number): DecodedCluster {

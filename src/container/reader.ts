@@ -216,9 +216,20 @@ export class ImageReader {
     return c
   }
 
-  async readCluster(seq: number): Promise<DecodedCluster> {
+  /**
+   * One cluster, read on the pool. With `into`, its stored bytes are read into `into.stored` and
+   * decoded on the calling thread into `into.raw` (each as large as a cluster can be): no fresh
+   * memory (lazy restore's followed clusters); without, decoded on the pool into fresh buffers.
+   */
+  async readCluster(seq: number, into?: { stored: Buffer; raw: Buffer }): Promise<DecodedCluster> {
     const [start, end] = this.checkedExtent(seq)
-    return this.decode(await this.source.read(start, end - start), seq, start, false)
+    return this.decode(await this.source.read(start, end - start, into?.stored), seq, start, into !== undefined, into?.raw)
+  }
+
+  /** Buffers for readCluster(seq, into): a cluster's pages, and room for its stored bytes (a larger one reads into fresh memory). */
+  clusterScratch(): { stored: Buffer; raw: Buffer } {
+    const raw = this.lim.maxPages * this.lim.pageSize
+    return { stored: Buffer.allocUnsafeSlow(raw + (64 << 10)), raw: Buffer.allocUnsafeSlow(raw) }
   }
 
   /**
