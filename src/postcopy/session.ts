@@ -615,6 +615,9 @@ export class Session {
   private async drain(): Promise<void> {
     while (this.pumping) await this.pumping
     this.check()
+    // EOF is out: whether the destination took it all is the return path's word (SHUT 0).
+    this.preempt?.lastQueued?.()
+    this.out.lastQueued?.()
     await this.preempt?.flush()
     await this.out.flush()
   }

@@ -140,11 +140,23 @@ export class SocketSink implements StreamSink {
     readonly what: string,
     private readonly stallMs: number,
   ) {
-    socket.on('error', (e) => (this.failure ??= peerError(e, what)))
+    socket.on('error', (e: NodeJS.ErrnoException) => {
+      if (this.ending && (e.code === 'EPIPE' || e.code === 'ECONNRESET')) return // lastQueued(): the end
+      this.failure ??= peerError(e, what)
+    })
     socket.on('close', () => (this.closed = true))
   }
 
   private ending = false
+
+  /**
+   * A destination that read the last bytes may close at once, before Node has run the last write's
+   * callback: a flush then found bytes "waiting" on a closed socket (or wrote into it and got EPIPE)
+   * and failed a restore that QEMU completed (postcopy-socket, once under load).
+   */
+  lastQueued(): void {
+    this.ending = true
+  }
 
   private check(): void {
     if (this.failure) throw this.failure
@@ -200,6 +212,7 @@ export class SocketSink implements StreamSink {
   async flush(): Promise<void> {
     if (this.failure) throw this.failure
     if (this.socket.writableLength === 0) return
+    if (this.ending && (this.closed || this.socket.destroyed || this.socket.writableEnded)) return
     this.check()
     // 'drain' comes only after a write that filled the buffer: wait for an empty write's callback.
     const out = new Promise<void>((r) => this.socket.write(Buffer.alloc(0), () => r()))
@@ -212,7 +225,7 @@ export class SocketSink implements StreamSink {
   async close(): Promise<void> {
     await this.flush()
     this.ending = true
-    if (this.closed) return // the destination took everything and closed first
+    if (this.closed || this.socket.destroyed) return // the destination took everything and closed first
     await new Promise<void>((r) => this.socket.end(() => r()))
   }
 

@@ -23,6 +23,11 @@ export interface StreamSink {
   writeVector?(bufs: Uint8Array[], segs: Int32Array, length: number, onWritten?: () => void): Promise<void>
   /** Wait until everything queued is out; throws the sink's error if it had one. */
   flush(): Promise<void>
+  /**
+   * The stream's last bytes are queued and another channel (a return path) will say whether the
+   * destination took them: from now on the destination closing is how the stream ends, not an error.
+   */
+  lastQueued?(): void
   /** flush(), then release the sink. */
   close(): Promise<void>
   /** Release at once, on error paths (never waits on a peer that stopped reading). */
