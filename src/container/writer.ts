@@ -29,7 +29,7 @@ import { isS3Url } from '../s3/url.js'
 // LevelDB is loaded while pages stream in, not before the first byte is read.
 let indexModule: Promise<typeof PageIndexModule>
 
-/** Clusters being compressed or written before needsDrain() says stop. */
+/** Clusters being compressed or written before needsDrain() says stop (with --threads N: N, if more). */
 const MAX_INFLIGHT = 2
 /** Rewrite the image before finishing when dead bytes pass this share of it (spec: keep ≤ 2%). */
 const COMPACT_AT = 0.01
@@ -178,6 +178,8 @@ export class ImageWriter {
   private readonly sharedSlot: Uint8Array
   /** pages the open cluster names that no longer live there (they left a slot still shared) */
   private staleNames = 0
+  /** clusters being compressed or written before needsDrain() says stop: enough to keep every thread busy */
+  private readonly maxInflight: number
   /** with threads > 1: clusters compressing on the pool, and those waiting for a thread */
   private compressing = 0
   private readonly waitingToCompress: Array<() => void> = []
@@ -197,6 +199,7 @@ export class ImageWriter {
     private readonly threads = 1,
   ) {
     this.ppc = clusterSize / PAGE_SIZE
+    this.maxInflight = Math.max(MAX_INFLIGHT, threads)
     this.sharedSlot = new Uint8Array(this.ppc)
     this.watch(this.file)
     if (sink) this.file.onWritten = (end) => sink.progress(end)
@@ -423,11 +426,11 @@ export class ImageWriter {
   }
 
   needsDrain(): boolean {
-    return this.file.inflight > MAX_INFLIGHT || this.file.failure !== null
+    return this.file.inflight > this.maxInflight || this.file.failure !== null
   }
 
   async drain(): Promise<void> {
-    await this.file.waitBelow(MAX_INFLIGHT)
+    await this.file.waitBelow(this.maxInflight)
   }
 
   private seal(): void {
@@ -487,7 +490,7 @@ export class ImageWriter {
   private watch(file: ClusterFile): void {
     file.onEvict = (b) => this.recycle(b)
     file.onStoredWritten = (b) => {
-      if (b.byteOffset === 0 && this.oursStored.has(b.buffer) && this.spareStored.length < MAX_INFLIGHT + 2) {
+      if (b.byteOffset === 0 && this.oursStored.has(b.buffer) && this.spareStored.length < this.maxInflight + 2) {
         this.spareStored.push(Buffer.from(b.buffer, 0, this.clusterSize))
       }
     }
@@ -550,7 +553,7 @@ export class ImageWriter {
       nextSeq: () => this.seq++,
       putPage: (b, p, data) => this.putPage(b, p, data),
       putShared: (b, p, seq, slot) => map.setShared(b, p, seq, slot),
-      maxInflight: MAX_INFLIGHT,
+      maxInflight: this.maxInflight,
     })
     this.seal()
     await this.file.flush()
