@@ -214,18 +214,22 @@ class Restore {
   }
 
   /** The load QEMU runs uses this command's cache for an s3:// image (--cache-dir, --cache-max). */
-  private cacheArgs(): string[] {
-    if (!isS3Url(this.path)) return []
-    const cache = objectCache()
-    return [...(cache.dir !== undefined ? ['--cache-dir', resolve(cache.dir)] : []), ...(cache.max !== undefined ? ['--cache-max', String(cache.max)] : [])]
+  /** `load MODE... IMAGE` with what every load of this restore takes: host page sizes, --bypass-cache, the s3:// cache. */
+  private loadArgs(...mode: string[]): string[] {
+    const args = ['load', ...mode, this.path]
+    if (this.hostPages) args.push('--host-page-size', this.hostPages)
+    if (this.opts.bypassCache) args.push('--bypass-cache')
+    if (isS3Url(this.path)) {
+      const cache = objectCache()
+      if (cache.dir !== undefined) args.push('--cache-dir', resolve(cache.dir))
+      if (cache.max !== undefined) args.push('--cache-max', String(cache.max))
+    }
+    return args
   }
 
   /** --recover: migrate-recover, and the load that sends what the destination lacks. */
   private async startRecovery(peer: Peer): Promise<void> {
-    const args = ['load', '--postcopy', '--recover', this.path]
-    if (this.hostPages) args.push('--host-page-size', this.hostPages)
-    if (this.opts.bypassCache) args.push('--bypass-cache')
-    args.push(...this.cacheArgs())
+    const args = this.loadArgs('--postcopy', '--recover')
     if (this.preempt) {
       const load = await this.startLoad(peer, args)
       await this.qmp.execute('migrate-recover', { uri: `unix:${peer.socket}` }).catch((e) => {
@@ -257,10 +261,7 @@ class Restore {
     const n = this.channels
     if (n && this.opts.lazy) throw new SnapError('SNAP_USAGE', '--channels cannot go with --lazy: QEMU 10.0 does not do postcopy with multifd')
     if (this.opts.record && !this.opts.lazy) throw new SnapError('SNAP_USAGE', '--record goes with --lazy: it records the pages a lazily restored guest asks for')
-    const args = this.opts.lazy ? ['load', '--postcopy', this.path] : ['load', this.path]
-    if (this.hostPages) args.push('--host-page-size', this.hostPages)
-    if (this.opts.bypassCache) args.push('--bypass-cache')
-    args.push(...this.cacheArgs())
+    const args = this.opts.lazy ? this.loadArgs('--postcopy') : this.loadArgs()
     if (this.opts.record) {
       args.push('--record')
       if (this.opts.recordWindow !== undefined) args.push('--record-window', this.opts.recordWindow)
