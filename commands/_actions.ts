@@ -1,4 +1,4 @@
-// What `create` and `load` do once their command line is parsed; shared by the oclif commands
+// What `create`, `load`, `restore` and `save` do once their command line is parsed; shared by the oclif commands
 // and the fast path. Returns the exit status. Everything that can be checked before the work
 // (a terminal where the stream belongs, the --stats path) is checked first. `signal` stops the
 // work (commands/_run-command.ts turns SIGINT and SIGTERM into it).
@@ -14,6 +14,7 @@ import { defaultThreads } from '../src/threads.js'
 import { streamReport } from '../src/report.js'
 import { formatBytes } from './_format.js'
 import { progressReporter } from './_progress.js'
+import { mib, progressView } from './_vm.js'
 import { printJson } from './_run-command.js'
 import { applyCacheFlags, parseDuration, parseSize } from './_size.js'
 import type { ParsedFlags } from './_spec.js'
@@ -202,4 +203,45 @@ async function writeStats(path: string, stats: object, done: string): Promise<vo
   } catch (e) {
     process.stderr.write(`snapctl: warning: the stats could not be written to ${path} (${(e as Error).message}); ${done}\n`)
   }
+}
+
+// `restore` and `save` drive QEMU over QMP; the library loads once the command line is good.
+export async function runRestore(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
+  applyCacheFlags(flags)
+  const recordWindow = flags['record-window'] as string | undefined
+  const precopyMax = flags['precopy-max'] as string | undefined
+  // checked here, not first by the load QEMU starts, where a bad value surfaced as QEMU's failure
+  if (recordWindow !== undefined) parseDuration(recordWindow, '--record-window')
+  if (precopyMax !== undefined) parseSize(precopyMax, '--precopy-max')
+  const { restoreVm } = await import('../src/restore.js')
+  const view = progressView('restore', flags.quiet === true)
+  const r = await restoreVm(image, {
+    qmp: flags.qmp as string, lazy: flags.lazy === true, record: flags.record === true, recover: flags.recover === true, recordWindow, precopyMax,
+    paused: flags.paused === true, bypassCache: flags['bypass-cache'] === true, channels: flags.channels as number | undefined, signal, onProgress: view.update, log: view.note,
+  }).finally(view.end)
+  if (flags.json) {
+    printJson(r)
+    return 0
+  }
+  const lazy = r.runnableSeconds === null ? '' : `; the VM could run${r.recovered ? ' again' : ''} after ${r.runnableSeconds.toFixed(2)} s, ${r.requests ?? 0} pages asked for${r.recovered ? ` (it had ${r.pagesReceivedBefore ?? 0} already)` : ''}`
+  process.stderr.write(`snapctl: restored ${r.image}: ${r.pages} pages (${r.zeroPages} zero), ${mib(r.bytesOut)} sent${r.channels ? ` over ${r.channels} multifd channels` : ''}, all in after ${r.seconds.toFixed(2)} s${lazy}; the VM is ${r.vm}\n`)
+  return 0
+}
+
+export async function runSave(image: string, flags: ParsedFlags, signal: AbortSignal): Promise<number> {
+  const clusterSize = parseSize((flags['cluster-size'] as string | undefined) ?? '1M', '--cluster-size')
+  const { saveVm } = await import('../src/save.js')
+  const view = progressView('save', flags.quiet === true)
+  const r = await saveVm(image, {
+    qmp: flags.qmp as string, live: flags.live === true, resume: flags.resume === true, force: flags.force === true, sync: flags.sync === true, bypassCache: flags['bypass-cache'] === true,
+    compress: (flags.compress ?? 'lz4') as 'lz4' | 'none', clusterSize,
+    signal, onProgress: view.update, log: view.note, channels: flags.channels as number | undefined, base: flags.base as string | undefined, dedupe: flags.dedupe === true,
+  }).finally(view.end)
+  if (flags.json) {
+    printJson(r)
+    return 0
+  }
+  const down = r.downtimeMs === null ? '' : `, the guest stopped for ${r.downtimeMs} ms`
+  process.stderr.write(`snapctl: saved ${r.image}: ${mib(r.ramBytes)} of RAM (${r.pages} pages, ${r.zeroPages} zero) into ${mib(r.fileBytes)} in ${r.seconds.toFixed(2)} s${down}; the VM is ${r.vm}\n`)
+  return 0
 }

@@ -1,16 +1,25 @@
-// The flags of the commands on QEMU's exec: hot path, as plain data: oclif builds its flags
+// The flags of the commands on QEMU's exec: hot path (and of save and restore), as plain data: oclif builds its flags
 // from these (commands/_flags.ts), and the fast path (commands/_fast.ts) parses with them when
 // QEMU starts us, so that `exec:snapctl load` does not pay oclif's start-up (~150 ms).
 
 export interface FlagSpec {
-  type: 'string' | 'boolean'
+  type: 'string' | 'boolean' | 'integer'
   description: string
   options?: string[]
   default?: string
   exclusive?: string[]
+  /** flags that must be given with this one (oclif's dependsOn) */
+  dependsOn?: string[]
+  required?: boolean
+  /** a one-letter alias, `-q` (boolean flags only) */
+  char?: string
+  /** integer flags: the bounds, inclusive */
+  min?: number
+  max?: number
 }
 
 export interface CommandSpec {
+  summary?: string
   description: string
   examples: string[]
   image: string
@@ -85,4 +94,69 @@ export const LOAD: CommandSpec = {
   },
 }
 
-export type ParsedFlags = Record<string, string | boolean | undefined>
+export const RESTORE: CommandSpec = {
+  summary: 'Restore an image into a QEMU started with -incoming defer, over QMP; --lazy resumes at once (postcopy)',
+  description: `The destination QEMU must run with the same machine type and devices as the saved VM, and -incoming defer. Before anything is sent, snapctl checks that the destination waits for a migration and that its RAM blocks ("info ramblock") are those of the image with the same sizes, and refuses otherwise (SNAP_RAM_MISMATCH): the destination then still waits, untouched.
+
+Eager (default): snapctl runs migrate-incoming "exec:snapctl load IMAGE" and starts the VM once every page is in. --lazy: postcopy; the VM runs as soon as the device state is in ("postcopy-active") and pages come on demand and in the background until "completed". It goes over a unix socket with the postcopy-preempt channel (requested pages never wait behind the background push) and needs the capabilities postcopy-ram and postcopy-preempt (snapctl turns them on) and RAM that userfaultfd can fill: anonymous memory, memfd, or a memory-backend-file on tmpfs (/dev/shm) or hugetlbfs; snapctl refuses a memory-backend-file elsewhere (SNAP_POSTCOPY_SETUP). Until "completed" the VM depends on this restore: an interrupted lazy restore goes on until the last page. If snapctl dies or a connection breaks before then, QEMU pauses the migration (query-migrate: postcopy-paused) with the VM waiting for its missing pages; --lazy --recover with the same image continues it (migrate-recover): it asks the destination which pages it has, resumes it and sends the rest. A restore into a postcopy-paused destination without --recover is refused (SNAP_POSTCOPY_PAUSED), and --recover into one that is not paused too (SNAP_NOT_PAUSED).
+
+Capabilities the restore cannot feed (multifd, mapped-ram, x-ignore-shared, switchover-ack, ...) are turned off and put back afterwards. --paused leaves the VM paused once restored. If the restore fails once started, the destination QEMU is left in its failed state (migrate-incoming runs with exit-on-error off, so that snapctl can report QEMU's reason): quit it and start a new one.`,
+  examples: [
+    '<%= config.bin %> restore /var/lib/snaps/vm1.snap --qmp /run/vm1-dst.qmp',
+    '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --lazy   # memory-backend-file on /dev/shm, or anonymous RAM',
+    '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --lazy --recover   # the lazy restore stopped midway: the destination is postcopy-paused',
+    '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --channels 4   # multifd: 4 parallel channels (default 2)',
+    '<%= config.bin %> restore vm1.snap --qmp /run/vm1-dst.qmp --channels 0   # one exec: pipe, no multifd',
+  ],
+  image: 'the image to restore: a file, or s3://BUCKET/KEY',
+  flags: {
+    qmp: { type: 'string', required: true, description: "the destination's QMP socket (QEMU started with -incoming defer and -qmp unix:PATH,server=on,wait=off)" },
+    lazy: { type: 'boolean', description: 'postcopy: the VM runs at once, pages come on demand' },
+    record: { type: 'boolean', dependsOn: ['lazy'], description: 'with --lazy: record the order in which the guest asks for pages and store it in the image as its working set; the next lazy restore pushes those pages first' },
+    'record-window': { type: 'string', dependsOn: ['record'], description: 'with --record: for this long after the VM can run, send only the pages the guest asks for (no background push), so that every page it touches is asked for and recorded; then the rest (e.g. 5s, 1500ms; default 5s; 0: push at once)' },
+    'precopy-max': { type: 'string', dependsOn: ['lazy'], description: 'with --lazy and an image with a working set: send at most this much of it before the VM can run (in RAM when the guest first touches it), the rest first after (default 128M; 0: all of it after); once it is in, the push yields the CPU to the guest (nice +10; $SNAPCTL_POSTCOPY_PUSH_NICE=0 keeps the priority)' },
+    recover: { type: 'boolean', dependsOn: ['lazy'], exclusive: ['record'], description: 'with --lazy: continue a lazy restore of this image that stopped midway (the destination is postcopy-paused): migrate-recover, then only the pages the destination does not have' },
+    paused: { type: 'boolean', description: 'leave the VM paused once restored' },
+    'bypass-cache': { type: 'boolean', description: 'read the image with direct I/O (O_DIRECT), so that the restore neither fills nor evicts the host\'s page cache (as virsh restore --bypass-cache; passed on to load)' },
+    json: { type: 'boolean', description: 'print the result as JSON on stdout: image, bytesOut, seconds, pages, runnableSeconds, ... (README, "Output keys")' },
+    quiet: { type: 'boolean', char: 'q', description: 'no progress on stderr' },
+    ...CACHE_FLAGS,
+    channels: { type: 'integer', min: 0, max: 255, exclusive: ['lazy'], description: 'restore with multifd over N channels (migrate-incoming unix:SOCKET, "snapctl load --connect --channels N"), whatever N the image was saved with; 0: one exec: pipe (migrate-incoming "exec:snapctl load IMAGE"). Default 2: on a 2-core machine 2 channels restored a 1 GiB VM in 0.75x the wall time of exec: with 0.84x the CPU (README, "Parallel channels"). Not with --lazy, which uses one socket (QEMU 10.0 has no postcopy with multifd)' },
+  },
+}
+
+export const SAVE: CommandSpec = {
+  summary: "Save a QEMU VM's RAM and device state into an image over QMP, like virsh save",
+  description: `snapctl asks QEMU (over its QMP socket) to migrate to "exec:snapctl create", follows the migration, and renames the image into place only once QEMU and the create have both finished: exit 0 means the image is complete.
+
+By default the VM is stopped first and left paused afterwards; --live saves while it runs (QEMU stops it for the last pages), --resume lets a VM that was running run on afterwards. On any failure (a full disk, a bad stream, QEMU exiting, Ctrl-C or SIGTERM) the migration is cancelled, no image is left at the path, and a VM that was running runs again; the reason is one line, "snapctl: CODE: message".
+
+Migration settings: capabilities that change the stream or need another transport (postcopy-ram, return-path, multifd, mapped-ram, dirty-bitmaps, x-ignore-shared, postcopy-preempt, switchover-ack, pause-before-switchover, background-snapshot, zero-copy-send, release-ram, x-colo) are turned off for the save and turned back on afterwards; xbzrle, auto-converge, events and the other harmless ones stay as set. The bandwidth limit (max-bandwidth) is lifted for the save and put back afterwards.
+
+QEMU runs the create as its own child, as QEMU's user: that user must be able to run this snapctl and write the image's directory. snapctl saves RAM and device state only: to bring the VM back, start a QEMU with the same machine type, devices and disks (in the state they had at the save) and -incoming defer, then run "snapctl restore". Keeping disks, machine type and QEMU's own run state consistent is the user's job.`,
+  examples: [
+    '<%= config.bin %> save /var/lib/snaps/vm1.snap --qmp /run/vm1.qmp',
+    '<%= config.bin %> save vm1.snap --qmp /run/vm1.qmp --live --resume   # a snapshot of a running VM, which runs on',
+    '<%= config.bin %> save vm1.snap --qmp /run/vm1.qmp --json',
+    '<%= config.bin %> save vm1-2.snap --qmp /run/vm1.qmp --base vm1.snap   # incremental: only what changed since vm1.snap',
+    '<%= config.bin %> save vm1.snap --qmp /run/vm1.qmp --channels 4   # multifd: 4 parallel channels into one image',
+  ],
+  image: 'the image to write: a file, or s3://BUCKET/KEY',
+  flags: {
+    qmp: { type: 'string', required: true, description: "the VM's QMP socket (QEMU started with -qmp unix:PATH,server=on,wait=off); no other client may hold it" },
+    live: { type: 'boolean', description: 'save while the VM runs (precopy); QEMU stops it when little is left to send' },
+    resume: { type: 'boolean', description: 'let a VM that was running run on after the save (default: leave it paused)' },
+    compress: { type: 'string', options: ['lz4', 'none'], default: 'lz4', description: 'cluster compression' },
+    'cluster-size': { type: 'string', default: '1M', description: 'raw page bytes per cluster, a power of two from 64K to 64M' },
+    dedupe: { type: 'boolean', description: 'store a page whose bytes the image already holds once, pointing at the stored copy (passed on to create: create --dedupe)' },
+    force: { type: 'boolean', description: 'replace an existing image' },
+    sync: { type: 'boolean', description: 'make the image durable (fdatasync) before reporting success' },
+    'bypass-cache': { type: 'boolean', description: 'write the image with direct I/O (O_DIRECT), so that the save neither fills nor evicts the host\'s page cache (as virsh save --bypass-cache; passed on to create)' },
+    base: { type: 'string', description: 'save an incremental image over BASE (an earlier save of this VM, or the top of a chain): only pages that differ from what BASE restores are stored; BASE is only read' },
+    json: { type: 'boolean', description: 'print the result as JSON on stdout: image, fileBytes, seconds, downtimeMs, pages, ... (README, "Output keys")' },
+    quiet: { type: 'boolean', char: 'q', description: 'no progress on stderr' },
+    channels: { type: 'integer', min: 0, max: 255, description: 'migrate with multifd over N channels into "snapctl create --listen unix:SOCKET"; without it (or 0) one exec: pipe, the default because on a 2-core machine channels cost 1.02x to 1.11x the CPU (snapctl and QEMU together) for a wall time not clearly shorter (1 GiB paused VM, 9 alternations: 2 channels 0.78x [0.61-2.58] of exec:, 4 channels 0.97x [0.66-1.62]; README, "Parallel channels")' },
+  },
+}
+
+export type ParsedFlags = Record<string, string | boolean | number | undefined>
