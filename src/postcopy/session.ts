@@ -365,7 +365,7 @@ export class Session {
         if (sent[p] !== 0) continue
         sent[p] = 1
         this.pages++
-        this.bg ??= this.newSection(BG_CAPACITY)
+        this.bg ??= this.backgroundSection()
         this.bg.zero(block.id, p)
         if (this.bg.size() >= CHUNK_BYTES) await this.flushBackground()
       }
@@ -446,7 +446,7 @@ export class Session {
   private pushSlot(raw: Buffer, slot: number, b: number, p: number): boolean {
     if (this.hostPages[b] > 1 || this.sent[b][p] !== 0) return false // hugepages: whole host pages, pushHostPages()
     this.sent[b][p] = 1
-    this.bg ??= this.newSection(BG_CAPACITY)
+    this.bg ??= this.backgroundSection()
     this.bg.page(b, p, raw.subarray(slot * this.pageSize, (slot + 1) * this.pageSize))
     this.pages++
     this.bytesPushed += this.pageSize
@@ -495,7 +495,12 @@ export class Session {
   }
 
   private newSection(capacity: number): SectionBuilder {
-    return new SectionBuilder(this.ramId, this.reader.blocks, capacity, false, capacity === BG_CAPACITY ? this.bgWriter : undefined)
+    return new SectionBuilder(this.ramId, this.reader.blocks, capacity, false)
+  }
+
+  /** A background section in one of bgWriter's recycled chunks. */
+  private backgroundSection(): SectionBuilder {
+    return new SectionBuilder(this.ramId, this.reader.blocks, BG_CAPACITY, false, this.bgWriter)
   }
 
   private onMessage(m: RpMessage): void {
